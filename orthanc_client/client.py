@@ -1,0 +1,203 @@
+"""The sync and async clients: thin drivers of the operations in ``operations``.
+
+>>> with Orthanc(url="http://127.0.0.1:8042") as orthanc:
+...     orthanc.system().version
+'1.10.1'
+
+>>> async with AsyncOrthanc.from_env() as orthanc:
+...     studies = await orthanc.find("Study", {"ModalitiesInStudy": "CT"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, TypeVar
+
+import httpx
+
+from .core import Call, Download, Send, Sleep, Step, Steps, run_sync
+from .models import Change
+from .operations import Operations
+from .settings import OrthancSettings
+
+__all__ = ["Orthanc", "AsyncOrthanc"]
+
+R = TypeVar("R")
+_CHUNK = 1 << 20
+
+
+def _settings(settings: OrthancSettings | None, overrides: dict[str, Any]) -> OrthancSettings:
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if settings is None:
+        return OrthancSettings(**given)
+    return settings.model_copy(update=given) if given else settings
+
+
+def _client_options(settings: OrthancSettings, transport: Any) -> dict[str, Any]:
+    options: dict[str, Any] = dict(base_url=settings.url, auth=settings.auth(),
+                                   timeout=settings.timeout(), verify=settings.verify(),
+                                   headers={"Accept": "application/json"})
+    if transport is not None:
+        options["transport"] = transport
+    return options
+
+
+def _request_options(call: Call, settings: OrthancSettings) -> dict[str, Any]:
+    return dict(method=call.method, url=call.path, params=call.params, json=call.json,
+                content=call.content, headers=call.headers,
+                timeout=settings.timeout(long=call.long))
+
+
+class Orthanc(Operations):
+    """Blocking client for one Orthanc server.
+
+    Build it from settings, from ``ORTHANC_*`` environment variables (``from_env``), or from
+    explicit arguments, which override the settings. ``transport`` is for tests (respx).
+    """
+
+    def __init__(self, settings: OrthancSettings | None = None, *, url: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 transport: httpx.BaseTransport | None = None, **options: Any) -> None:
+        self.settings = _settings(settings, dict(url=url, username=username, password=password,
+                                                 **options))
+        self._http = httpx.Client(**_client_options(self.settings, transport))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Orthanc:
+        return cls(OrthancSettings(), **overrides)
+
+    def __repr__(self) -> str:
+        return f"Orthanc({self.settings.safe_url!r})"
+
+    def __enter__(self) -> Orthanc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _run(self, steps: Steps[R]) -> R:
+        return run_sync(steps, self._execute)
+
+    def _execute(self, step: Step) -> Any:
+        if isinstance(step, Sleep):
+            time.sleep(step.seconds)
+            return None
+        request = self._http.build_request(**_request_options(step.call, self.settings))
+        try:
+            if isinstance(step, Send):
+                return self._http.send(request)
+            return self._stream(request, step)
+        except httpx.TransportError as exc:
+            return exc
+
+    def _stream(self, request: httpx.Request, step: Download) -> httpx.Response | None:
+        response = self._http.send(request, stream=True)
+        try:
+            if response.is_error:
+                response.read()
+                return response
+            step.sink.expected = _expected_length(response)
+            for chunk in response.iter_raw(_CHUNK):
+                step.sink.write(chunk)
+            return None
+        except BaseException:
+            step.sink.abort()  # a failed write or an interrupt leaves no partial file
+            raise
+        finally:
+            response.close()
+
+    def iter_changes(self, since: int = 0, limit: int = 100) -> Iterator[Change]:
+        """Every change after ``since`` until the end of the log, page by page.
+
+        Remember ``change.seq`` of the last change you handled: it is the cursor to resume from.
+        """
+        while True:
+            page = self.changes(since, limit)
+            yield from page.changes
+            since = page.last
+            if page.done:
+                return
+
+
+class AsyncOrthanc(Operations):
+    """Asynchronous client for one Orthanc server; same operations as ``Orthanc``, awaited."""
+
+    def __init__(self, settings: OrthancSettings | None = None, *, url: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> None:
+        self.settings = _settings(settings, dict(url=url, username=username, password=password,
+                                                 **options))
+        self._http = httpx.AsyncClient(**_client_options(self.settings, transport))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> AsyncOrthanc:
+        return cls(OrthancSettings(), **overrides)
+
+    def __repr__(self) -> str:
+        return f"AsyncOrthanc({self.settings.safe_url!r})"
+
+    async def __aenter__(self) -> AsyncOrthanc:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _run(self, steps: Steps[R]) -> R:
+        value: Any = None
+        while True:
+            try:
+                step = steps.send(value)
+            except StopIteration as stop:
+                return stop.value
+            value = await self._execute(step)
+
+    async def _execute(self, step: Step) -> Any:
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        request = self._http.build_request(**_request_options(step.call, self.settings))
+        try:
+            if isinstance(step, Send):
+                return await self._http.send(request)
+            return await self._stream(request, step)
+        except httpx.TransportError as exc:
+            return exc
+
+    async def _stream(self, request: httpx.Request, step: Download) -> httpx.Response | None:
+        response = await self._http.send(request, stream=True)
+        try:
+            if response.is_error:
+                await response.aread()
+                return response
+            step.sink.expected = _expected_length(response)
+            async for chunk in response.aiter_raw(_CHUNK):
+                step.sink.write(chunk)
+            return None
+        except BaseException:
+            step.sink.abort()  # a failed write or an interrupt leaves no partial file
+            raise
+        finally:
+            await response.aclose()
+
+    async def iter_changes(self, since: int = 0, limit: int = 100) -> AsyncIterator[Change]:
+        """Async version of ``Orthanc.iter_changes``."""
+        while True:
+            page = await self.changes(since, limit)
+            for change in page.changes:
+                yield change
+            since = page.last
+            if page.done:
+                return
+
+
+def _expected_length(response: httpx.Response) -> int | None:
+    length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None

@@ -1,0 +1,297 @@
+"""The one request path shared by the sync and async clients.
+
+Operations are written once, as generators that *yield steps* (send this request, sleep this
+long, stream this response to a file) and receive the outcome back. The sync client drives a
+generator with blocking I/O, the async client with ``await``; neither contains Orthanc logic.
+This module holds the steps, the retry policy, error translation and decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable, Generator, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+
+from .errors import (
+    OrthancArchiveError,
+    OrthancBadRequest,
+    OrthancDimseError,
+    OrthancError,
+    OrthancHTTPError,
+    OrthancNotFound,
+    OrthancUnauthorized,
+    OrthancUnavailable,
+    dimse_status,
+    redact,
+)
+from .models import ArchiveResult
+
+R = TypeVar("R")
+
+Expect = Literal["json", "bytes", "text", "none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One HTTP exchange with Orthanc.
+
+    ``route`` is the route template used in messages (``/studies/{id}``); ``path`` is the
+    real path. ``safe`` marks requests that may be retried (reads, and writes whose repeat
+    is harmless); a POST that starts work is never safe. ``long`` selects the long timeout.
+    """
+
+    method: str
+    path: str
+    route: str
+    params: Mapping[str, str] | None = None
+    json: Any = None
+    content: bytes | None = None
+    headers: Mapping[str, str] | None = None
+    expect: Expect = "json"
+    safe: bool = False
+    long: bool = False
+
+    def __repr__(self) -> str:  # never show bodies or query values
+        return f"Call({self.method} {self.route})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    """Step: perform ``call`` once; the driver answers with an ``httpx.Response`` or the
+    ``httpx.TransportError`` it caught (as a value, not raised)."""
+
+    call: Call
+
+
+@dataclasses.dataclass(frozen=True)
+class Sleep:
+    """Step: wait ``seconds``; the driver answers ``None``."""
+
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+    """Step: stream ``call``'s response body into ``sink``; the driver answers with the
+    ``httpx.Response`` (body unread) on an HTTP error, the ``TransportError`` it caught, or
+    ``None`` once every chunk has been handed to the sink."""
+
+    call: Call
+    sink: ArchiveSink
+
+
+Step = Send | Sleep | Download
+Steps = Generator[Step, Any, R]
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: delay n is uniform in [0, min(cap, base * 2**n)]."""
+
+    retries: int = 3
+    base: float = 0.5
+    cap: float = 10.0
+
+    def delays(self) -> Iterator[float]:
+        for attempt in range(self.retries):
+            yield random.uniform(0, min(self.cap, self.base * 2**attempt))
+
+
+# ---------------------------------------------------------------- error translation
+
+_BY_STATUS: dict[int, type[OrthancHTTPError]] = {
+    400: OrthancBadRequest,
+    401: OrthancUnauthorized,
+    403: OrthancUnauthorized,
+    404: OrthancNotFound,
+    415: OrthancBadRequest,
+}
+_TRANSIENT_STATUS = {429, 502, 503, 504}
+# Orthanc error codes of a failed DICOM exchange: NetworkProtocol (9), Timeout (16),
+# and the DicomFindUnavailable/DicomMoveUnavailable family (2000s) reported for modalities.
+_DIMSE_CODES = {9, 16}
+_DICOM_ROUTES = ("/modalities/", "/queries/")
+
+
+def _orthanc_body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = json.loads(response.content or b"{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def http_error(call: Call, response: httpx.Response) -> OrthancHTTPError:
+    """Build the error for an HTTP error answer, from Orthanc's JSON body when present."""
+    body = _orthanc_body(response)
+    status = response.status_code
+    orthanc_status = body.get("OrthancStatus")
+    orthanc_error = body.get("OrthancError") if isinstance(body.get("OrthancError"), str) else None
+    raw_details = body.get("Details") if isinstance(body.get("Details"), str) else None
+    cls: type[OrthancHTTPError] = _BY_STATUS.get(status, OrthancHTTPError)
+    is_dicom_route = call.route.startswith(_DICOM_ROUTES)
+    if is_dicom_route and status not in (400, 401, 403, 404) and (
+        status == 422 or orthanc_status in _DIMSE_CODES or (orthanc_status or 0) >= 2000
+        or dimse_status(raw_details)
+    ):
+        cls = OrthancDimseError
+    reason = orthanc_error or response.reason_phrase or "error"
+    message = f"{call.method} {call.route} failed: HTTP {status} ({reason})"
+    fields: dict[str, Any] = dict(
+        method=call.method, route=call.route, status_code=status,
+        orthanc_status=orthanc_status, orthanc_error=orthanc_error, details=redact(raw_details),
+    )
+    if cls is OrthancDimseError:
+        fields["dimse_status"] = dimse_status(raw_details)
+        if fields["dimse_status"]:
+            message += f", DIMSE status {fields['dimse_status']}"
+    if cls is OrthancUnauthorized:
+        message += ": check the username and password (ORTHANC_USERNAME / ORTHANC_PASSWORD)"
+    elif cls is OrthancNotFound and call.route.startswith(("/modalities/{name}", "/peers/{name}")):
+        kind = "modality" if call.route.startswith("/modalities") else "peer"
+        message += f": Orthanc has no {kind} of that name in its configuration"
+    error = cls(message, **fields)
+    # A DICOM peer that could not be reached (association refused, timeout: no DIMSE status)
+    # may be back soon; a DIMSE status is the peer's considered answer and is final.
+    unreachable_peer = cls is OrthancDimseError and not fields["dimse_status"] and status != 422
+    error.transient = status in _TRANSIENT_STATUS or unreachable_peer
+    return error
+
+
+def transport_error(call: Call, exc: httpx.TransportError, base_url: str) -> OrthancUnavailable:
+    """Build the error for a request that got no HTTP answer at all."""
+    if isinstance(exc, httpx.TimeoutException):
+        reason = "timed out" + (" while connecting" if isinstance(exc, httpx.ConnectTimeout) else "")
+    elif isinstance(exc, httpx.ConnectError):
+        reason = "connection refused or host unreachable"
+    else:
+        reason = f"connection lost ({type(exc).__name__})"
+    sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+    outcome_unknown = sent and not call.safe
+    message = f"{call.method} {call.route} to Orthanc at {base_url}: {reason}"
+    if outcome_unknown:
+        message += "; the request may have been executed, so it was not retried"
+    return OrthancUnavailable(
+        message, method=call.method, route=call.route, reason=reason,
+        outcome_unknown=outcome_unknown,
+    )
+
+
+def decode(call: Call, response: httpx.Response) -> Any:
+    if call.expect == "none":
+        return None
+    if call.expect == "bytes":
+        return response.content
+    if call.expect == "text":
+        return response.text
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise OrthancHTTPError(
+            f"{call.method} {call.route}: Orthanc sent a body that is not JSON",
+            method=call.method, route=call.route, status_code=response.status_code,
+            orthanc_status=None, orthanc_error=None, details=None,
+        ) from None
+
+
+# ---------------------------------------------------------------- the request path
+
+
+def request(call: Call, policy: RetryPolicy, base_url: str) -> Steps[Any]:
+    """Send ``call``; retry safe calls on transient failures; translate errors; decode."""
+    delays = policy.delays() if call.safe else iter(())
+    while True:
+        outcome = yield Send(call)
+        error = _failure(call, outcome, base_url)
+        if error is None:
+            return decode(call, outcome)
+        delay = next(delays, None) if error.transient else None
+        if delay is None:
+            raise error
+        yield Sleep(delay)
+
+
+def _failure(call: Call, outcome: Any, base_url: str) -> OrthancError | None:
+    if isinstance(outcome, httpx.TransportError):
+        return transport_error(call, outcome, base_url)
+    assert isinstance(outcome, httpx.Response)
+    if outcome.is_error:
+        return http_error(call, outcome)
+    return None
+
+
+def download(call: Call, dest: Path, policy: RetryPolicy, base_url: str) -> Steps[ArchiveResult]:
+    """Stream ``call``'s body to ``dest`` atomically, with byte count and SHA-256.
+
+    The body goes to a temporary file beside ``dest`` and is renamed only when complete, so a
+    failed or interrupted download never leaves a file that looks finished.
+    """
+    delays = policy.delays()
+    while True:
+        sink = ArchiveSink(dest)
+        outcome = yield Download(call, sink)
+        if outcome is None:
+            return sink.commit()
+        sink.abort()
+        error = _failure(call, outcome, base_url)
+        if error is None:  # a 2xx answer with no body streamed cannot happen; be explicit
+            raise OrthancArchiveError(f"{call.method} {call.route}: download ended without data")
+        delay = next(delays, None) if error.transient else None
+        if delay is None:
+            raise error
+        yield Sleep(delay)
+
+
+class ArchiveSink:
+    """Receives a streamed body: writes to a temp file, hashes, renames on commit."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = Path(dest)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".partial-", dir=self.dest.parent)
+        self._file = os.fdopen(fd, "wb")
+        self._tmp = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.expected: int | None = None
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> ArchiveResult:
+        self._file.close()
+        if self.expected is not None and self.expected != self.size:
+            self._tmp.unlink(missing_ok=True)
+            raise OrthancArchiveError(
+                f"archive ended short: {self.size} of {self.expected} bytes; nothing was kept",
+                size=self.size, expected=self.expected,
+            )
+        os.replace(self._tmp, self.dest)
+        return ArchiveResult(path=self.dest, size=self.size, sha256=self._hash.hexdigest())
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def run_sync(steps: Steps[R], execute: Callable[[Step], Any]) -> R:
+    """Drive an operation with a blocking executor of steps."""
+    value: Any = None
+    while True:
+        try:
+            step = steps.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value = execute(step)

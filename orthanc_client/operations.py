@@ -1,0 +1,676 @@
+"""Every Orthanc operation, written once.
+
+Each public method here is an ``@operation``: a generator of request steps (see ``core``).
+Reached through ``Orthanc`` it runs with blocking I/O and returns the value; reached through
+``AsyncOrthanc`` it returns an awaitable. Type checkers see the right signature on both.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from urllib.parse import quote
+
+from . import core
+from .core import Call, Steps
+from .errors import (
+    OrthancJobFailed,
+    OrthancJobLost,
+    OrthancJobTimeout,
+    OrthancNotFound,
+    OrthancUnsupported,
+    OrthancUsageError,
+    redact,
+)
+from .models import (
+    ArchiveResult,
+    ChangesPage,
+    JobInfo,
+    JobState,
+    Level,
+    ModifyResult,
+    QueryAnswer,
+    QueryResult,
+    Resource,
+    ResourceStatistics,
+    SystemInfo,
+    UploadResult,
+)
+from .retrieval import CollectResult, collect_study
+from .settings import OrthancSettings
+
+if TYPE_CHECKING:
+    from .client import AsyncOrthanc, Orthanc
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+LABELS_SINCE = "1.12.0"
+_INEXISTENT_ITEM = 7  # Orthanc's error code for a missing metadata/attachment, not a missing resource
+
+
+class operation(Generic[P, R]):
+    """Expose a step-generator as a blocking method on ``Orthanc`` and a coroutine on
+    ``AsyncOrthanc``."""
+
+    def __init__(self, steps: Callable[Concatenate[Any, P], Steps[R]]) -> None:
+        self.steps = steps  # the raw generator, for composing operations inside this module
+        functools.update_wrapper(self, steps)  # type: ignore[arg-type]
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> operation[P, R]: ...
+    @overload
+    def __get__(self, obj: Orthanc, owner: type) -> Callable[P, R]: ...
+    @overload
+    def __get__(self, obj: AsyncOrthanc, owner: type) -> Callable[P, Awaitable[R]]: ...
+    def __get__(self, obj: Any, owner: type) -> Any:
+        if obj is None:
+            return self
+        steps = self.steps
+
+        @functools.wraps(steps)
+        def bound(*args: Any, **kwargs: Any) -> Any:
+            return obj._run(steps(obj, *args, **kwargs))
+
+        bound.steps = functools.partial(steps, obj)  # type: ignore[attr-defined]
+        return bound
+
+
+def _seg(value: str) -> str:
+    """Quote one path segment (an Orthanc ID, a modality or label name)."""
+    return quote(str(value), safe="")
+
+
+class Operations:
+    """The operations shared by both clients. Not used directly: see ``Orthanc``."""
+
+    settings: OrthancSettings
+    _system: SystemInfo | None = None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _policy(self) -> core.RetryPolicy:
+        return core.RetryPolicy(retries=self.settings.retries, base=self.settings.backoff)
+
+    def _call(self, call: Call) -> Steps[Any]:
+        return core.request(call, self._policy(), self.settings.safe_url)
+
+    def _get(self, path: str, route: str, params: Mapping[str, str] | None = None,
+             expect: core.Expect = "json") -> Steps[Any]:
+        return self._call(Call("GET", path, route, params=params, safe=True, expect=expect))
+
+    def _post(self, path: str, route: str, body: Any = None, *, safe: bool = False,
+              long: bool = False, expect: core.Expect = "json") -> Steps[Any]:
+        return self._call(Call("POST", path, route, json={} if body is None else body,
+                               safe=safe, long=long, expect=expect))
+
+    def _resource_path(self, level: Level | str, resource_id: str) -> tuple[str, str]:
+        level = Level(level)
+        return f"/{level.collection}/{_seg(resource_id)}", f"/{level.collection}/{{id}}"
+
+    def _require(self, feature: str, version: str) -> Steps[SystemInfo]:
+        info = yield from self._system_info()
+        if not info.at_least(version):
+            raise OrthancUnsupported(
+                f"{feature} needs Orthanc >= {version}; this server runs {info.version} "
+                f"(ApiVersion {info.api_version})",
+                feature=feature, server_version=info.version, required_version=version,
+            )
+        return info
+
+    def _system_info(self) -> Steps[SystemInfo]:
+        if self._system is None:
+            self._system = SystemInfo.model_validate((yield from self._get("/system", "/system")))
+        return self._system
+
+    # ------------------------------------------------------------ system
+
+    @operation
+    def system(self) -> Steps[SystemInfo]:
+        """``GET /system``: version, API version, AET. Cached per client for feature detection."""
+        self._system = None
+        return (yield from self._system_info())
+
+    @operation
+    def statistics(self) -> Steps[dict[str, Any]]:
+        """``GET /statistics``: server-wide counts and disk usage."""
+        return (yield from self._get("/statistics", "/statistics"))
+
+    @operation
+    def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+                json: Any = None, content: bytes | None = None, expect: core.Expect = "json",
+                safe: bool = False, long: bool = False) -> Steps[Any]:
+        """Any other route, through the same retry and error handling (``route`` = ``path``).
+
+        ``safe=True`` allows retries: only for calls that do not start work.
+        """
+        route = path.split("?", 1)[0]
+        return (yield from self._call(Call(method.upper(), path, route, params=params, json=json,
+                                           content=content, expect=expect, safe=safe, long=long)))
+
+    # ------------------------------------------------------------ local resources
+
+    def _find_pages(self, level: Level | str, query: Mapping[str, str], expand: bool,
+                    case_sensitive: bool, labels: Sequence[str], page_size: int,
+                    limit: int | None) -> Steps[list[Any]]:
+        level = Level(level)
+        if labels:
+            yield from self._require("finding by label", LABELS_SINCE)
+        found: list[Any] = []
+        while limit is None or len(found) < limit:
+            want = page_size if limit is None else min(page_size, limit - len(found))
+            body: dict[str, Any] = {"Level": level.value, "Query": dict(query), "Expand": expand,
+                                    "CaseSensitive": case_sensitive, "Since": len(found),
+                                    "Limit": want}
+            if labels:
+                body["Labels"] = list(labels)
+            page = yield from self._post("/tools/find", "/tools/find", body, safe=True)
+            if not page:  # the server may return fewer than asked (its own cap): stop only on empty
+                break
+            found.extend(page)
+        return found
+
+    @operation
+    def find(self, level: Level | str, query: Mapping[str, str] | None = None, *,
+             case_sensitive: bool = True, labels: Sequence[str] = (), page_size: int = 1000,
+             limit: int | None = None) -> Steps[list[str]]:
+        """Orthanc IDs of local resources matching ``query`` (``/tools/find``), all pages.
+
+        Pages advance by the number of results actually returned and stop on an empty page,
+        so a server-side cap (``LimitFindResults``) never truncates the answer.
+
+        >>> orthanc.find("Study", {"StudyDate": "20240101-20241231", "ModalitiesInStudy": "CT"})
+        """
+        return (yield from self._find_pages(level, query or {}, False, case_sensitive, labels,
+                                            page_size, limit))
+
+    @operation
+    def find_resources(self, level: Level | str, query: Mapping[str, str] | None = None, *,
+                       case_sensitive: bool = True, labels: Sequence[str] = (),
+                       page_size: int = 500, limit: int | None = None) -> Steps[list[Resource]]:
+        """Like ``find`` but returns expanded summaries (one request per page, not per result)."""
+        pages = yield from self._find_pages(level, query or {}, True, case_sensitive, labels,
+                                            page_size, limit)
+        return [Resource.from_orthanc(item) for item in pages]
+
+    @operation
+    def resource(self, level: Level | str, resource_id: str) -> Steps[Resource]:
+        """The summary of one resource (``GET /studies/{id}`` etc.)."""
+        path, route = self._resource_path(level, resource_id)
+        return Resource.from_orthanc((yield from self._get(path, route)))
+
+    @operation
+    def exists(self, level: Level | str, resource_id: str) -> Steps[bool]:
+        """Whether a resource exists locally."""
+        path, route = self._resource_path(level, resource_id)
+        try:
+            yield from self._get(path, route)
+        except OrthancNotFound:
+            return False
+        return True
+
+    @operation
+    def children(self, level: Level | str, resource_id: str) -> Steps[list[Resource]]:
+        """The resources one level below (a study's series, a series' instances...)."""
+        level = Level(level)
+        if level.child is None:
+            raise OrthancUsageError("instances have no children")
+        path, route = self._resource_path(level, resource_id)
+        child = level.child.collection
+        items = yield from self._get(f"{path}/{child}", f"{route}/{child}")
+        return [Resource.from_orthanc(item) for item in items]
+
+    @operation
+    def parent(self, level: Level | str, resource_id: str) -> Steps[Resource]:
+        """The resource one level above (a series' study...)."""
+        level = Level(level)
+        if level.parent is None:
+            raise OrthancUsageError("patients have no parent")
+        path, route = self._resource_path(level, resource_id)
+        name = level.parent.value.lower()
+        return Resource.from_orthanc((yield from self._get(f"{path}/{name}", f"{route}/{name}")))
+
+    @operation
+    def instances(self, level: Level | str, resource_id: str) -> Steps[list[str]]:
+        """Orthanc IDs of every instance below a resource."""
+        level = Level(level)
+        if level is Level.INSTANCE:
+            return [resource_id]
+        path, route = self._resource_path(level, resource_id)
+        items = yield from self._get(f"{path}/instances", f"{route}/instances")
+        return [item["ID"] for item in items]
+
+    @operation
+    def statistics_of(self, level: Level | str, resource_id: str) -> Steps[ResourceStatistics]:
+        """Instance/series counts and disk size below a resource (``/{level}/{id}/statistics``)."""
+        level = Level(level)
+        if level is Level.INSTANCE:
+            raise OrthancUsageError("statistics are per patient, study or series")
+        path, route = self._resource_path(level, resource_id)
+        payload = yield from self._get(f"{path}/statistics", f"{route}/statistics")
+        return ResourceStatistics.model_validate(payload)
+
+    @operation
+    def count_instances(self, level: Level | str, resource_id: str) -> Steps[int]:
+        """How many instances Orthanc holds below a resource (0 if it does not exist)."""
+        level = Level(level)
+        if level is Level.INSTANCE:
+            return 1 if (yield from self.exists.steps(level, resource_id)) else 0
+        try:
+            stats = yield from self.statistics_of.steps(level, resource_id)
+        except OrthancNotFound:
+            return 0
+        return stats.count_instances
+
+    @operation
+    def tags(self, level: Level | str, resource_id: str, *, shared: bool = False,
+             simplify: bool = True) -> Steps[dict[str, Any]]:
+        """DICOM tags of an instance, or the tags shared by every instance below a resource.
+
+        Values are patient data: never log them, never return them from a cached task.
+        """
+        level = Level(level)
+        path, route = self._resource_path(level, resource_id)
+        if level is not Level.INSTANCE and not shared:
+            raise OrthancUsageError("tags of a study/series are its shared tags: pass shared=True")
+        suffix = "shared-tags" if shared else "tags"
+        params = {"simplify": ""} if simplify else None
+        return (yield from self._get(f"{path}/{suffix}", f"{route}/{suffix}", params))
+
+    @operation
+    def instance_file(self, instance_id: str) -> Steps[bytes]:
+        """The DICOM file of one instance."""
+        path, route = self._resource_path(Level.INSTANCE, instance_id)
+        return (yield from self._get(f"{path}/file", f"{route}/file", expect="bytes"))
+
+    @operation
+    def upload(self, data: bytes | Path) -> Steps[list[UploadResult]]:
+        """Store one DICOM file or a ZIP of them (``POST /instances``). Never retried.
+
+        Storing an instance already present answers ``AlreadyStored``, not an error.
+        """
+        content = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
+        answer = yield from self._call(Call("POST", "/instances", "/instances", content=content,
+                                            headers={"Content-Type": "application/dicom"},
+                                            long=True))
+        items = answer if isinstance(answer, list) else [answer]
+        return [UploadResult.model_validate(item) for item in items]
+
+    @operation
+    def delete(self, level: Level | str, resource_id: str, *,
+               missing_ok: bool = False) -> Steps[bool]:
+        """Delete one resource and everything below it. Returns False if it was already gone."""
+        path, route = self._resource_path(level, resource_id)
+        try:
+            yield from self._call(Call("DELETE", path, route, safe=True))
+        except OrthancNotFound:
+            if missing_ok:
+                return False
+            raise
+        return True
+
+    @operation
+    def delete_many(self, resource_ids: Iterable[str]) -> Steps[int]:
+        """Delete many resources of any level in one call (``/tools/bulk-delete``)."""
+        ids = list(resource_ids)
+        if ids:
+            yield from self._post("/tools/bulk-delete", "/tools/bulk-delete",
+                                  {"Resources": ids}, safe=True, expect="none")
+        return len(ids)
+
+    # ------------------------------------------------------------ metadata and labels
+
+    @operation
+    def metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[str | None]:
+        """One metadata value, or None if unset. Custom names must be declared in Orthanc's
+        ``UserMetadata`` configuration (Orthanc < 1.12 refuses undeclared names)."""
+        path, route = self._resource_path(level, resource_id)
+        try:
+            return (yield from self._get(f"{path}/metadata/{_seg(name)}",
+                                         f"{route}/metadata/{{name}}", expect="text"))
+        except OrthancNotFound as error:
+            if error.orthanc_status == _INEXISTENT_ITEM:
+                return None
+            raise
+
+    @operation
+    def set_metadata(self, level: Level | str, resource_id: str, name: str,
+                     value: str) -> Steps[None]:
+        """Set one metadata value (idempotent)."""
+        path, route = self._resource_path(level, resource_id)
+        yield from self._call(Call("PUT", f"{path}/metadata/{_seg(name)}",
+                                   f"{route}/metadata/{{name}}", content=value.encode(),
+                                   safe=True, expect="none"))
+
+    @operation
+    def delete_metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[None]:
+        path, route = self._resource_path(level, resource_id)
+        yield from self._call(Call("DELETE", f"{path}/metadata/{_seg(name)}",
+                                   f"{route}/metadata/{{name}}", safe=True, expect="none"))
+
+    @operation
+    def labels(self, level: Level | str, resource_id: str) -> Steps[list[str]]:
+        """Labels of a resource (Orthanc >= 1.12.0; older servers raise OrthancUnsupported)."""
+        yield from self._require("labels", LABELS_SINCE)
+        path, route = self._resource_path(level, resource_id)
+        return (yield from self._get(f"{path}/labels", f"{route}/labels"))
+
+    @operation
+    def add_label(self, level: Level | str, resource_id: str, label: str) -> Steps[None]:
+        """Attach a label (Orthanc >= 1.12.0)."""
+        yield from self._label("PUT", level, resource_id, label)
+
+    @operation
+    def remove_label(self, level: Level | str, resource_id: str, label: str) -> Steps[None]:
+        """Detach a label (Orthanc >= 1.12.0)."""
+        yield from self._label("DELETE", level, resource_id, label)
+
+    def _label(self, method: str, level: Level | str, resource_id: str,
+               label: str) -> Steps[None]:
+        yield from self._require("labels", LABELS_SINCE)
+        path, route = self._resource_path(level, resource_id)
+        yield from self._call(Call(method, f"{path}/labels/{_seg(label)}",
+                                   f"{route}/labels/{{label}}", content=b"", safe=True,
+                                   expect="none"))
+
+    # ------------------------------------------------------------ anonymize / modify
+
+    def _alter(self, action: str, level: Level | str, resource_id: str, *,
+               replace: Mapping[str, Any] | None, keep: Sequence[str], remove: Sequence[str],
+               force: bool, keep_private_tags: bool, keep_source: bool,
+               dicom_version: str | None, priority: int, options: Mapping[str, Any] | None,
+               asynchronous: bool) -> Steps[Any]:
+        level = Level(level)
+        if level is Level.INSTANCE:
+            raise OrthancUsageError(f"{action} an instance returns a file, not a resource: use "
+                             f"request('POST', '/instances/<id>/{action}', expect='bytes')")
+        body: dict[str, Any] = {"Replace": dict(replace or {}), "Keep": list(keep),
+                                "Remove": list(remove), "Force": force,
+                                "KeepPrivateTags": keep_private_tags, "KeepSource": keep_source,
+                                "Priority": priority}
+        if dicom_version:
+            body["DicomVersion"] = dicom_version
+        body.update(options or {})
+        if asynchronous:
+            body["Asynchronous"] = True
+        else:
+            body["Synchronous"] = True
+        path, route = self._resource_path(level, resource_id)
+        return (yield from self._post(f"{path}/{action}", f"{route}/{action}", body,
+                                      long=not asynchronous))
+
+    @operation
+    def anonymize(self, level: Level | str, resource_id: str, *,
+                  replace: Mapping[str, Any] | None = None, keep: Sequence[str] = (),
+                  remove: Sequence[str] = (), force: bool = False,
+                  keep_private_tags: bool = False, keep_source: bool = True,
+                  dicom_version: str | None = None, priority: int = 0,
+                  options: Mapping[str, Any] | None = None,
+                  asynchronous: bool = True) -> Steps[str | ModifyResult]:
+        """Anonymize a patient/study/series with Orthanc's Basic Profile plus your rules.
+
+        With ``asynchronous=True`` (default) returns the Orthanc job ID: wait for it with
+        ``wait_for_job`` and read the new resource with ``modified_resource``. With False,
+        blocks (long timeout) and returns the new resource. ``force`` is needed to replace
+        PatientID or UIDs.
+        """
+        answer = yield from self._alter("anonymize", level, resource_id, replace=replace,
+                                        keep=keep, remove=remove, force=force,
+                                        keep_private_tags=keep_private_tags,
+                                        keep_source=keep_source, dicom_version=dicom_version,
+                                        priority=priority, options=options,
+                                        asynchronous=asynchronous)
+        return answer["ID"] if asynchronous else ModifyResult.model_validate(answer)
+
+    @operation
+    def modify(self, level: Level | str, resource_id: str, *,
+               replace: Mapping[str, Any] | None = None, keep: Sequence[str] = (),
+               remove: Sequence[str] = (), force: bool = False,
+               keep_private_tags: bool = True, keep_source: bool = True,
+               priority: int = 0, options: Mapping[str, Any] | None = None,
+               asynchronous: bool = True) -> Steps[str | ModifyResult]:
+        """Modify tags of a patient/study/series; same contract as ``anonymize``."""
+        answer = yield from self._alter("modify", level, resource_id, replace=replace, keep=keep,
+                                        remove=remove, force=force,
+                                        keep_private_tags=keep_private_tags,
+                                        keep_source=keep_source, dicom_version=None,
+                                        priority=priority, options=options,
+                                        asynchronous=asynchronous)
+        return answer["ID"] if asynchronous else ModifyResult.model_validate(answer)
+
+    @staticmethod
+    def modified_resource(job: JobInfo) -> ModifyResult:
+        """The resource an anonymize/modify job created (its ``Content.ID``)."""
+        if job.state is not JobState.SUCCESS or "ID" not in job.content:
+            raise OrthancUsageError(f"job {job.id} has no result resource (state {job.state.value})")
+        return ModifyResult.model_validate({**job.content, "job_id": job.id})
+
+    # ------------------------------------------------------------ archives
+
+    def _download(self, call: Call, dest: Path) -> Steps[ArchiveResult]:
+        return core.download(call, Path(dest), self._policy(), self.settings.safe_url)
+
+    @operation
+    def download_archive(self, level: Level | str, resource_id: str, dest: Path | str, *,
+                         media: bool = False) -> Steps[ArchiveResult]:
+        """Stream a resource's ZIP (``/archive``, or ``/media`` with a DICOMDIR) to ``dest``.
+
+        Memory stays flat whatever the size; the file appears only when complete.
+        """
+        path, route = self._resource_path(level, resource_id)
+        kind = "media" if media else "archive"
+        call = Call("GET", f"{path}/{kind}", f"{route}/{kind}", safe=True, long=True)
+        return (yield from self._download(call, Path(dest)))
+
+    @operation
+    def archive_job(self, resource_ids: Sequence[str], *, media: bool = False,
+                    priority: int = 0) -> Steps[str]:
+        """Start an archive job over many resources; returns the job ID (for large sets)."""
+        kind = "media" if media else "archive"
+        answer = yield from self._post(f"/tools/create-{kind}", f"/tools/create-{kind}",
+                                       {"Resources": list(resource_ids), "Synchronous": False,
+                                        "Priority": priority})
+        return answer["ID"]
+
+    @operation
+    def download_job_archive(self, job_id: str, dest: Path | str) -> Steps[ArchiveResult]:
+        """Stream the ZIP produced by a finished archive job to ``dest``."""
+        call = Call("GET", f"/jobs/{_seg(job_id)}/archive", "/jobs/{id}/archive", safe=True,
+                    long=True)
+        return (yield from self._download(call, Path(dest)))
+
+    @operation
+    def archive(self, resource_ids: Sequence[str], dest: Path | str, *, media: bool = False,
+                timeout: float | None = None) -> Steps[ArchiveResult]:
+        """Archive many resources through a job (no HTTP timeout on big sets), then stream it."""
+        job_id = yield from self.archive_job.steps(resource_ids, media=media)
+        yield from self.wait_for_job.steps(job_id, timeout=timeout)
+        return (yield from self.download_job_archive.steps(job_id, dest))
+
+    # ------------------------------------------------------------ jobs
+
+    @operation
+    def job(self, job_id: str) -> Steps[JobInfo]:
+        """The state of one job (``GET /jobs/{id}``)."""
+        try:
+            return JobInfo.model_validate(
+                (yield from self._get(f"/jobs/{_seg(job_id)}", "/jobs/{id}")))
+        except OrthancNotFound:
+            raise OrthancJobLost(
+                f"job {job_id} is not known to Orthanc (finished jobs beyond JobsHistorySize "
+                f"are forgotten)", job_id=job_id) from None
+
+    @operation
+    def wait_for_job(self, job_id: str, *, timeout: float | None = None, interval: float = 0.1,
+                     max_interval: float = 2.0) -> Steps[JobInfo]:
+        """Poll a job until Success (returned) or Failure (raised), within ``timeout`` seconds.
+
+        Polling starts at ``interval`` and backs off x1.5 up to ``max_interval``. The default
+        timeout is the client's long timeout. Raises ``OrthancJobFailed``,
+        ``OrthancJobTimeout`` (the job keeps running in Orthanc) or ``OrthancJobLost``.
+        """
+        limit = self.settings.long_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        delay = interval
+        while True:
+            info = yield from self.job.steps(job_id)
+            if info.state is JobState.SUCCESS:
+                return info
+            if info.state is JobState.FAILURE:
+                raise OrthancJobFailed(
+                    f"job {job_id} ({info.type}) failed: {info.error_description or 'no reason'} "
+                    f"(Orthanc error {info.error_code})",
+                    job_id=job_id, job_type=info.type, error_code=info.error_code,
+                    error_description=info.error_description,
+                    error_details=redact(info.error_details),
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OrthancJobTimeout(
+                    f"job {job_id} ({info.type}) still {info.state.value} at {info.progress}% "
+                    f"after {limit:g} s", job_id=job_id, timeout=limit,
+                    state=info.state.value, progress=info.progress,
+                )
+            yield core.Sleep(min(delay, remaining))
+            delay = min(delay * 1.5, max_interval)
+
+    def _job_action(self, job_id: str, action: str, safe: bool) -> Steps[None]:
+        yield from self._post(f"/jobs/{_seg(job_id)}/{action}", f"/jobs/{{id}}/{action}",
+                              safe=safe, expect="none")
+
+    @operation
+    def cancel_job(self, job_id: str) -> Steps[None]:
+        yield from self._job_action(job_id, "cancel", safe=True)
+
+    @operation
+    def pause_job(self, job_id: str) -> Steps[None]:
+        yield from self._job_action(job_id, "pause", safe=True)
+
+    @operation
+    def resume_job(self, job_id: str) -> Steps[None]:
+        yield from self._job_action(job_id, "resume", safe=True)
+
+    @operation
+    def resubmit_job(self, job_id: str) -> Steps[None]:
+        """Run a failed job again (starts work: never retried automatically)."""
+        yield from self._job_action(job_id, "resubmit", safe=False)
+
+    # ------------------------------------------------------------ DICOM networking
+
+    @operation
+    def modalities(self) -> Steps[list[str]]:
+        """Names of the DICOM modalities this Orthanc knows."""
+        return (yield from self._get("/modalities", "/modalities"))
+
+    @operation
+    def echo(self, modality: str, *, timeout: int | None = None) -> Steps[None]:
+        """C-ECHO a modality; raises ``OrthancDimseError`` if it does not answer."""
+        body = {"Timeout": timeout} if timeout else {}
+        yield from self._post(f"/modalities/{_seg(modality)}/echo", "/modalities/{name}/echo",
+                              body, safe=True, expect="none")
+
+    @operation
+    def query(self, modality: str, level: Level | str, query: Mapping[str, str], *,
+              timeout: int | None = None) -> Steps[QueryResult]:
+        """C-FIND on a modality; returns the query ID (to retrieve from) and every answer.
+
+        Ask for extra return keys by sending them empty, e.g. ``{"NumberOfStudyRelatedInstances":
+        ""}``. Answers are simplified to DICOM keywords.
+        """
+        level = Level(level)
+        body: dict[str, Any] = {"Level": level.value, "Query": dict(query)}
+        if timeout:
+            body["Timeout"] = timeout
+        answer = yield from self._post(f"/modalities/{_seg(modality)}/query",
+                                       "/modalities/{name}/query", body, safe=True, long=True)
+        query_id = answer["ID"]
+        items = yield from self._get(f"/queries/{_seg(query_id)}/answers",
+                                     "/queries/{id}/answers", {"expand": "", "simplify": ""})
+        return QueryResult(query_id=query_id, modality=modality, level=level,
+                           answers=tuple(QueryAnswer(index=i, tags=tags)
+                                         for i, tags in enumerate(items)))
+
+    @operation
+    def retrieve(self, query_id: str, target_aet: str, *, answer: int | None = None,
+                 priority: int = 0) -> Steps[str]:
+        """C-MOVE the answers of a query (all, or one) to ``target_aet`` as a job; returns its ID.
+
+        This is the asynchronous route on Orthanc 1.10.1 (``/modalities/{id}/move`` blocks).
+        """
+        path = f"/queries/{_seg(query_id)}"
+        route = "/queries/{id}"
+        if answer is not None:
+            path, route = f"{path}/answers/{answer}", f"{route}/answers/{{index}}"
+        reply = yield from self._post(f"{path}/retrieve", f"{route}/retrieve",
+                                      {"TargetAet": target_aet, "Synchronous": False,
+                                       "Priority": priority})
+        return reply["ID"]
+
+    @operation
+    def delete_query(self, query_id: str) -> Steps[None]:
+        """Forget a query and its answers on the Orthanc side."""
+        yield from self._call(Call("DELETE", f"/queries/{_seg(query_id)}", "/queries/{id}",
+                                   safe=True, expect="none"))
+
+    @operation
+    def move(self, modality: str, level: Level | str, identifiers: Sequence[Mapping[str, str]],
+             target_aet: str, *, timeout: int | None = None) -> Steps[None]:
+        """Synchronous C-MOVE (blocks until done, long HTTP timeout). Prefer ``retrieve``."""
+        body: dict[str, Any] = {"Level": Level(level).value,
+                                "Resources": [dict(item) for item in identifiers],
+                                "TargetAet": target_aet, "Synchronous": True}
+        if timeout:
+            body["Timeout"] = timeout
+        yield from self._post(f"/modalities/{_seg(modality)}/move", "/modalities/{name}/move",
+                              body, long=True, expect="none")
+
+    def _send(self, kind: str, name: str, resource_ids: Sequence[str],
+              synchronous: bool) -> Steps[str | None]:
+        answer = yield from self._post(
+            f"/{kind}/{_seg(name)}/store", f"/{kind}/{{name}}/store",
+            {"Resources": list(resource_ids), "Synchronous": synchronous},
+            long=synchronous)
+        return None if synchronous else answer["ID"]
+
+    @operation
+    def store(self, modality: str, resource_ids: Sequence[str], *,
+              synchronous: bool = False) -> Steps[str | None]:
+        """C-STORE resources to a modality; returns the job ID (None when synchronous)."""
+        return (yield from self._send("modalities", modality, resource_ids, synchronous))
+
+    @operation
+    def peers(self) -> Steps[list[str]]:
+        """Names of the Orthanc peers this Orthanc knows."""
+        return (yield from self._get("/peers", "/peers"))
+
+    @operation
+    def store_peer(self, peer: str, resource_ids: Sequence[str], *,
+                   synchronous: bool = False) -> Steps[str | None]:
+        """Send resources to an Orthanc peer over HTTP; returns the job ID."""
+        return (yield from self._send("peers", peer, resource_ids, synchronous))
+
+    @operation
+    def collect(self, modality: str, study_uid: str, *, job_timeout: float | None = None,
+                refetch_rounds: int = 2) -> Steps[CollectResult]:
+        """Retrieve a study from ``modality`` into this Orthanc and verify it is complete.
+
+        Counts first and moves only what is missing, so calling it again is cheap and moves
+        nothing for a complete study. See ``retrieval`` for the algorithm.
+
+        >>> result = orthanc.collect("pacs", "1.2.840.113619.2.55.3")
+        >>> result.outcome, result.expected_instances, result.received_instances
+        """
+        return (yield from collect_study(self, modality, study_uid, job_timeout=job_timeout,
+                                         refetch_rounds=refetch_rounds))
+
+    # ------------------------------------------------------------ changes
+
+    @operation
+    def changes(self, since: int = 0, limit: int = 100) -> Steps[ChangesPage]:
+        """One page of the change log after sequence number ``since``."""
+        payload = yield from self._get("/changes", "/changes",
+                                       {"since": str(since), "limit": str(limit)})
+        return ChangesPage.model_validate(payload)

@@ -1,0 +1,72 @@
+"""Connection settings, read from ``ORTHANC_*`` environment variables or given explicitly.
+
+>>> settings = OrthancSettings(url="http://127.0.0.1:8042", username="u", password="p")
+>>> settings.safe_url
+'http://127.0.0.1:8042'
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["OrthancSettings"]
+
+
+class OrthancSettings(BaseSettings):
+    """Where an Orthanc server is and how to talk to it.
+
+    Environment variables: ``ORTHANC_URL``, ``ORTHANC_USERNAME``, ``ORTHANC_PASSWORD``,
+    ``ORTHANC_CONNECT_TIMEOUT``, ``ORTHANC_READ_TIMEOUT``, ``ORTHANC_LONG_TIMEOUT``,
+    ``ORTHANC_VERIFY_TLS``, ``ORTHANC_CA_BUNDLE``, ``ORTHANC_RETRIES``, ``ORTHANC_BACKOFF``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ORTHANC_", extra="ignore", frozen=True)
+
+    url: str = Field("http://127.0.0.1:8042", description="Base URL of Orthanc's REST API.")
+    username: str | None = Field(None, description="HTTP basic-auth user, if Orthanc requires one.")
+    password: SecretStr | None = Field(None, description="HTTP basic-auth password.")
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to wait for a TCP connection.")
+    read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for an ordinary answer.")
+    long_timeout: float = Field(
+        600.0, gt=0, description="Seconds for slow calls: synchronous moves, uploads, archives."
+    )
+    verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
+    ca_bundle: Path | None = Field(None, description="CA bundle to verify TLS with.")
+    retries: int = Field(3, ge=0, le=10, description="Retries of safe requests on transient errors.")
+    backoff: float = Field(0.5, ge=0, description="First retry delay in seconds (doubles, jittered).")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("ORTHANC_URL must look like http(s)://host[:port][/prefix]")
+        if parts.username or parts.password:
+            raise ValueError("put credentials in ORTHANC_USERNAME/ORTHANC_PASSWORD, not the URL")
+        return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    @property
+    def safe_url(self) -> str:
+        """The URL, safe to print (credentials are never part of it)."""
+        return self.url
+
+    def auth(self) -> httpx.BasicAuth | None:
+        if self.username is None:
+            return None
+        secret = self.password.get_secret_value() if self.password else ""
+        return httpx.BasicAuth(self.username, secret)
+
+    def timeout(self, long: bool = False) -> httpx.Timeout:
+        read = self.long_timeout if long else self.read_timeout
+        return httpx.Timeout(read, connect=self.connect_timeout)
+
+    def verify(self) -> bool | ssl.SSLContext:
+        if self.ca_bundle is not None:
+            return ssl.create_default_context(cafile=str(self.ca_bundle))
+        return self.verify_tls

@@ -1,0 +1,80 @@
+"""Tasks that follow Orthanc's change log from a cursor kept in a Prefect Variable.
+
+Read a batch, handle it, then advance the cursor: a crash between the two re-reads the batch
+instead of losing it (handlers must be idempotent, which Orthanc IDs make easy).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from prefect.variables import Variable
+from pydantic import BaseModel, ConfigDict
+
+from orthanc_client import Change
+
+from .credentials import OrthancCredentials
+from .policy import orthanc_task
+
+__all__ = ["ChangesBatch", "read_changes", "advance_changes_cursor", "cursor_variable"]
+
+
+class ChangesBatch(BaseModel):
+    """Changes after the cursor, and the sequence number to advance the cursor to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    changes: tuple[Change, ...]
+    since: int
+    next_since: int
+    done: bool
+
+
+def cursor_variable(cursor: str) -> str:
+    """The Prefect Variable holding a cursor's position."""
+    return "orthanc_changes_" + re.sub(r"[^a-z0-9_]+", "_", cursor.lower()).strip("_")
+
+
+@orthanc_task(name="read_changes", run_name=lambda p: f"changes-{p.get('cursor', 'default')}")
+def read_changes(credentials: OrthancCredentials, cursor: str = "default", *,
+                 change_types: Sequence[str] = (), limit: int = 100,
+                 start: int | None = None) -> ChangesBatch:
+    """Read changes after the cursor (without advancing it), optionally only some types.
+
+    A new cursor starts at ``start``, or at the end of the log when ``start`` is None (only
+    future changes are seen).
+
+    Example:
+        ```python
+        batch = read_changes(creds, "new-studies", change_types=["StableStudy"])
+        for change in batch.changes: ...
+        advance_changes_cursor("new-studies", batch.next_since)
+        ```
+    """
+    name = cursor_variable(cursor)
+    with credentials.get_client() as orthanc:
+        since = Variable.get(name, default=None)
+        if since is None:
+            since = orthanc.changes(0, 0).last if start is None else start
+            Variable.set(name, int(since), overwrite=True)
+        page = orthanc.changes(int(since), limit)
+    wanted = [c for c in page.changes if not change_types or c.change_type in change_types]
+    return ChangesBatch(changes=tuple(wanted), since=int(since), next_since=page.last,
+                        done=page.done)
+
+
+@orthanc_task(name="advance_changes_cursor", run_name=lambda p: f"advance-{p['cursor']}")
+def advance_changes_cursor(cursor: str, next_since: int) -> int:
+    """Move the cursor forward (never backward) once a batch has been handled.
+
+    Example:
+        ```python
+        advance_changes_cursor("new-studies", batch.next_since)
+        ```
+    """
+    name = cursor_variable(cursor)
+    current = Variable.get(name, default=0) or 0
+    position = max(int(current), int(next_since))
+    Variable.set(name, position, overwrite=True)
+    return position

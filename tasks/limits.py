@@ -1,0 +1,120 @@
+"""PACS-safe concurrency: one Prefect global concurrency limit per DICOM modality.
+
+Every C-FIND and C-MOVE against a modality holds one slot of the limit named
+``orthanc-modality-<name>`` for as long as the Orthanc job runs (not just while it is
+submitted), so the number of operations in flight against one PACS never exceeds its limit,
+across all flow runs and workers. A missing limit is an error, never "unlimited".
+
+Create or update limits (needs ``PREFECT_API_URL``, or uses the embedded server)::
+
+    python -m tasks.limits pacs=2 other-pacs=1
+    python -m tasks.limits --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import sys
+from collections.abc import Iterator, Mapping
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+
+__all__ = ["ModalityLimitMissing", "limit_name", "modality_slot", "ensure_limits"]
+
+PREFIX = "orthanc-modality-"
+
+
+class ModalityLimitMissing(RuntimeError):
+    """No global concurrency limit exists for a modality: refusing to run unlimited."""
+
+    def __init__(self, name: str) -> None:
+        modality = name.removeprefix(PREFIX)
+        super().__init__(
+            f"no Prefect global concurrency limit named {name!r}: create it with "
+            f"`python -m tasks.limits {modality}=2` (or `prefect gcl create {name} --limit 2`)"
+        )
+        self.limit = name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (ModalityLimitMissing, (self.limit,))
+
+
+def limit_name(modality: str) -> str:
+    """The global concurrency limit guarding a modality (names are slugified)."""
+    return PREFIX + re.sub(r"[^a-z0-9-]+", "-", modality.lower()).strip("-")
+
+
+@contextlib.contextmanager
+def modality_slot(modality: str, *, timeout: float | None = None) -> Iterator[None]:
+    """Hold one slot of the modality's limit for the duration of the block.
+
+    ``timeout`` bounds the wait for a slot (``TimeoutError``); None waits as long as needed.
+    """
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+    name = limit_name(modality)
+    try:
+        with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout):
+            yield
+    except ConcurrencySlotAcquisitionError as error:
+        if "must be created" in str(error):
+            raise ModalityLimitMissing(name) from None
+        raise
+
+
+async def ensure_limits(limits: Mapping[str, int]) -> dict[str, str]:
+    """Create or update ``orthanc-modality-<name>`` limits; returns what was done per limit."""
+    done: dict[str, str] = {}
+    async with get_client() as client:
+        for modality, value in limits.items():
+            name = limit_name(modality)
+            try:
+                await client.read_global_concurrency_limit_by_name(name)
+                await client.update_global_concurrency_limit(
+                    name, GlobalConcurrencyLimitUpdate(limit=value, active=True))
+                done[name] = f"updated to {value}"
+            except ObjectNotFound:
+                await client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=value, active=True))
+                done[name] = f"created with {value}"
+    return done
+
+
+async def list_limits() -> dict[str, int]:
+    async with get_client() as client:
+        limits = await client.read_global_concurrency_limits(limit=200)
+    return {item.name: item.limit for item in limits if item.name.startswith(PREFIX)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.limits", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("limits", nargs="*", metavar="MODALITY=N",
+                        help="modality name and its maximum concurrent C-FIND/C-MOVE")
+    parser.add_argument("--list", action="store_true", help="show the existing limits")
+    args = parser.parse_args(argv)
+    wanted: dict[str, int] = {}
+    for item in args.limits:
+        modality, _, value = item.partition("=")
+        if not modality or not value.isdigit() or int(value) < 1:
+            parser.error(f"expected MODALITY=N with N >= 1, got {item!r}")
+        wanted[modality] = int(value)
+    for name, what in asyncio.run(ensure_limits(wanted)).items():
+        print(f"{name}: {what}")
+    if args.list or not wanted:
+        for name, value in asyncio.run(list_limits()).items():
+            print(f"{name} = {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

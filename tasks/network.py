@@ -1,0 +1,113 @@
+"""Tasks for DICOM networking through Orthanc: C-ECHO, C-FIND, C-MOVE, C-STORE.
+
+Every operation against a modality holds that modality's concurrency slot (see ``limits``)
+for its whole life, Orthanc job included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from orthanc_client import CollectResult, JobInfo, Level, QueryResult
+
+from .credentials import OrthancCredentials
+from .limits import modality_slot
+from .policy import orthanc_task, uid_key
+
+__all__ = ["echo_modality", "query_modality", "retrieve_study", "store_to_modality",
+           "store_to_peer"]
+
+
+@orthanc_task(name="echo_modality", run_name=lambda p: f"echo-{p['modality']}")
+def echo_modality(credentials: OrthancCredentials, modality: str) -> bool:
+    """C-ECHO a modality from Orthanc; raises ``OrthancDimseError`` if it does not answer.
+
+    Example:
+        ```python
+        echo_modality(OrthancCredentials.load("research"), "pacs")
+        ```
+    """
+    with credentials.get_client() as orthanc:
+        orthanc.echo(modality)
+    return True
+
+
+@orthanc_task(name="query_modality",
+              run_name=lambda p: f"query-{p['modality']}-{Level(p['level']).value.lower()}")
+def query_modality(credentials: OrthancCredentials, modality: str, level: Level | str,
+                   query: Mapping[str, str], *, slot_timeout: float | None = None
+                   ) -> QueryResult:
+    """C-FIND on a modality at patient/study/series/instance level; returns every answer.
+
+    Answers hold DICOM values: this task never caches or persists its result.
+
+    Example:
+        ```python
+        result = query_modality(creds, "pacs", "Study",
+                                {"StudyDate": "20240101-20240131", "ModalitiesInStudy": "CT",
+                                 "StudyInstanceUID": "", "NumberOfStudyRelatedInstances": ""})
+        print(len(result.answers))
+        ```
+    """
+    with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
+        return orthanc.query(modality, level, query)
+
+
+@orthanc_task(name="retrieve_study",
+              run_name=lambda p: f"retrieve-{p['modality']}-{uid_key(p['study_uid'])}")
+def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: str, *,
+                   job_timeout: float | None = None, refetch_rounds: int = 2,
+                   slot_timeout: float | None = None) -> CollectResult:
+    """Bring one study from a modality into this Orthanc, verified complete.
+
+    C-FIND the expected instance count, move only if something is missing (C-MOVE job, bounded
+    wait), recount, re-fetch incomplete series up to ``refetch_rounds`` times. Returns the
+    honest outcome (already_present / complete / partial / failed / not_found) with counts and
+    Orthanc IDs. Transient errors (PACS unreachable) are retried by Prefect; a re-run moves
+    only what is still missing.
+
+    Example:
+        ```python
+        result = retrieve_study(creds, "pacs", study_uid)
+        assert result.complete, (result.expected_instances, result.received_instances)
+        ```
+    """
+    with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
+        return orthanc.collect(modality, study_uid, job_timeout=job_timeout,
+                               refetch_rounds=refetch_rounds)
+
+
+@orthanc_task(name="store_to_modality",
+              run_name=lambda p: f"store-{p['modality']}-{len(p['resource_ids'])}")
+def store_to_modality(credentials: OrthancCredentials, modality: str,
+                      resource_ids: Sequence[str], *, job_timeout: float | None = None,
+                      slot_timeout: float | None = None) -> JobInfo:
+    """C-STORE Orthanc resources (any level) to a modality as a job and wait for it.
+
+    Example:
+        ```python
+        job = store_to_modality(creds, "pacs", [study_id])
+        print(job.content.get("InstancesCount"))
+        ```
+    """
+    with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
+        job_id = orthanc.store(modality, list(resource_ids))
+        assert job_id is not None
+        return orthanc.wait_for_job(job_id, timeout=job_timeout)
+
+
+@orthanc_task(name="store_to_peer",
+              run_name=lambda p: f"store-peer-{p['peer']}-{len(p['resource_ids'])}")
+def store_to_peer(credentials: OrthancCredentials, peer: str, resource_ids: Sequence[str], *,
+                  job_timeout: float | None = None) -> JobInfo:
+    """Send Orthanc resources to an Orthanc peer (HTTP) as a job and wait for it.
+
+    Example:
+        ```python
+        store_to_peer(creds, "partner-site", [study_id])
+        ```
+    """
+    with credentials.get_client() as orthanc:
+        job_id = orthanc.store_peer(peer, list(resource_ids))
+        assert job_id is not None
+        return orthanc.wait_for_job(job_id, timeout=job_timeout)
