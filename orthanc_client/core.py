@@ -66,7 +66,7 @@ class Call:
 @dataclasses.dataclass(frozen=True)
 class Send:
     """Step: perform ``call`` once; the driver answers with an ``httpx.Response`` or the
-    ``httpx.TransportError`` it caught (as a value, not raised)."""
+    ``httpx.RequestError`` it caught (as a value, not raised)."""
 
     call: Call
 
@@ -81,7 +81,7 @@ class Sleep:
 @dataclasses.dataclass(frozen=True)
 class Download:
     """Step: stream ``call``'s response body into ``sink``; the driver answers with the
-    ``httpx.Response`` (body unread) on an HTTP error, the ``TransportError`` it caught, or
+    ``httpx.Response`` (body unread) on an HTTP error, the ``RequestError`` it caught, or
     ``None`` once every chunk has been handed to the sink."""
 
     call: Call
@@ -166,7 +166,7 @@ def http_error(call: Call, response: httpx.Response) -> OrthancHTTPError:
     return error
 
 
-def transport_error(call: Call, exc: httpx.TransportError, base_url: str) -> OrthancUnavailable:
+def transport_error(call: Call, exc: httpx.RequestError, base_url: str) -> OrthancUnavailable:
     """Build the error for a request that got no HTTP answer at all."""
     if isinstance(exc, httpx.TimeoutException):
         reason = "timed out" + (" while connecting" if isinstance(exc, httpx.ConnectTimeout) else "")
@@ -174,7 +174,7 @@ def transport_error(call: Call, exc: httpx.TransportError, base_url: str) -> Ort
         reason = "connection refused or host unreachable"
     else:
         reason = f"connection lost ({type(exc).__name__})"
-    sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+    sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
     outcome_unknown = sent and not call.safe
     message = f"{call.method} {call.route} to Orthanc at {base_url}: {reason}"
     if outcome_unknown:
@@ -222,7 +222,7 @@ def request(call: Call, policy: RetryPolicy, base_url: str) -> Steps[Any]:
 
 
 def _failure(call: Call, outcome: Any, base_url: str) -> OrthancError | None:
-    if isinstance(outcome, httpx.TransportError):
+    if isinstance(outcome, httpx.RequestError):  # transport, decoding, redirect loops
         return transport_error(call, outcome, base_url)
     assert isinstance(outcome, httpx.Response)
     if outcome.is_error:

@@ -26,7 +26,9 @@ class OrthancSettings(BaseSettings):
     ``ORTHANC_VERIFY_TLS``, ``ORTHANC_CA_BUNDLE``, ``ORTHANC_RETRIES``, ``ORTHANC_BACKOFF``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ORTHANC_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a rejected URL may carry a password; never echo it in the error.
+    model_config = SettingsConfigDict(env_prefix="ORTHANC_", extra="ignore", frozen=True,
+                                      hide_input_in_errors=True)
 
     url: str = Field("http://127.0.0.1:8042", description="Base URL of Orthanc's REST API.")
     username: str | None = Field(None, description="HTTP basic-auth user, if Orthanc requires one.")
