@@ -111,7 +111,7 @@ class Orthanc(Operations):
             if response.is_stream_consumed:  # body already read by a mock transport (respx)
                 step.sink.write(response.content)
             else:
-                for chunk in response.iter_raw(_CHUNK):
+                for chunk in response.iter_bytes(_CHUNK):
                     step.sink.write(chunk)
             return None
         except BaseException:
@@ -194,7 +194,7 @@ class AsyncOrthanc(Operations):
             if response.is_stream_consumed:  # body already read by a mock transport (respx)
                 step.sink.write(response.content)
             else:
-                async for chunk in response.aiter_raw(_CHUNK):
+                async for chunk in response.aiter_bytes(_CHUNK):
                     step.sink.write(chunk)
             return None
         except BaseException:
@@ -215,5 +215,8 @@ class AsyncOrthanc(Operations):
 
 
 def _expected_length(response: httpx.Response) -> int | None:
+    """The body length to expect after decoding: known only when the body is not encoded."""
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
     length = response.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None

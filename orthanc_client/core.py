@@ -237,6 +237,9 @@ def download(call: Call, dest: Path, policy: RetryPolicy, base_url: str) -> Step
     failed or interrupted download never leaves a file that looks finished.
     """
     delays = policy.delays()
+    # A ZIP gains nothing from gzip, and Orthanc would spend CPU on it: ask for it as is.
+    call = dataclasses.replace(call, headers={**(call.headers or {}),
+                                              "Accept-Encoding": "identity"})
     while True:
         sink = ArchiveSink(dest)
         outcome = yield Download(call, sink)

@@ -165,6 +165,23 @@ class JobInfo(_Model):
     completion_time: str | None = Field(None, alias="CompletionTime")
     content: dict[str, Any] = Field(default_factory=dict, alias="Content", repr=False)
 
+    def redacted(self) -> JobInfo:
+        """A copy whose ``content`` keeps only counts, sizes and Orthanc IDs.
+
+        Orthanc puts DICOM values in some jobs' content (a C-MOVE job lists every query
+        answer's PatientID and AccessionNumber): return this from anything that may be logged
+        or stored.
+        """
+        safe = {k: v for k, v in self.content.items() if k in _SAFE_JOB_CONTENT}
+        return self.model_copy(update={"content": safe, "error_details": None})
+
+
+_SAFE_JOB_CONTENT = frozenset({
+    "ID", "Path", "Type", "InstancesCount", "FailedInstancesCount", "ArchiveSize",
+    "ArchiveSizeMB", "UncompressedSize", "UncompressedSizeMB", "IsAnonymization",
+    "ParentResources", "LocalAet", "RemoteAet", "Peer", "Description",
+})
+
 
 class QueryAnswer(_Model):
     """One C-FIND answer, tags simplified to DICOM keywords (values are PHI: not in repr)."""

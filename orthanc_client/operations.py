@@ -49,7 +49,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 LABELS_SINCE = "1.12.0"
-_INEXISTENT_ITEM = 7  # Orthanc's error code for a missing metadata/attachment, not a missing resource
+_UNKNOWN_RESOURCE = 17  # Orthanc's error code for a missing resource (vs a missing item in it)
 
 
 class operation(Generic[P, R]):
@@ -332,9 +332,11 @@ class Operations:
             return (yield from self._get(f"{path}/metadata/{_seg(name)}",
                                          f"{route}/metadata/{{name}}", expect="text"))
         except OrthancNotFound as error:
-            if error.orthanc_status == _INEXISTENT_ITEM:
-                return None
-            raise
+            # 1.10.1 answers an unset name with a bare 404 (newer ones with "inexistent item");
+            # only "unknown resource" means the resource itself is missing.
+            if error.orthanc_status == _UNKNOWN_RESOURCE:
+                raise
+            return None
 
     @operation
     def set_metadata(self, level: Level | str, resource_id: str, name: str,

@@ -15,7 +15,7 @@ def wait_for_job(credentials: OrthancCredentials, job_id: str, *,
                  timeout: float | None = None) -> JobInfo:
     """Wait for an Orthanc job within ``timeout`` seconds (default: the long timeout).
 
-    Returns the finished job; raises ``OrthancJobFailed`` (not retried), ``OrthancJobTimeout``
+    Returns the finished job (content reduced to counts and IDs); raises ``OrthancJobFailed`` (not retried), ``OrthancJobTimeout``
     (the job keeps running in Orthanc) or ``OrthancJobLost``.
 
     Example:
@@ -24,4 +24,4 @@ def wait_for_job(credentials: OrthancCredentials, job_id: str, *,
         ```
     """
     with credentials.get_client() as orthanc:
-        return orthanc.wait_for_job(job_id, timeout=timeout)
+        return orthanc.wait_for_job(job_id, timeout=timeout).redacted()

@@ -93,7 +93,7 @@ def store_to_modality(credentials: OrthancCredentials, modality: str,
     with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
         job_id = orthanc.store(modality, list(resource_ids))
         assert job_id is not None
-        return orthanc.wait_for_job(job_id, timeout=job_timeout)
+        return orthanc.wait_for_job(job_id, timeout=job_timeout).redacted()
 
 
 @orthanc_task(name="store_to_peer",
@@ -110,4 +110,4 @@ def store_to_peer(credentials: OrthancCredentials, peer: str, resource_ids: Sequ
     with credentials.get_client() as orthanc:
         job_id = orthanc.store_peer(peer, list(resource_ids))
         assert job_id is not None
-        return orthanc.wait_for_job(job_id, timeout=job_timeout)
+        return orthanc.wait_for_job(job_id, timeout=job_timeout).redacted()

@@ -24,6 +24,8 @@ from prefect.tasks import exponential_backoff
 from orthanc_client import OrthancError
 from orthanc_client.retrieval import uid_key
 
+from .limits import ModalityLimitMissing
+
 __all__ = ["orthanc_task", "is_transient", "TaskFailure", "uid_key", "short_id"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,7 +42,8 @@ class TaskFailure(RuntimeError):
         return (TaskFailure, (self.task_name, self.error_type))
 
 
-_PASS_THROUGH = (OrthancError, TimeoutError)
+# Errors whose messages are built by this project from IDs and counts only.
+_PASS_THROUGH = (OrthancError, ModalityLimitMissing, TimeoutError)
 
 
 def is_transient(task: Task[..., Any], task_run: Any, state: Any) -> bool:

@@ -1,0 +1,1 @@
+"""Flows composed from the Orthanc tasks: research collection (and, next, de-identified sharing)."""

@@ -1,0 +1,321 @@
+"""Research data collection: a cohort in, exactly those studies in the research Orthanc, verified.
+
+Plan first (every row resolved by C-FIND, nothing moved), then retrieve only what is missing,
+one task per study, within the PACS's global concurrency limit and the allowed hours; each
+study is counted against the PACS and marked collected only when complete. Re-running the same
+cohort moves nothing that is already complete, so an interrupted run is finished by re-running.
+
+Example:
+    ```python
+    from flows.collection import collect_cohort
+    from flows.cohort import CollectionRequest
+
+    collect_cohort(CollectionRequest(cohort_file="cohort.csv", project="lung-2026"))
+    ```
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Cancelled, Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict
+
+from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc, OrthancUnsupported
+from tasks import OrthancCredentials, modality_slot, orthanc_task, retrieve_study
+
+from .cohort import CollectionRequest, read_cohort
+from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
+
+__all__ = ["collect_cohort", "plan_cohort", "mark_collected", "CollectionReport",
+           "COLLECTED_METADATA"]
+
+COLLECTED_METADATA = "PrefectOrthancCollected"
+
+
+def load_credentials(block: str | None) -> OrthancCredentials:
+    """A saved ``OrthancCredentials`` block by name, or ``ORTHANC_*`` from the environment."""
+    return OrthancCredentials.load(block) if block else OrthancCredentials.from_env()
+
+
+@orthanc_task(name="plan_cohort", run_name=lambda p: f"plan-{p['request'].source_modality}",
+              retries=2)
+def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest) -> list[PlanRow]:
+    """Resolve the cohort (file rows or criteria) against the PACS; moves nothing.
+
+    Example:
+        ```python
+        plan = plan_cohort(creds, CollectionRequest(cohort_file="cohort.csv"))
+        ```
+    """
+    with modality_slot(request.source_modality), credentials.get_client() as orthanc:
+        if request.cohort_file:
+            return plan_rows(orthanc, request.source_modality, read_cohort(request.cohort_file))
+        assert request.criteria is not None
+        return plan_criteria(orthanc, request.source_modality, request.criteria,
+                             request.find_cap)
+
+
+def _mark(orthanc: Orthanc, study_id: str, project: str) -> str:
+    try:
+        orthanc.add_label(Level.STUDY, study_id, project)
+        return "label"
+    except OrthancUnsupported:
+        orthanc.set_metadata(Level.STUDY, study_id, COLLECTED_METADATA, project)
+        return "metadata"
+
+
+@orthanc_task(name="mark_collected", run_name=lambda p: f"mark-{len(p['study_ids'])}")
+def mark_collected(credentials: OrthancCredentials, study_ids: Sequence[str],
+                   project: str) -> str:
+    """Record that complete studies belong to ``project``: a label on Orthanc >= 1.12, else the
+    ``PrefectOrthancCollected`` metadata (declare it in Orthanc's ``UserMetadata``).
+
+    Example:
+        ```python
+        mark_collected(creds, result.study_ids, "lung-2026")
+        ```
+    """
+    with credentials.get_client() as orthanc:
+        how = ""
+        for study_id in study_ids:
+            how = _mark(orthanc, study_id, project)
+        return how
+
+
+class RowReport(BaseModel):
+    """The outcome of one cohort row: counts and Orthanc IDs, no patient identifiers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    status: str
+    studies: int = 0
+    expected_instances: int = 0
+    received_instances: int = 0
+    moved: int = 0
+    study_ids: tuple[str, ...] = ()
+    note: str = ""
+
+
+class CollectionReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rows: tuple[RowReport, ...]
+    studies_found: int
+    studies_complete: int
+    studies_moved: int
+    deferred: int
+    report_path: str | None
+
+    @property
+    def complete(self) -> bool:
+        return self.studies_complete == self.studies_found and not self.deferred
+
+
+def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[str]) -> RowReport:
+    if row.status in (RowStatus.NOT_FOUND, RowStatus.AMBIGUOUS, RowStatus.DUPLICATE):
+        return RowReport(index=row.index, status=row.status.value, note=row.note)
+    mine = [results[s.key] for s in row.studies if s.key in results]
+    waiting = [s for s in row.studies if s.key in deferred]
+    complete = sum(r.complete for r in mine)
+    if waiting:
+        status = "deferred"
+    elif row.status is RowStatus.ALREADY_PRESENT and all(not r.moved for r in mine):
+        status = "already_present"
+    elif complete == len(row.studies):
+        status = "collected"
+    else:
+        worst = [r.outcome.value for r in mine if not r.complete]
+        status = worst[0] if worst else "incomplete"
+    return RowReport(
+        index=row.index, status=status, studies=len(row.studies),
+        expected_instances=sum(r.expected_instances or 0 for r in mine),
+        received_instances=sum(r.received_instances for r in mine),
+        moved=sum(r.moved for r in mine),
+        study_ids=tuple(i for r in mine for i in r.study_ids), note=row.note,
+    )
+
+
+def _write_csv(request: CollectionRequest, reports: Sequence[RowReport], run_id: str) -> Path:
+    """The full per-row outcome. Next to a cohort file it repeats that file's own columns (the
+    user's identifiers: keep it where the cohort is kept); for criteria it holds none."""
+    fields = ["row", "status", "studies", "expected_instances", "received_instances", "moved",
+              "orthanc_study_ids", "note"]
+    by_index = {r.index: r for r in reports}
+    if request.cohort_file:
+        source = Path(request.cohort_file)
+        path = source.with_name(f"{source.stem}.report.csv")
+        with source.open(encoding="utf-8-sig", newline="") as handle:
+            original = list(csv.reader(handle))
+        header, data = original[0], [r for r in original[1:] if any(c.strip() for c in r)]
+    else:
+        path = Path("reports") / f"collection-{run_id}.csv"
+        header, data = [], [[] for _ in reports]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header + fields)
+        for number, cells in enumerate(data, start=1):
+            r = by_index.get(number)
+            extra = ([number, r.status, r.studies, r.expected_instances, r.received_instances,
+                      r.moved, " ".join(r.study_ids), r.note] if r else [number, "skipped"])
+            writer.writerow(cells + extra)
+    tmp.replace(path)
+    return path
+
+
+def _wait_for_window(request: CollectionRequest) -> bool:
+    """True when moving is allowed now (after waiting if so configured)."""
+    window = request.time_window
+    if window is None:
+        return True
+    now = dt.datetime.now(dt.timezone.utc)
+    if window.is_open(now):
+        return True
+    delay = window.seconds_until_open(now)
+    if window.outside == "stop" or delay > window.max_wait_hours * 3600:
+        return False
+    get_run_logger().info("outside the transfer window: waiting %.0f s", delay)
+    time.sleep(delay)
+    return True
+
+
+@flow(name="collect-research-cohort", flow_run_name="collect-{request.project}",
+      task_runner=ThreadPoolTaskRunner(max_workers=32), validate_parameters=True)
+def collect_cohort(request: CollectionRequest, credentials_block: str | None = None
+                   ) -> State[CollectionReport]:
+    """Bring a research cohort from the PACS into the research Orthanc, verified complete.
+
+    ``credentials_block`` names a saved ``OrthancCredentials`` block for the research Orthanc
+    (default: ``ORTHANC_*`` environment variables). Ends Completed only when every study found
+    is complete; Failed (with a summary) when any is not; Cancelled when the time window
+    closed first (re-run to continue).
+
+    Example:
+        ```python
+        collect_cohort(CollectionRequest(cohort_file="cohort.csv", project="lung-2026",
+                                         concurrency=4))
+        ```
+    """
+    logger = get_run_logger()
+    credentials = load_credentials(credentials_block)
+    plan = plan_cohort(credentials, request)
+    todo = {s.key: s for row in plan if row.status is RowStatus.FOUND
+            for s in row.studies if not s.present}
+    present = {s.key: s for row in plan if row.status in (RowStatus.FOUND,
+                                                          RowStatus.ALREADY_PRESENT)
+               for s in row.studies if s.present}
+    counts = {status: sum(r.status is status for r in plan) for status in RowStatus}
+    logger.info("plan: %d rows, %s; %d studies to move, %d already here", len(plan),
+                ", ".join(f"{k.value}={v}" for k, v in counts.items() if v), len(todo),
+                len(present))
+
+    results: dict[str, CollectResult] = {
+        key: CollectResult(key=key, outcome=CollectOutcome.ALREADY_PRESENT,
+                           expected_instances=s.expected, received_instances=s.expected or 0)
+        for key, s in present.items()}
+    deferred: set[str] = set()
+    if not request.dry_run:
+        results |= _retrieve_all(credentials, request, list(todo.values()), deferred)
+        _mark_present(credentials, request, results, present)
+
+    reports = [_row_report(row, results, deferred) for row in plan] if not request.dry_run \
+        else [RowReport(index=r.index, status=r.status.value, studies=len(r.studies),
+                        expected_instances=sum(s.expected or 0 for s in r.studies),
+                        note=r.note) for r in plan]
+    from prefect.runtime import flow_run
+
+    path = _write_csv(request, reports, str(flow_run.get_id() or "local"))
+    create_table_artifact(
+        key="collection-report",
+        table=[{k: v for k, v in r.model_dump().items() if k != "study_ids"} for r in reports],
+        description=f"Collection of project {request.project}: per-row outcome "
+                    f"(row numbers refer to the cohort; no identifiers here).")
+    found = sum(len(r.studies) for r in plan if r.status in (RowStatus.FOUND,
+                                                             RowStatus.ALREADY_PRESENT))
+    complete = sum(r.complete for r in results.values())
+    report = CollectionReport(rows=tuple(reports), studies_found=found,
+                              studies_complete=complete,
+                              studies_moved=sum(r.moved for r in results.values()),
+                              deferred=len(deferred), report_path=str(path))
+    summary = (f"{complete}/{found} studies complete, {report.studies_moved} moved, "
+               f"{len(deferred)} deferred; not found {counts[RowStatus.NOT_FOUND]}, "
+               f"ambiguous {counts[RowStatus.AMBIGUOUS]}; report {path.name}")
+    logger.info(summary)
+    if request.dry_run:
+        return Completed(message=f"dry run: {summary}", data=report)
+    if deferred:
+        return Cancelled(message=f"time window closed: {summary}; re-run to continue",
+                         data=report)
+    if complete < found:
+        return Failed(message=summary, data=report)
+    return Completed(message=summary, data=report)
+
+
+def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
+                  studies: list[Any], deferred: set[str]) -> dict[str, CollectResult]:
+    results: dict[str, CollectResult] = {}
+    if not studies:
+        return results
+    progress = create_progress_artifact(progress=0.0, key="collection-progress",
+                                        description="Studies of this run retrieved so far.")
+    pending = list(studies)
+    in_flight: dict[PrefectFuture[CollectResult], str] = {}
+    done = 0
+    window_open = True
+    while pending or in_flight:
+        while pending and len(in_flight) < request.concurrency and window_open:
+            window_open = _wait_for_window(request)
+            if not window_open:
+                break
+            study = pending.pop(0)
+            future = retrieve_study.submit(credentials, request.source_modality, study.uid,
+                                           job_timeout=request.job_timeout)
+            in_flight[future] = study.key
+        if not window_open:
+            deferred.update(s.key for s in pending)
+            pending.clear()
+        if not in_flight:
+            break
+        finished = next(as_completed(list(in_flight)))
+        key = in_flight.pop(finished)
+        try:
+            result = finished.result()
+        except Exception as error:  # retries exhausted: record it, let the other studies finish
+            result = CollectResult(key=key, outcome=CollectOutcome.FAILED,
+                                   expected_instances=None, received_instances=0,
+                                   failure=f"{type(error).__name__}: {error}"[:300])
+        results[key] = result
+        if result.complete:
+            mark_collected(credentials, result.study_ids, request.project)
+        done += 1
+        update_progress_artifact(progress, 100.0 * done / len(studies))
+    return results
+
+
+def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
+                  results: dict[str, CollectResult], present: dict[str, Any]) -> None:
+    """Studies already complete before this run are marked too (idempotent)."""
+    if not present:
+        return
+    with credentials.get_client() as orthanc:
+        ids = {key: tuple(orthanc.find(Level.STUDY, {"StudyInstanceUID": s.uid}))
+               for key, s in present.items()}
+    mark_collected(credentials, [i for found in ids.values() for i in found], request.project)
+    for key, found in ids.items():
+        results[key] = results[key].model_copy(update={"study_ids": found})

@@ -1,0 +1,585 @@
+"""De-identification profiles, keyed pseudonyms and the Orthanc anonymize request.
+
+Orthanc's ``/anonymize`` applies the DICOM PS3.15 Basic Profile (Table E.1-1) but gives random,
+per-job pseudonyms and blanks dates. Longitudinal research needs the same patient to get the
+same pseudonym in every share, and intervals between a patient's studies kept. So
+``build_request`` adds, through ``Replace`` + ``Force``:
+
+* keyed pseudonyms: HMAC-SHA256 under a project secret (``pseudonym``, ``pseudo_uid``), the same
+  in every run for the same source value, useless without the secret;
+* a per-patient date shift (``date_shift_days``, never 0) applied to the study and birth dates.
+
+The secret and the ``LinkageEntry`` (source identifiers next to their pseudonyms) stay with the
+data owner; neither is ever part of what is shared.
+
+Documented limitations of a study-level Orthanc request:
+
+* ``Replace`` sets one value for every instance of the study, so StudyDate, SeriesDate,
+  AcquisitionDate and ContentDate all become the *shifted study date*: differences between
+  dates inside one study (a study spanning midnight) collapse to the study day. Times are kept
+  (``Keep``) in shift mode, so ordering within a study survives through them.
+  AcquisitionDateTime and other dates the Basic Profile removes stay removed.
+* SeriesInstanceUID / SOPInstanceUID stay Orthanc's random UIDs (new at every anonymization,
+  internally consistent within one job); only StudyInstanceUID is deterministic.
+* Anonymizing the same study twice into the same Orthanc lands both copies in one Orthanc study
+  (same pseudonymous PatientID + StudyInstanceUID) with different series UIDs: delete the
+  previous copy first.
+* Pixel data is not touched: burned-in text is why risky modalities/SOP classes are excluded
+  (``is_excluded``) unless ``include_risky`` is set.
+
+Nothing here raises or logs with a source value in the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import unicodedata
+from collections.abc import Mapping
+from datetime import date, timedelta
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "DEFAULT_DESCRIPTION_TAGS",
+    "DEFAULT_EXCLUDED_MODALITIES",
+    "DEFAULT_EXCLUDED_SOP_CLASSES",
+    "DEFAULT_EXCLUDED_SOP_CLASS_ROOTS",
+    "DICOM_VERSION",
+    "DeidError",
+    "DeidProfile",
+    "LinkageEntry",
+    "MethodCode",
+    "TIME_TAGS",
+    "build_request",
+    "client_kwargs",
+    "date_shift_days",
+    "is_excluded",
+    "pseudo_uid",
+    "pseudonym",
+    "shift_date",
+]
+
+#: Orthanc >= 1.9.4 implements PS3.15-2021b Table E.1-1 (1.10.1, Debian bookworm's, included).
+DICOM_VERSION = "2021b"
+
+#: SH (AccessionNumber, StudyID) is the shortest VR a pseudonym goes into: 16 characters.
+PSEUDONYM_LENGTH = 16
+MIN_SECRET_BYTES = 16
+
+DEFAULT_EXCLUDED_MODALITIES: tuple[str, ...] = ("SR", "OT", "US", "DOC", "SC")
+
+#: SOP classes whose content is free text, documents, photographs or screenshots: identifying
+#: content the header scan cannot see (burned-in pixels, report text, faces, 3D surfaces).
+DEFAULT_EXCLUDED_SOP_CLASSES: tuple[str, ...] = (
+    # Secondary capture (screenshots, scanned paper)
+    "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.1",    # Multi-frame Single Bit Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",    # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",    # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",    # Multi-frame True Color Secondary Capture
+    # Encapsulated documents and surfaces
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF Storage
+    "1.2.840.10008.5.1.4.1.1.104.2",  # Encapsulated CDA Storage
+    "1.2.840.10008.5.1.4.1.1.104.3",  # Encapsulated STL Storage
+    "1.2.840.10008.5.1.4.1.1.104.4",  # Encapsulated OBJ Storage
+    "1.2.840.10008.5.1.4.1.1.104.5",  # Encapsulated MTL Storage
+    # Structured reports (every SR storage class; the SR root below catches later ones)
+    "1.2.840.10008.5.1.4.1.1.88.1",   # Text SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.2",   # Audio SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.3",   # Detail SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.4",   # Comprehensive SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.35",  # Extensible SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.40",  # Procedure Log Storage
+    "1.2.840.10008.5.1.4.1.1.88.50",  # Mammography CAD SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document Storage
+    "1.2.840.10008.5.1.4.1.1.88.65",  # Chest CAD SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.68",  # Radiopharmaceutical Radiation Dose SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.69",  # Colon CAD SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.70",  # Implantation Plan SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.71",  # Acquisition Context SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.72",  # Simplified Adult Echo SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.73",  # Patient Radiation Dose SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.74",  # Planned Imaging Agent Administration SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.75",  # Performed Imaging Agent Administration SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.76",  # Enhanced X-Ray Radiation Dose SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.77",  # Waveform Annotation SR Storage
+    # Photographs and video (faces, skin, labels)
+    "1.2.840.10008.5.1.4.1.1.77.1.4",    # VL Photographic Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image Storage
+    # Opaque vendor payloads
+    "1.2.840.10008.5.1.4.1.1.66",     # Raw Data Storage
+)
+
+#: UID roots excluded as a whole: every SR-family storage class lives under this one.
+DEFAULT_EXCLUDED_SOP_CLASS_ROOTS: tuple[str, ...] = ("1.2.840.10008.5.1.4.1.1.88.",)
+
+#: Free-text descriptors the Basic Profile removes and ``descriptions="keep_if_clean"`` keeps.
+DEFAULT_DESCRIPTION_TAGS: tuple[str, ...] = (
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "PerformedProcedureStepDescription",
+)
+
+#: Times the Basic Profile blanks or removes; kept when dates are shifted (whole days).
+TIME_TAGS: tuple[str, ...] = ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime")
+
+#: The dates set to the shifted study date (or blanked) in every instance of the study.
+STUDY_DATE_TAGS: tuple[str, ...] = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+
+_PRIVATE_TAG = re.compile(r"^([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})$")
+_PREFIX = re.compile(r"^[A-Z0-9]{0,8}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,7}$")
+_DA = re.compile(r"^\d{8}$")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LO_MAX = 64
+
+
+class DeidError(ValueError):
+    """The request cannot be built as asked. Names the field, never a source value."""
+
+
+class MethodCode(NamedTuple):
+    """One PS3.16 CID 7050 "De-identification Method" code (scheme DCM)."""
+
+    value: str
+    meaning: str
+    scheme: str = "DCM"
+
+    def as_item(self) -> dict[str, str]:
+        """The code as a DICOM code sequence item, keyed by keyword."""
+        return {"CodeValue": self.value, "CodingSchemeDesignator": self.scheme,
+                "CodeMeaning": self.meaning}
+
+
+# CID 7050 codes used here (meanings as in PS3.16; pydicom's bundled copy agrees, see tests)
+BASIC_PROFILE = MethodCode("113100", "Basic Application Confidentiality Profile")
+CLEAN_DESCRIPTORS = MethodCode("113105", "Clean Descriptors Option")
+RETAIN_MODIFIED_DATES = MethodCode(
+    "113107", "Retain Longitudinal Temporal Information Modified Dates Option")
+RETAIN_SAFE_PRIVATE = MethodCode("113111", "Retain Safe Private Option")
+
+
+class DeidProfile(BaseModel):
+    """How a study is de-identified for sharing. Frozen and versioned: bump ``version``
+    whenever a change alters the output, and record both in DeidentificationMethod.
+
+    The profile holds no secret and no identifier: it is safe as a flow parameter.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("research", description="Short profile name (letters, digits, _ . -; "
+                                              "<= 24 chars), recorded in the output.")
+    version: str = Field("1", description="Profile version (<= 8 chars), recorded in the output.")
+    dates: Literal["shift", "blank"] = Field(
+        "shift", description="'shift': every date of a patient moves by the same number of days "
+                             "(keyed per patient, never 0), intervals between studies are kept, "
+                             "times are kept. 'blank': dates and times are emptied.")
+    max_shift_days: int = Field(
+        365, ge=1, le=3650,
+        description="The shift is drawn in [-max, -1] U [1, max] days.")
+    descriptions: Literal["drop", "keep_if_clean"] = Field(
+        "drop", description="'drop': the Basic Profile removes StudyDescription, "
+                            "SeriesDescription etc. 'keep_if_clean': they are kept, and the "
+                            "output scan blocks delivery if any holds a source identifier.")
+    description_tags: tuple[str, ...] = Field(
+        DEFAULT_DESCRIPTION_TAGS, description="The descriptors kept with 'keep_if_clean'.")
+    private_tags: Literal["drop", "allowlist"] = Field(
+        "drop", description="'drop': every private tag is removed. 'allowlist': only the tags "
+                            "of private_allowlist (and their private creators) are kept.")
+    private_allowlist: tuple[str, ...] = Field(
+        (), description="Private tags to keep, as 'gggg,eeee' (e.g. '0011,1010'; odd group, "
+                        "element >= 0x1000). The block number depends on creator order: "
+                        "check it on your data.")
+    exclude_modalities: tuple[str, ...] = Field(
+        DEFAULT_EXCLUDED_MODALITIES,
+        description="Modalities never shared (free text, documents, burned-in pixels).")
+    exclude_sop_classes: tuple[str, ...] = Field(
+        DEFAULT_EXCLUDED_SOP_CLASSES,
+        description="SOP Class UIDs never shared (secondary capture, encapsulated documents, "
+                    "SR, photographs, raw data).")
+    exclude_sop_class_roots: tuple[str, ...] = Field(
+        DEFAULT_EXCLUDED_SOP_CLASS_ROOTS,
+        description="SOP Class UID prefixes never shared (default: the SR family).")
+    include_risky: bool = Field(
+        False, description="Lift the modality/SOP class/burned-in exclusions. Pixels are never "
+                           "checked for burned-in text: only for data known to be clean.")
+    pseudonym_prefix: str = Field(
+        "P", description="Prefix of every pseudonym (uppercase letters/digits, <= 8 chars).")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("name: 1-24 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, value: str) -> str:
+        if not _VERSION.match(value):
+            raise ValueError("version: 1-8 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("pseudonym_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX.match(value):
+            raise ValueError("pseudonym_prefix: 0-8 uppercase letters or digits")
+        return value
+
+    @field_validator("private_allowlist")
+    @classmethod
+    def _check_allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        tags = []
+        for tag in value:
+            match = _PRIVATE_TAG.match(tag.strip())
+            if not match:
+                raise ValueError(f"private_allowlist: {tag!r} is not 'gggg,eeee'")
+            group, element = int(match[1], 16), int(match[2], 16)
+            if group % 2 == 0 or group <= 0x0007 or element < 0x1000:
+                raise ValueError(f"private_allowlist: {tag!r} is not a private data element "
+                                 "(odd group > 0007, element >= 1000)")
+            tags.append(f"{group:04x},{element:04x}")
+        return tuple(dict.fromkeys(tags))
+
+    @field_validator("exclude_modalities")
+    @classmethod
+    def _upper_modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m.strip().upper() for m in value if m.strip())
+
+    @field_validator("description_tags")
+    @classmethod
+    def _check_descriptions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from pydicom.datadict import tag_for_keyword
+
+        for keyword in value:
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"description_tags: {keyword!r} is not a DICOM keyword")
+            if keyword in _IDENTITY_KEYWORDS:
+                raise ValueError(f"description_tags: {keyword!r} is an identifier, "
+                                 "not a description")
+        return value
+
+    @model_validator(mode="after")
+    def _allowlist_needs_mode(self) -> DeidProfile:
+        if self.private_allowlist and self.private_tags != "allowlist":
+            raise ValueError("private_allowlist is set but private_tags is 'drop'")
+        return self
+
+    # ------------------------------------------------------------ provenance
+
+    def method_codes(self) -> tuple[MethodCode, ...]:
+        """The PS3.16 CID 7050 codes describing what this profile does, for
+        DeidentificationMethodCodeSequence (0012,0064).
+
+        Always 113100 (Basic Profile: Orthanc applies PS3.15 Table E.1-1). Plus 113107 when
+        dates are shifted (intervals kept, absolute dates modified), 113105 when descriptions
+        are kept (their "cleaning" here is the output scan against the source identifiers,
+        which blocks delivery on any hit: it cannot catch an identifier it was not given), and
+        113111 when private tags are allowlisted (the user vouches that they are safe).
+        UIDs, device, institution and patient characteristics are not retained, pixels not
+        cleaned: no code for those.
+        """
+        codes = [BASIC_PROFILE]
+        if self.descriptions == "keep_if_clean":
+            codes.append(CLEAN_DESCRIPTORS)
+        if self.dates == "shift":
+            codes.append(RETAIN_MODIFIED_DATES)
+        if self.private_tags == "allowlist" and self.private_allowlist:
+            codes.append(RETAIN_SAFE_PRIVATE)
+        return tuple(codes)
+
+    def method_values(self) -> tuple[str, ...]:
+        """DeidentificationMethod (0012,0063, LO, VM 1-n) as separate values, each <= 64
+        characters."""
+        values = [f"prefect-orthanc profile {self.name} v{self.version}",
+                  f"PS3.15-{DICOM_VERSION} Basic Profile (Orthanc)", "keyed pseudonyms"]
+        values.append("date shift per patient, times kept" if self.dates == "shift"
+                      else "dates blanked")
+        if self.descriptions == "keep_if_clean":
+            values.append("descriptions kept, scanned")
+        if self.private_tags == "allowlist" and self.private_allowlist:
+            values.append("private tags allowlisted")
+        return tuple(values)
+
+    @property
+    def deidentification_method(self) -> str:
+        """The DeidentificationMethod value: the ``method_values`` joined by DICOM's value
+        separator, e.g. ``prefect-orthanc profile research v1\\PS3.15-2021b Basic Profile
+        (Orthanc)\\keyed pseudonyms\\date shift per patient, times kept``."""
+        return "\\".join(self.method_values())
+
+    def excludes(self, modality: str, sop_class_uid: str, *,
+                 burned_in_annotation: str = "") -> bool:
+        """Same as ``is_excluded(self, ...)``."""
+        return is_excluded(self, modality, sop_class_uid,
+                           burned_in_annotation=burned_in_annotation)
+
+
+#: Keywords that identify a person, visit or study: never "descriptions".
+_IDENTITY_KEYWORDS = frozenset({
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+    "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber", "StudyID",
+    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord",
+    "InstitutionName", "InstitutionAddress", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID",
+})
+
+
+# ------------------------------------------------------------------ keyed values
+
+
+def _check_secret(secret: bytes) -> bytes:
+    if not isinstance(secret, (bytes, bytearray)):
+        raise TypeError("secret must be bytes")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise DeidError(f"secret must be at least {MIN_SECRET_BYTES} bytes")
+    return bytes(secret)
+
+
+def _normalize(value: str) -> str:
+    """DICOM padding (spaces, NULs) and surrounding blanks removed, Unicode NFC. Case and
+    inner characters are kept: IDs are case-sensitive and leading zeros matter."""
+    return unicodedata.normalize("NFC", str(value)).strip(" \t\r\n\x00")
+
+
+def _mac(secret: bytes, kind: str, value: str) -> bytes:
+    message = kind.encode("utf-8") + b"\x00" + _normalize(value).encode("utf-8")
+    return hmac.new(_check_secret(secret), message, hashlib.sha256).digest()
+
+
+def pseudonym(secret: bytes, kind: str, value: str, prefix: str = "P",
+              length: int = PSEUDONYM_LENGTH) -> str:
+    """A keyed, deterministic pseudonym: ``prefix`` + uppercase base32 (A-Z, 2-7) of
+    HMAC-SHA256(secret, kind + "\\x00" + normalized value), ``length`` characters in all.
+
+    The default 16 fits every VR a pseudonym goes into (SH AccessionNumber/StudyID: 16,
+    LO PatientID: 64, PN components: 64) and only uses characters valid in all of them.
+    Same secret, kind and value: same pseudonym, in every run. Another kind (``"PatientID"``
+    vs ``"AccessionNumber"``) gives an unrelated pseudonym for the same value.
+    """
+    if not kind:
+        raise DeidError("pseudonym kind must not be empty")
+    if not _PREFIX.match(prefix):
+        raise DeidError("pseudonym prefix: 0-8 uppercase letters or digits")
+    if not len(prefix) + 8 <= length <= PSEUDONYM_LENGTH:
+        raise DeidError(f"pseudonym length must leave >= 8 hash characters and be "
+                        f"<= {PSEUDONYM_LENGTH}")
+    if not _normalize(value):
+        raise DeidError(f"nothing to pseudonymize for {kind} (empty value)")
+    body = base64.b32encode(_mac(secret, kind, value)).decode("ascii")
+    return prefix + body[:length - len(prefix)]
+
+
+def pseudo_uid(secret: bytes, uid: str) -> str:
+    """A keyed, deterministic UID ``2.25.<decimal>`` (<= 44 characters) for a source UID.
+
+    The 128-bit integer is the HMAC truncated to 16 bytes, with the RFC 9562 version-8
+    ("custom") and variant bits set, so it is a well-formed UUID as PS3.5 B.2 expects.
+    """
+    if not _normalize(uid):
+        raise DeidError("nothing to pseudonymize for a UID (empty value)")
+    number = int.from_bytes(_mac(secret, "UID", uid)[:16], "big")
+    number = (number & ~(0xF << 76)) | (0x8 << 76)   # version 8
+    number = (number & ~(0x3 << 62)) | (0x2 << 62)   # variant 10xx
+    return f"2.25.{number}"
+
+
+def date_shift_days(secret: bytes, patient_id: str, max_days: int = 365) -> int:
+    """The patient's date shift in days: keyed by the source PatientID, the same in every run,
+    in [-max_days, -1] U [1, max_days], never 0."""
+    if max_days < 1:
+        raise DeidError("max_days must be >= 1")
+    if not _normalize(patient_id):
+        raise DeidError("a date shift needs a PatientID (empty value)")
+    draw = int.from_bytes(_mac(secret, "DateShift", patient_id)[:8], "big") % (2 * max_days)
+    return -(draw + 1) if draw < max_days else draw - max_days + 1
+
+
+def shift_date(value: str | None, days: int) -> str:
+    """``value`` (DICOM DA, ``YYYYMMDD``) moved by ``days``; ``""`` (blank) when the value is
+    empty, not a valid date, or would leave years 0001-9999."""
+    text = _normalize(value or "")
+    if not _DA.match(text):
+        return ""
+    try:
+        moved = date(int(text[:4]), int(text[4:6]), int(text[6:])) + timedelta(days=days)
+    except (ValueError, OverflowError):
+        return ""
+    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}"
+
+
+# ------------------------------------------------------------------ the request
+
+
+class LinkageEntry(BaseModel):
+    """One study's link between source identifiers and what was shared.
+
+    This is the re-identification key: it holds identifiers by design. Keep it with the data
+    owner, apart from the shared data, and never in flow parameters, results or logs. Source
+    values and the date shift are kept out of ``repr()``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    profile: str
+    profile_version: str
+    source_patient_id: str = Field(repr=False)
+    source_patient_name: str = Field("", repr=False)
+    source_accession: str = Field("", repr=False)
+    source_study_uid: str = Field(repr=False)
+    patient_id: str
+    patient_name: str
+    accession: str
+    study_id: str
+    study_uid: str
+    date_shift_days: int | None = Field(None, repr=False)
+
+
+def _text(source: Mapping[str, Any], keyword: str) -> str:
+    value = source.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):  # a multi-valued tag: its first value
+        value = value[0] if value else ""
+    if isinstance(value, Mapping):  # Orthanc's "expand" form {"Name", "Type", "Value"}
+        value = value.get("Value") or ""
+    return _normalize(value) if isinstance(value, str) else ""
+
+
+def _private_creator(tag: str) -> str:
+    group, element = tag.split(",")
+    return f"{group},{int(element, 16) >> 8:04x}"
+
+
+def build_request(profile: DeidProfile, secret: bytes,
+                  source: Mapping[str, Any]) -> tuple[dict[str, Any], LinkageEntry]:
+    """The body of ``POST /studies/{id}/anonymize`` for one source study, and its linkage.
+
+    ``source``: the study's simplified shared tags (``/studies/{id}/shared-tags?simplify``):
+    PatientID and StudyInstanceUID are required; PatientName, PatientBirthDate,
+    AccessionNumber, StudyDate are used when present.
+
+    The body has ``Replace`` (pseudonyms, the pseudo StudyInstanceUID, a StudyID pseudonym,
+    shifted or blank dates, the de-identification provenance), ``Keep`` (times when shifting,
+    descriptions with ``keep_if_clean``, allowlisted private tags with their creators),
+    ``Remove`` (empty: the Basic Profile does it), ``Force`` (needed for IDs and UIDs),
+    ``KeepPrivateTags`` (always false: an allowlist goes through ``Keep``) and ``DicomVersion``.
+    Add ``Asynchronous``/``KeepSource``/``Priority`` when sending it (see ``client_kwargs``).
+    No source value appears anywhere in the body.
+    """
+    patient_id = _text(source, "PatientID")
+    study_uid = _text(source, "StudyInstanceUID")
+    if not patient_id:
+        raise DeidError("the source study has no PatientID: no stable pseudonym possible")
+    if not study_uid or not _UID.match(study_uid):
+        raise DeidError("the source study has no valid StudyInstanceUID")
+    accession = _text(source, "AccessionNumber")
+    prefix = profile.pseudonym_prefix
+
+    pseudo_patient = pseudonym(secret, "PatientID", patient_id, prefix)
+    # The name pseudonym is keyed by the patient ID too: one person, one pseudonym, whatever
+    # spelling of the name a study carries.
+    pseudo_name = pseudonym(secret, "PatientName", patient_id, prefix)
+    pseudo_accession = pseudonym(secret, "AccessionNumber", accession, prefix) if accession \
+        else ""
+    # StudyID is keyed by the study UID: source StudyIDs ("1", "2") repeat across patients.
+    pseudo_study_id = pseudonym(secret, "StudyID", study_uid, prefix)
+    new_study_uid = pseudo_uid(secret, study_uid)
+
+    shift: int | None = None
+    if profile.dates == "shift":
+        shift = date_shift_days(secret, patient_id, profile.max_shift_days)
+        study_date = shift_date(_text(source, "StudyDate"), shift)
+        birth_date = shift_date(_text(source, "PatientBirthDate"), shift)
+    else:
+        study_date = birth_date = ""
+
+    replace: dict[str, Any] = {
+        "PatientID": pseudo_patient,
+        "PatientName": pseudo_name,
+        "AccessionNumber": pseudo_accession,
+        "StudyID": pseudo_study_id,
+        "StudyInstanceUID": new_study_uid,
+        "PatientBirthDate": birth_date,
+        **{keyword: study_date for keyword in STUDY_DATE_TAGS},
+        "PatientIdentityRemoved": "YES",
+        "LongitudinalTemporalInformationModified":
+            "MODIFIED" if profile.dates == "shift" else "REMOVED",
+        "DeidentificationMethod": profile.deidentification_method,
+        "DeidentificationMethodCodeSequence": [code.as_item()
+                                               for code in profile.method_codes()],
+    }
+
+    keep: list[str] = []
+    if profile.dates == "shift":
+        keep += TIME_TAGS
+    if profile.descriptions == "keep_if_clean":
+        keep += profile.description_tags
+    if profile.private_tags == "allowlist":
+        for tag in profile.private_allowlist:
+            keep += [_private_creator(tag), tag]
+    keep = list(dict.fromkeys(k for k in keep if k not in replace))
+
+    body: dict[str, Any] = {
+        "Replace": replace,
+        "Keep": keep,
+        "Remove": [],
+        "Force": True,
+        "KeepPrivateTags": False,
+        "DicomVersion": DICOM_VERSION,
+    }
+    linkage = LinkageEntry(
+        profile=profile.name, profile_version=profile.version,
+        source_patient_id=patient_id, source_patient_name=_text(source, "PatientName"),
+        source_accession=accession, source_study_uid=study_uid,
+        patient_id=pseudo_patient, patient_name=pseudo_name, accession=pseudo_accession,
+        study_id=pseudo_study_id, study_uid=new_study_uid, date_shift_days=shift,
+    )
+    return body, linkage
+
+
+def client_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``build_request``'s body as keyword arguments of ``Orthanc.anonymize``."""
+    return {"replace": dict(body["Replace"]), "keep": list(body["Keep"]),
+            "remove": list(body["Remove"]), "force": bool(body["Force"]),
+            "keep_private_tags": bool(body["KeepPrivateTags"]),
+            "dicom_version": body["DicomVersion"]}
+
+
+# ------------------------------------------------------------------ exclusions
+
+
+def is_excluded(profile: DeidProfile, modality: str, sop_class_uid: str, *,
+                burned_in_annotation: str = "") -> bool:
+    """Whether instances of this modality / SOP class must not be shared under ``profile``.
+
+    Excluded: a modality of ``exclude_modalities``, a SOP class of ``exclude_sop_classes`` or
+    under one of ``exclude_sop_class_roots``, or BurnedInAnnotation (0028,0301) "YES". Pixel
+    data is never inspected, so these are the content kinds likely to carry identifiers the
+    header scan cannot see. ``include_risky`` lifts every exclusion.
+    """
+    if profile.include_risky:
+        return False
+    modality = _normalize(modality or "").upper()
+    sop = _normalize(sop_class_uid or "")
+    if modality and modality in profile.exclude_modalities:
+        return True
+    if sop and (sop in profile.exclude_sop_classes
+                or any(sop.startswith(root) for root in profile.exclude_sop_class_roots)):
+        return True
+    return _normalize(burned_in_annotation or "").upper() == "YES"

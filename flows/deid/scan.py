@@ -1,0 +1,543 @@
+"""Verify before anything leaves: scan de-identified DICOM for the source's identifiers.
+
+``identifiers_from`` collects every identifying string of the SOURCE instances (names and
+their parts, IDs, birth date, accession numbers, addresses, phones, institutions, physicians,
+study dates, instance UIDs). ``scan_dataset`` walks every element of a de-identified dataset
+(file meta, top level, sequences at any depth, private tags, unknown-VR bytes) and reports each
+place where one of them still appears; ``scan_zip`` does it for every member of the ZIP about to
+be delivered, member names included. Delivery must be blocked unless the report is clean.
+
+What this cannot do:
+
+* **Pixels are not checked.** Burned-in text (ultrasound, secondary capture, scanned documents,
+  screenshots) and faces are invisible to a header scan: that is why ``DeidProfile`` excludes
+  risky modalities and SOP classes by default.
+* It finds the identifiers it was given, as they were written: a name spelled differently, a
+  relative's name in free text, a date in another format, a phone number with other spacing, or
+  text in an encoding other than the dataset's character set, Latin-1, UTF-8 or UTF-16LE
+  (binary values) is not found. A clean report is evidence, not proof of anonymity.
+
+Findings name the place (tag path, ZIP member index) and the KIND of identifier matched,
+never the value, so reports and logs can be kept and shown.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag, Tag
+
+__all__ = [
+    "Finding",
+    "Identifiers",
+    "ScanReport",
+    "identifiers_from",
+    "normalize",
+    "scan_dataset",
+    "scan_zip",
+]
+
+#: Text VRs whose values are scanned (TM is skipped: times are kept on purpose; UI values are
+#: compared whole against the source UIDs instead).
+TEXT_VRS = frozenset({"AE", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+#: Byte VRs searched for embedded text (private blobs, unknown VR).
+BYTE_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN", "ox", "xs", "ob_or_ow"})
+#: Bulk data never searched: pixels, waveforms, overlays and padding hold no text to find.
+SKIPPED_TAGS = frozenset({0x7FE00001, 0x7FE00002, 0x7FE00008, 0x7FE00009, 0x7FE00010,
+                          0x54000100, 0x54001010, 0xFFFCFFFC})
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+#: Members up to this size are parsed in memory; larger ones from a temporary file, with
+#: large values read only when scanned (pixel data never is).
+IN_MEMORY_LIMIT = 64 * 1024 * 1024
+DEFER_SIZE = 1024 * 1024
+
+# How each identifying keyword is collected:
+#   person: the whole name and each component of >= 3 characters, matched as whole words
+#   words:  the whole value, matched as whole words
+#   text:   the whole value, matched anywhere (IDs, dates, phone numbers)
+_PERSON, _WORDS, _TEXT = "person", "words", "text"
+_COLLECT: dict[str, str] = {
+    "PatientName": _PERSON,
+    "PatientID": _TEXT,
+    "OtherPatientIDs": _TEXT,
+    "OtherPatientNames": _PERSON,
+    "PatientBirthName": _PERSON,
+    "PatientMotherBirthName": _PERSON,
+    "PatientBirthDate": _TEXT,
+    "PatientAddress": _WORDS,
+    "PatientTelephoneNumbers": _TEXT,
+    "AccessionNumber": _TEXT,
+    "StudyID": _TEXT,
+    "RequestedProcedureID": _TEXT,
+    "AdmissionID": _TEXT,
+    "InstitutionName": _WORDS,
+    "InstitutionAddress": _WORDS,
+    "InstitutionalDepartmentName": _WORDS,
+    "IssuerOfPatientID": _WORDS,
+    "ReferringPhysicianName": _PERSON,
+    "PerformingPhysicianName": _PERSON,
+    "OperatorsName": _PERSON,
+    "PhysiciansOfRecord": _PERSON,
+    "NameOfPhysiciansReadingStudy": _PERSON,
+    "RequestingPhysician": _PERSON,
+    "ScheduledPerformingPhysicianName": _PERSON,
+}
+#: Study dates: the shifted output must not still carry the originals.
+_DATE_KEYWORDS = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+#: Source UIDs that must all be replaced (kind reported = the keyword, meta UID folded in).
+_UID_KEYWORDS: dict[str, str] = {
+    "StudyInstanceUID": "StudyInstanceUID",
+    "SeriesInstanceUID": "SeriesInstanceUID",
+    "SOPInstanceUID": "SOPInstanceUID",
+    "MediaStorageSOPInstanceUID": "SOPInstanceUID",
+    "FrameOfReferenceUID": "FrameOfReferenceUID",
+    "ReferencedSOPInstanceUID": "ReferencedSOPInstanceUID",
+    "SynchronizationFrameOfReferenceUID": "FrameOfReferenceUID",
+    "IrradiationEventUID": "IrradiationEventUID",
+    "ConcatenationUID": "ConcatenationUID",
+    "DimensionOrganizationUID": "DimensionOrganizationUID",
+}
+_UID_RANK = {kind: rank for rank, kind in enumerate(dict.fromkeys(_UID_KEYWORDS.values()))}
+_KIND_RANK = {keyword: rank for rank, keyword in enumerate([*_COLLECT, *_DATE_KEYWORDS])}
+
+#: Values that say nothing about a person, and name particles/titles that are not names.
+GENERIC_VALUES = frozenset({
+    "yes", "no", "none", "unknown", "anonymous", "anonymized", "anonymised", "n/a", "null",
+    "nil", "other", "male", "female", "test", "patient", "unk", "not available",
+})
+NAME_NOISE = frozenset({
+    "mr", "mrs", "ms", "miss", "dr", "prof", "md", "phd", "jr", "sr", "iii", "rev", "sir",
+    "van", "von", "der", "den", "del", "della", "des", "dos", "das", "mac", "bin", "ibn", "ben",
+    "the",
+})
+MIN_LENGTH = 3
+
+_SPACES = re.compile(r"\s+")
+_NAME_SPLIT = re.compile(r"[\^=\s,]+")
+_TAG_KEY = re.compile(r"^([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})$")
+_UID_TOKEN = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+){2,}(?![0-9])")
+_ALNUM = re.compile(r"[^\W_]")
+_LATIN_RUN = re.compile(rb"[\x20-\x7e\xa0-\xff]{3,}")
+_UTF16_RUN = re.compile(rb"(?:[\x20-\x7e]\x00){3,}")
+
+
+def normalize(value: Any) -> str:
+    """Casefolded, ``^`` and ``=`` (PN separators) and NUL as spaces, whitespace collapsed."""
+    text = str(value).replace("^", " ").replace("=", " ").replace("\x00", " ")
+    return _SPACES.sub(" ", text.casefold()).strip()
+
+
+class _Term:
+    __slots__ = ("text", "kind", "words", "rank", "_pattern")
+
+    def __init__(self, text: str, kind: str, words: bool, rank: int) -> None:
+        self.text, self.kind, self.words, self.rank = text, kind, words, rank
+        self._pattern: re.Pattern[str] | None = None
+
+    def found_in(self, text: str) -> bool:
+        if self.text not in text:
+            return False
+        if not self.words:
+            return True
+        if self._pattern is None:  # whole words: no letter or digit on either side
+            self._pattern = re.compile(r"(?<![^\W_])" + re.escape(self.text) + r"(?![^\W_])")
+        return self._pattern.search(text) is not None
+
+
+class Identifiers:
+    """The identifying strings and UIDs of a set of source instances, normalized.
+
+    Built by ``identifiers_from`` (add more with ``add`` / ``add_uid``). Its ``repr`` shows
+    counts only: the values never leave this object except through ``kinds_in``.
+    """
+
+    __slots__ = ("_terms", "_uids")
+
+    def __init__(self) -> None:
+        self._terms: dict[str, _Term] = {}
+        self._uids: dict[str, str] = {}
+
+    def add(self, kind: str, value: Any, *, words: bool = False, rank: int = 1_000) -> bool:
+        """Add one identifying value (normalized). Empty, short (< 3 characters) and generic
+        values are ignored; returns whether it was kept. ``words``: match whole words only."""
+        text = normalize(value)
+        if len(text) < MIN_LENGTH or text in GENERIC_VALUES or not _ALNUM.search(text):
+            return False
+        known = self._terms.get(text)
+        if known is None:
+            self._terms[text] = _Term(text, kind, words, rank)
+        else:  # one value, two kinds: keep the stronger kind, the looser match
+            if rank < known.rank:
+                known.kind, known.rank = kind, rank
+            if known.words and not words:
+                known.words, known._pattern = False, None
+        return True
+
+    def add_person(self, kind: str, value: Any, rank: int = 1_000) -> None:
+        """A person name: the whole name and each component of >= 3 characters (split on
+        ``^``, ``=``, spaces and commas; titles and particles such as "Dr", "van" skipped)."""
+        self.add(kind, value, words=True, rank=rank)
+        for part in _NAME_SPLIT.split(normalize(value).replace(".", " ")):
+            if part not in NAME_NOISE:
+                self.add(f"{kind} part", part, words=True, rank=rank + 500)
+
+    def add_uid(self, kind: str, uid: Any) -> None:
+        """A source UID that must not survive (compared whole, and found inside text)."""
+        text = str(uid).strip(" \x00")
+        if not text:
+            return
+        known = self._uids.get(text)
+        if known is None or _UID_RANK.get(kind, 99) < _UID_RANK.get(known, 99):
+            self._uids[text] = kind
+
+    def uid_kind(self, uid: Any) -> str | None:
+        """The kind of source UID ``uid`` is, or None if it is not one."""
+        return self._uids.get(str(uid).strip(" \x00"))
+
+    def kinds_in(self, text: Any) -> list[str]:
+        """The kinds of identifier found in ``text`` (normalized first), never the values.
+        A name's "part" kind is left out when the whole name matched."""
+        norm = normalize(text)
+        if not norm:
+            return []
+        kinds = dict.fromkeys(term.kind for term in self._terms.values() if term.found_in(norm))
+        for token in _UID_TOKEN.findall(norm):
+            kind = self._uids.get(token)
+            if kind:
+                kinds.setdefault(kind)
+        return [k for k in kinds if not (k.endswith(" part") and k[:-5] in kinds)]
+
+    def kinds(self) -> dict[str, int]:
+        """How many values of each kind are held (for reports)."""
+        counts: dict[str, int] = {}
+        for term in self._terms.values():
+            counts[term.kind] = counts.get(term.kind, 0) + 1
+        for kind in self._uids.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def __len__(self) -> int:
+        return len(self._terms) + len(self._uids)
+
+    def __repr__(self) -> str:
+        return f"Identifiers(values={len(self._terms)}, uids={len(self._uids)})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:  # never pickled into an orchestrator's result store
+        raise TypeError("Identifiers hold patient data and are not picklable")
+
+
+# ------------------------------------------------------------------ collecting
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        return [v for v in value.split("\\") if v.strip(" \x00")]
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [v for item in value for v in _values(item)]
+    return [value]
+
+
+class _Collector:
+    def __init__(self, identifiers: Identifiers, dates: bool) -> None:
+        self.ids = identifiers
+        self.dates = dates
+
+    def keyword_value(self, keyword: str, value: Any, parent: str) -> None:
+        if keyword in _UID_KEYWORDS:
+            for uid in _values(value):
+                self.ids.add_uid(_UID_KEYWORDS[keyword], uid)
+            return
+        mode = _COLLECT.get(keyword)
+        if mode is None and self.dates and keyword in _DATE_KEYWORDS:
+            mode = _TEXT
+        if mode is None:
+            return
+        kind = keyword
+        if parent == "OtherPatientIDsSequence" and keyword == "PatientID":
+            kind = "OtherPatientIDs"
+        rank = _KIND_RANK.get(kind, 900)
+        for item in _values(value):
+            if mode == _PERSON:
+                self.ids.add_person(kind, item, rank)
+            else:
+                self.ids.add(kind, item, words=mode == _WORDS, rank=rank)
+
+    def dataset(self, ds: Dataset, parent: str = "") -> None:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            self.dataset(meta, parent)
+        for tag in ds.keys():
+            try:
+                elem = ds[tag]
+            except Exception:  # an element pydicom cannot convert: no keyword to use anyway
+                continue
+            if elem.VR == "SQ":
+                for item in elem.value or ():
+                    self.dataset(item, elem.keyword)
+            elif elem.keyword:
+                self.keyword_value(elem.keyword, elem.value, parent)
+
+    def tags(self, tags: Mapping[str, Any], parent: str = "") -> None:
+        """Orthanc's JSON tags: simplified (keyword: value), short ("0010,0020": value) or
+        expanded ("0010,0020": {"Name", "Type", "Value"}); sequences as lists of objects."""
+        for key, value in tags.items():
+            keyword = str(key)
+            match = _TAG_KEY.match(keyword)
+            if isinstance(value, Mapping) and "Value" in value:
+                keyword = str(value.get("Name") or keyword)
+                value = value.get("Value")
+                match = _TAG_KEY.match(keyword)
+            if match:
+                keyword = keyword_for_tag(int(match[1] + match[2], 16)) or keyword
+            if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+                for item in value:
+                    self.tags(item, keyword)
+            else:
+                self.keyword_value(keyword, value, parent)
+
+
+Source = Dataset | Mapping[str, Any] | str | os.PathLike[str]
+
+
+def identifiers_from(sources: Source | Iterable[Source], *, dates: bool = True) -> Identifiers:
+    """Every identifying string of the SOURCE instances: pydicom Datasets, Orthanc tag dicts
+    (``/instances/{id}/tags``, ``?simplify`` or ``?short``), or paths of DICOM files.
+
+    Collected wherever they appear (top level and any sequence depth): person names (whole and
+    parts >= 3 characters), patient IDs and other IDs, birth date, addresses, phone numbers,
+    accession numbers, study/procedure/admission IDs, institutions and physicians, and with
+    ``dates`` the study/series/acquisition/content dates (a date shift must change them all).
+    UIDs of studies, series, instances and frames of reference are kept for UID checks.
+    Private tags are not read here (their meaning is unknown); the scan searches them for the
+    values collected from standard tags.
+    """
+    if isinstance(sources, (Dataset, Mapping, str, os.PathLike)):
+        sources = [sources]
+    identifiers = Identifiers()
+    collector = _Collector(identifiers, dates)
+    for source in sources:
+        if isinstance(source, Dataset):
+            collector.dataset(source)
+        elif isinstance(source, Mapping):
+            collector.tags(source)
+        else:
+            collector.dataset(dcmread(source, stop_before_pixels=True))
+    return identifiers
+
+
+# ------------------------------------------------------------------ scanning
+
+
+class Finding(BaseModel):
+    """One place where a source identifier is still present. Holds where and which KIND of
+    identifier, never the value (nor, for a member name, the name)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    kind: str
+    element: str = ""
+    member: int | None = None
+
+    def __str__(self) -> str:
+        where = f"member {self.member}: " if self.member is not None else ""
+        element = f" {self.element}" if self.element else ""
+        return f"{where}{self.path}{element}: source {self.kind} found"
+
+
+def _tag_text(tag: BaseTag) -> str:
+    return f"({tag.group:04X},{tag.element:04X})"
+
+
+def _element_label(tag: BaseTag) -> str:
+    if tag.is_private:
+        return "private creator" if tag.is_private_creator else "private"
+    return keyword_for_tag(tag) or "unknown"
+
+
+def _byte_texts(data: bytes) -> Iterator[str]:
+    """Text embedded in bytes: printable Latin-1 runs, the same runs read as UTF-8, and
+    UTF-16LE runs. Runs are kept apart so that matches never span two of them."""
+    runs = _LATIN_RUN.findall(data)
+    for run in runs:
+        yield run.decode("latin-1")
+        if any(b >= 0x80 for b in run):
+            yield run.decode("utf-8", errors="ignore")
+    for run in _UTF16_RUN.findall(data):
+        yield run.decode("utf-16-le")
+
+
+def _skipped(tag: BaseTag) -> bool:
+    return int(tag) in SKIPPED_TAGS or (tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000)
+
+
+class _Scanner:
+    def __init__(self, identifiers: Identifiers, member: int | None) -> None:
+        self.ids = identifiers
+        self.member = member
+        self.findings: dict[tuple[str, str], Finding] = {}
+
+    def hit(self, path: str, kind: str, element: str) -> None:
+        self.findings.setdefault((path, kind), Finding(path=path, kind=kind, element=element,
+                                                       member=self.member))
+
+    def texts(self, path: str, element: str, texts: Iterable[Any]) -> None:
+        for text in texts:
+            for kind in self.ids.kinds_in(text):
+                self.hit(path, kind, element)
+
+    def dataset(self, ds: Dataset, prefix: str = "") -> None:
+        for tag in sorted(ds.keys()):
+            tag = Tag(tag)
+            if _skipped(tag):
+                continue
+            path = prefix + _tag_text(tag)
+            label = _element_label(tag)
+            try:
+                elem = ds[tag]
+                vr, value = elem.VR, elem.value
+            except Exception:  # unconvertible: search its raw bytes
+                raw = ds.get_item(tag)
+                vr, value = "UN", getattr(raw, "value", None)
+            if value is None:
+                continue
+            if vr == "SQ":
+                for index, item in enumerate(value):
+                    self.dataset(item, f"{path}[{index}].")
+            elif vr == "UI":
+                for uid in _values(value):
+                    kind = self.ids.uid_kind(uid)
+                    if kind:
+                        self.hit(path, kind, label)
+            elif isinstance(value, (bytes, bytearray)):
+                self.texts(path, label, _byte_texts(bytes(value)))
+            elif vr in TEXT_VRS or vr in BYTE_VRS:
+                self.texts(path, label, _values(value))
+
+
+def scan_dataset(ds: Dataset, identifiers: Identifiers, *,
+                 member: int | None = None) -> list[Finding]:
+    """Every place in ``ds`` (file meta included) where a source identifier remains.
+
+    Walks every element recursively: sequences at any depth, private tags (known VR or not),
+    and scans every text value (AE CS DA DT LO LT PN SH ST UC UR UT; TM is skipped) plus the
+    embedded text of byte values (OB/OW/UN..., pixel data and overlays excepted). A name or
+    address matches as whole words, an ID, date or phone number anywhere in a value. A UID
+    value equal to a source UID is a finding too. One finding per element and kind.
+    """
+    scanner = _Scanner(identifiers, member)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        scanner.dataset(meta)
+    scanner.dataset(ds)
+    return list(scanner.findings.values())
+
+
+class ScanReport(BaseModel):
+    """The outcome of ``scan_zip``: safe to log and keep (no values, no member names)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    members: int
+    instances: int
+    findings: tuple[Finding, ...]
+    total_findings: int
+    clean: bool
+
+    def by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for finding in self.findings:
+            counts[finding.kind] = counts.get(finding.kind, 0) + 1
+        return counts
+
+    def summary(self) -> str:
+        state = "clean" if self.clean else f"NOT clean: {self.total_findings} finding(s)"
+        return f"{self.instances} instance(s) in {self.members} member(s), {state}"
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
+                 workdir: Path) -> Dataset:
+    if info.file_size <= IN_MEMORY_LIMIT:
+        return dcmread(io.BytesIO(archive.read(info)))
+    target = workdir / "member.dcm"
+    with archive.open(info) as source, open(target, "wb") as sink:
+        shutil.copyfileobj(source, sink, 1024 * 1024)
+    return dcmread(target, defer_size=DEFER_SIZE)
+
+
+def scan_zip(path: str | os.PathLike[str], identifiers: Identifiers, *,
+             max_findings: int = 1000) -> ScanReport:
+    """Scan every member of the ZIP at ``path``: its name (folders included), then its
+    content as DICOM (``scan_dataset``). Findings carry the member's index in the archive,
+    never its name. A member that is not readable DICOM is itself a finding (kind
+    ``"non-DICOM member"``; its bytes are still searched), so is an unreadable archive.
+    ``clean`` is true only when nothing at all was found. At most ``max_findings`` findings
+    are kept; ``total_findings`` counts them all.
+
+    Pixel data is not checked for burned-in text (see the module docstring).
+    """
+    findings: list[Finding] = []
+    total = 0
+    instances = 0
+
+    def add(new: Iterable[Finding]) -> None:
+        nonlocal total
+        for finding in new:
+            total += 1
+            if len(findings) < max_findings:
+                findings.append(finding)
+
+    members = 0
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        add([Finding(path="<archive>", kind="unreadable archive")])
+        return ScanReport(members=0, instances=0, findings=tuple(findings),
+                          total_findings=total, clean=False)
+    with archive, tempfile.TemporaryDirectory(prefix="deid-scan-") as tmp:
+        for index, info in enumerate(archive.infolist()):
+            members += 1
+            add(Finding(path="<member name>", kind=kind, member=index)
+                for kind in identifiers.kinds_in(info.filename.replace("/", " / ")))
+            if info.is_dir():
+                continue
+            try:
+                ds = _read_member(archive, info, Path(tmp))
+                found = scan_dataset(ds, identifiers, member=index)
+            except (InvalidDicomError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
+                    ValueError, KeyError, TypeError, AttributeError, NotImplementedError):
+                add([Finding(path="<member content>", kind="non-DICOM member", member=index)])
+                try:
+                    data = archive.read(info)
+                except Exception:
+                    continue
+                scanner = _Scanner(identifiers, index)
+                scanner.texts("<member content>", "", _byte_texts(data))
+                add(scanner.findings.values())
+                continue
+            add(found)
+            sop_class = str(getattr(getattr(ds, "file_meta", None),
+                                    "MediaStorageSOPClassUID", "") or "")
+            if "SOPInstanceUID" in ds and sop_class != MEDIA_STORAGE_DIRECTORY:
+                instances += 1
+    return ScanReport(members=members, instances=instances, findings=tuple(findings),
+                      total_findings=total, clean=total == 0)

@@ -1,0 +1,153 @@
+"""Resolve a cohort against the PACS before anything moves: one C-FIND per row (or per date
+range for criteria), every row classified, and what is already here recognised.
+
+Plain functions over an ``Orthanc`` client, so they can be tested and reused without Prefect.
+UIDs stay in memory (``PlannedStudy.uid`` is out of repr); reports use ``key`` hashes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orthanc_client import Level, Orthanc
+from orthanc_client.retrieval import uid_key
+
+from .cohort import CohortRow, Criteria
+
+__all__ = ["RowStatus", "PlannedStudy", "PlanRow", "CohortTooBroad", "plan_rows",
+           "plan_criteria", "find_capped"]
+
+_RETURN_KEYS = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": ""}
+
+
+class RowStatus(str, enum.Enum):
+    FOUND = "found"
+    NOT_FOUND = "not_found"
+    AMBIGUOUS = "ambiguous"
+    ALREADY_PRESENT = "already_present"
+    DUPLICATE = "duplicate"
+
+
+class PlannedStudy(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    uid: str = Field(repr=False)
+    key: str
+    expected: int | None
+    present: bool
+
+
+class PlanRow(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    status: RowStatus
+    studies: tuple[PlannedStudy, ...] = ()
+    note: str = ""
+
+
+class CohortTooBroad(ValueError):
+    """Criteria whose C-FIND stays capped even for a single day: nothing would be complete."""
+
+
+def _count(value: object) -> int | None:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _local_complete(orthanc: Orthanc, uid: str, expected: int | None) -> bool:
+    if not expected:
+        return False
+    held = sum(orthanc.count_instances(Level.STUDY, study_id)
+               for study_id in orthanc.find(Level.STUDY, {"StudyInstanceUID": uid}))
+    return held >= expected
+
+
+def _studies(orthanc: Orthanc, answers: Iterable[dict[str, str]]) -> list[PlannedStudy]:
+    studies = []
+    for tags in answers:
+        uid = str(tags.get("StudyInstanceUID", ""))
+        expected = _count(tags.get("NumberOfStudyRelatedInstances"))
+        studies.append(PlannedStudy(uid=uid, key=uid_key(uid), expected=expected,
+                                    present=_local_complete(orthanc, uid, expected)))
+    return studies
+
+
+def _status(studies: list[PlannedStudy], found: RowStatus = RowStatus.FOUND) -> RowStatus:
+    return RowStatus.ALREADY_PRESENT if all(s.present for s in studies) else found
+
+
+def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow]) -> list[PlanRow]:
+    """Classify each cohort row: found / not found / ambiguous / already present / duplicate.
+
+    A row naming an accession number or a study UID must match exactly one study (several is
+    ambiguous: nothing is moved for it). A row with only a patient ID (and maybe a date) asks
+    for every matching study.
+    """
+    plan: list[PlanRow] = []
+    seen: dict[str, int] = {}
+    for row in rows:
+        result = orthanc.query(modality, Level.STUDY, {**row.query(), **_RETURN_KEYS})
+        orthanc.delete_query(result.query_id)
+        unique = {str(a.get("StudyInstanceUID")): dict(a.tags) for a in result.answers}
+        if not unique:
+            plan.append(PlanRow(index=row.index, status=RowStatus.NOT_FOUND))
+            continue
+        if len(unique) > 1 and (row.accession_number or row.study_instance_uid):
+            plan.append(PlanRow(index=row.index, status=RowStatus.AMBIGUOUS,
+                                note=f"{len(unique)} studies match"))
+            continue
+        first = next((seen[uid] for uid in unique if uid in seen), None)
+        if first is not None and all(uid in seen for uid in unique):
+            plan.append(PlanRow(index=row.index, status=RowStatus.DUPLICATE,
+                                note=f"same study as row {first}"))
+            continue
+        studies = _studies(orthanc, (t for uid, t in unique.items() if uid not in seen))
+        for study in studies:
+            seen[study.uid] = row.index
+        plan.append(PlanRow(index=row.index, status=_status(studies), studies=tuple(studies)))
+    return plan
+
+
+def find_capped(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int
+                ) -> list[dict[str, str]]:
+    """C-FIND the criteria; while a range returns ``cap`` answers (the PACS truncated it), split
+    the date range in two and query each half, down to single days."""
+    answers: dict[str, dict[str, str]] = {}
+    pending = [(criteria.date_from, criteria.date_to)]
+    while pending:
+        start, end = pending.pop()
+        result = orthanc.query(modality, Level.STUDY, {**criteria.query(start, end),
+                                                       **_RETURN_KEYS})
+        orthanc.delete_query(result.query_id)
+        if cap and len(result.answers) >= cap:
+            if start == end:
+                raise CohortTooBroad(
+                    f"the PACS returned its cap of {cap} answers for a single day: narrow "
+                    f"the criteria (modality, description) so nothing is silently dropped")
+            first = dt.datetime.strptime(start, "%Y%m%d").date()
+            last = dt.datetime.strptime(end, "%Y%m%d").date()
+            middle = first + (last - first) // 2
+            pending.append(((middle + dt.timedelta(days=1)).strftime("%Y%m%d"), end))
+            pending.append((start, middle.strftime("%Y%m%d")))
+            continue
+        for answer in result.answers:
+            answers.setdefault(str(answer.get("StudyInstanceUID")), dict(answer.tags))
+    return list(answers.values())
+
+
+def plan_criteria(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int
+                  ) -> list[PlanRow]:
+    """One plan row per study matching the criteria (numbered in StudyDate order)."""
+    answers = sorted(find_capped(orthanc, modality, criteria, cap),
+                     key=lambda t: (str(t.get("StudyDate", "")), str(t.get("StudyInstanceUID"))))
+    plan = []
+    for index, study in enumerate(_studies(orthanc, answers), start=1):
+        plan.append(PlanRow(index=index, status=_status([study]), studies=(study,)))
+    return plan

@@ -1,0 +1,113 @@
+"""Clients on the lab's two servers, and the synthetic cohort loaded into the pacs."""
+
+from __future__ import annotations
+
+import pytest
+
+from orthanc_client import Orthanc
+
+
+@pytest.fixture(scope="session")
+def pacs(lab):
+    with Orthanc(url=lab.pacs.url) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def research(lab):
+    with Orthanc(url=lab.research.url, username=lab.research.username,
+                 password=lab.research.password) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def loaded_pacs(pacs, cohort):
+    """The cohort stored in the pacs server (idempotent: AlreadyStored is fine)."""
+    from deployments.lab.synthetic import zip_bytes
+
+    stored = pacs.upload(zip_bytes(cohort.files))
+    assert len(stored) == len(cohort.files)
+    return pacs
+
+
+# ------------------------------------------------------------------ Prefect
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for the session (it takes ~13 s to start), with the pacs
+    modality's concurrency limit in place."""
+    import asyncio
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.limits import ensure_limits
+
+    with prefect_test_harness(server_startup_timeout=None):
+        asyncio.run(ensure_limits({"pacs": 2}))
+        yield
+
+
+@pytest.fixture
+def modality_limit(prefect_server):
+    from tasks.limits import ensure_limits
+
+    async def set_limit(modality: str, value: int):
+        return await ensure_limits({modality: value})
+
+    return set_limit
+
+
+@pytest.fixture(scope="session")
+def research_creds(lab):
+    from tasks import OrthancCredentials
+
+    return OrthancCredentials(url=lab.research.url, username=lab.research.username,
+                              password=lab.research.password, retries=1)
+
+
+@pytest.fixture(scope="session")
+def pacs_creds(lab):
+    from tasks import OrthancCredentials
+
+    return OrthancCredentials(url=lab.pacs.url)
+
+
+@pytest.fixture
+def flaky_study_factory(pacs, cohort, tmp_path):
+    """Upload to the pacs a fresh copy of a cohort study whose first series the research
+    server refuses once (tests/lua/reject_once.lua); returns (StudyInstanceUID, count)."""
+    import io
+    import itertools
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    counter = itertools.count()
+
+    def make():
+        source = cohort.studies[0]
+        study_uid, patient_id = generate_uid(), f"FLAKY{next(counter)}"
+        series_uids: dict[str, str] = {}
+        for path in source.files:
+            dataset = pydicom.dcmread(path)
+            first_series = dataset.SeriesInstanceUID == source.series[0][0]
+            dataset.StudyInstanceUID = study_uid
+            dataset.SeriesInstanceUID = series_uids.setdefault(dataset.SeriesInstanceUID,
+                                                               generate_uid())
+            dataset.SOPInstanceUID = generate_uid()
+            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+            dataset.PatientID = patient_id
+            if first_series:
+                dataset.SeriesDescription = "REJECT-ONCE"
+            buffer = io.BytesIO()
+            dataset.save_as(buffer)
+            pacs.upload(buffer.getvalue())
+        return study_uid, len(source.files)
+
+    return make
+
+
+@pytest.fixture
+def flaky_study(flaky_study_factory):
+    return flaky_study_factory()
