@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc, OrthancUnsupported
 from tasks import OrthancCredentials, modality_slot, orthanc_task, retrieve_study
 
-from .cohort import CollectionRequest, read_cohort
+from .cohort import CohortRow, CollectionRequest, read_cohort
 from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
 
 __all__ = ["collect_cohort", "plan_cohort", "mark_collected", "CollectionReport",
@@ -53,17 +53,19 @@ def load_credentials(block: str | None) -> OrthancCredentials:
 
 @orthanc_task(name="plan_cohort", run_name=lambda p: f"plan-{p['request'].source_modality}",
               retries=2)
-def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest) -> list[PlanRow]:
-    """Resolve the cohort (file rows or criteria) against the PACS; moves nothing.
+def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest,
+                rows: Sequence[CohortRow] | None = None) -> list[PlanRow]:
+    """Resolve the cohort (checked file rows, or the criteria) against the PACS; moves nothing.
 
     Example:
         ```python
-        plan = plan_cohort(creds, CollectionRequest(cohort_file="cohort.csv"))
+        request = CollectionRequest(cohort_file="cohort.csv")
+        plan = plan_cohort(creds, request, read_cohort(request.cohort_file))
         ```
     """
     with modality_slot(request.source_modality), credentials.get_client() as orthanc:
-        if request.cohort_file:
-            return plan_rows(orthanc, request.source_modality, read_cohort(request.cohort_file))
+        if rows is not None:
+            return plan_rows(orthanc, request.source_modality, rows)
         assert request.criteria is not None
         return plan_criteria(orthanc, request.source_modality, request.criteria,
                              request.find_cap)
@@ -127,7 +129,8 @@ class CollectionReport(BaseModel):
 
 
 def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[str]) -> RowReport:
-    if row.status in (RowStatus.NOT_FOUND, RowStatus.AMBIGUOUS, RowStatus.DUPLICATE):
+    if row.status in (RowStatus.NOT_FOUND, RowStatus.AMBIGUOUS, RowStatus.DUPLICATE,
+                      RowStatus.TOO_MANY):
         return RowReport(index=row.index, status=row.status.value, note=row.note)
     mine = [results[s.key] for s in row.studies if s.key in results]
     waiting = [s for s in row.studies if s.key in deferred]
@@ -153,8 +156,9 @@ def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[s
 def _write_csv(request: CollectionRequest, reports: Sequence[RowReport], run_id: str) -> Path:
     """The full per-row outcome. Next to a cohort file it repeats that file's own columns (the
     user's identifiers: keep it where the cohort is kept); for criteria it holds none."""
-    fields = ["row", "status", "studies", "expected_instances", "received_instances", "moved",
-              "orthanc_study_ids", "note"]
+    fields = ["result_" + name for name in ("row", "status", "studies", "expected_instances",
+                                             "received_instances", "moved", "orthanc_study_ids",
+                                             "note")]  # prefixed: never clash with the user's
     by_index = {r.index: r for r in reports}
     if request.cohort_file:
         source = Path(request.cohort_file)
@@ -213,8 +217,10 @@ def collect_cohort(request: CollectionRequest, credentials_block: str | None = N
         ```
     """
     logger = get_run_logger()
+    # A malformed file fails here, naming rows and columns, before the PACS is touched.
+    rows = read_cohort(request.cohort_file) if request.cohort_file else None
     credentials = load_credentials(credentials_block)
-    plan = plan_cohort(credentials, request)
+    plan = plan_cohort(credentials, request, rows)
     todo = {s.key: s for row in plan if row.status is RowStatus.FOUND
             for s in row.studies if not s.present}
     present = {s.key: s for row in plan if row.status in (RowStatus.FOUND,

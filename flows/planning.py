@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orthanc_client import Level, Orthanc
+from orthanc_client import Level, Orthanc, OrthancDimseError
 from orthanc_client.retrieval import uid_key
 
 from .cohort import CohortRow, Criteria
@@ -30,6 +30,7 @@ class RowStatus(str, enum.Enum):
     AMBIGUOUS = "ambiguous"
     ALREADY_PRESENT = "already_present"
     DUPLICATE = "duplicate"
+    TOO_MANY = "too_many_matches"
 
 
 class PlannedStudy(BaseModel):
@@ -93,9 +94,12 @@ def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow]) -> lis
     plan: list[PlanRow] = []
     seen: dict[str, int] = {}
     for row in rows:
-        result = orthanc.query(modality, Level.STUDY, {**row.query(), **_RETURN_KEYS})
-        orthanc.delete_query(result.query_id)
-        unique = {str(a.get("StudyInstanceUID")): dict(a.tags) for a in result.answers}
+        found = _capped_query(orthanc, modality, row.query(), 0)
+        if found is None:
+            plan.append(PlanRow(index=row.index, status=RowStatus.TOO_MANY,
+                                note="the PACS capped the answers: add a study_date"))
+            continue
+        unique = {str(t.get("StudyInstanceUID")): t for t in found}
         if not unique:
             plan.append(PlanRow(index=row.index, status=RowStatus.NOT_FOUND))
             continue
@@ -115,18 +119,36 @@ def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow]) -> lis
     return plan
 
 
+# DIMSE "Cancel" (matching terminated): what an Orthanc PACS sends past its LimitFindResults,
+# and what Orthanc 1.10.1 turns into a failed query with no answers at all.
+CAPPED_STATUS = "0xFE00"
+
+
+def _capped_query(orthanc: Orthanc, modality: str, query: dict[str, str], cap: int
+                  ) -> list[dict[str, str]] | None:
+    """The answers, or None when the PACS capped them (cancelled, or exactly ``cap`` answers)."""
+    try:
+        result = orthanc.query(modality, Level.STUDY, {**_RETURN_KEYS, **query})
+    except OrthancDimseError as error:
+        if error.dimse_status == CAPPED_STATUS:
+            return None
+        raise
+    orthanc.delete_query(result.query_id)
+    if cap and len(result.answers) >= cap:
+        return None
+    return [dict(a.tags) for a in result.answers]
+
+
 def find_capped(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int
                 ) -> list[dict[str, str]]:
-    """C-FIND the criteria; while a range returns ``cap`` answers (the PACS truncated it), split
-    the date range in two and query each half, down to single days."""
+    """C-FIND the criteria; while a range is capped by the PACS (it cancelled the query, or it
+    returned exactly ``cap`` answers), split the date range in two, down to single days."""
     answers: dict[str, dict[str, str]] = {}
     pending = [(criteria.date_from, criteria.date_to)]
     while pending:
         start, end = pending.pop()
-        result = orthanc.query(modality, Level.STUDY, {**criteria.query(start, end),
-                                                       **_RETURN_KEYS})
-        orthanc.delete_query(result.query_id)
-        if cap and len(result.answers) >= cap:
+        found = _capped_query(orthanc, modality, criteria.query(start, end), cap)
+        if found is None:
             if start == end:
                 raise CohortTooBroad(
                     f"the PACS returned its cap of {cap} answers for a single day: narrow "
@@ -137,8 +159,8 @@ def find_capped(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int
             pending.append(((middle + dt.timedelta(days=1)).strftime("%Y%m%d"), end))
             pending.append((start, middle.strftime("%Y%m%d")))
             continue
-        for answer in result.answers:
-            answers.setdefault(str(answer.get("StudyInstanceUID")), dict(answer.tags))
+        for tags in found:
+            answers.setdefault(str(tags.get("StudyInstanceUID")), tags)
     return list(answers.values())
 
 

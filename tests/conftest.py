@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,11 @@ REPO = TESTS.parent
 ORTHANC = "/usr/sbin/Orthanc"
 #: loaded on the research server: refuses the first copy of any REJECT-ONCE instance
 REJECT_ONCE_LUA = TESTS / "lua" / "reject_once.lua"
+
+# Nothing leaves loopback: no telemetry from the Prefect test server, and a Prefect home of
+# the session's own, so the PHI scan reads exactly what this session wrote.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
 
 # The project's packages import from the repository root even under a bare ``pytest``.
 if str(REPO) not in sys.path:

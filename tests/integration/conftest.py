@@ -76,7 +76,8 @@ def pacs_creds(lab):
 @pytest.fixture
 def flaky_study_factory(pacs, cohort, tmp_path):
     """Upload to the pacs a fresh copy of a cohort study whose first series the research
-    server refuses once (tests/lua/reject_once.lua); returns (StudyInstanceUID, count)."""
+    server refuses once ("REJECT-ONCE") or always ("REJECT-ALWAYS"), per
+    tests/lua/reject_once.lua; returns (StudyInstanceUID, instance count)."""
     import io
     import itertools
 
@@ -85,7 +86,7 @@ def flaky_study_factory(pacs, cohort, tmp_path):
 
     counter = itertools.count()
 
-    def make():
+    def make(description: str = "REJECT-ONCE"):
         source = cohort.studies[0]
         study_uid, patient_id = generate_uid(), f"FLAKY{next(counter)}"
         series_uids: dict[str, str] = {}
@@ -99,7 +100,7 @@ def flaky_study_factory(pacs, cohort, tmp_path):
             dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
             dataset.PatientID = patient_id
             if first_series:
-                dataset.SeriesDescription = "REJECT-ONCE"
+                dataset.SeriesDescription = description
             buffer = io.BytesIO()
             dataset.save_as(buffer)
             pacs.upload(buffer.getvalue())

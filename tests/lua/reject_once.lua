@@ -1,10 +1,15 @@
--- Test-only: makes a C-MOVE partial. The first copy of any instance whose SeriesDescription
--- is REJECT-ONCE is refused (C-STORE failure); the next copy is accepted. Lets the tests show
--- that a partial move is detected and the missing series re-fetched.
+-- Test-only filters on the research server, keyed on SeriesDescription:
+--   REJECT-ONCE:   the first copy of each instance is refused (C-STORE failure), the next is
+--                  accepted. Makes a C-MOVE partial; a series re-fetch completes it.
+--   REJECT-ALWAYS: every copy is refused. The study can never be completed.
 rejectedOnce = {}
 
 function ReceivedInstanceFilter(dicom, origin, info)
-  if dicom.SeriesDescription == 'REJECT-ONCE' and rejectedOnce[dicom.SOPInstanceUID] == nil then
+  local description = dicom.SeriesDescription
+  if description == 'REJECT-ALWAYS' then
+    return false
+  end
+  if description == 'REJECT-ONCE' and rejectedOnce[dicom.SOPInstanceUID] == nil then
     rejectedOnce[dicom.SOPInstanceUID] = true
     return false
   end

@@ -1,0 +1,260 @@
+"""The research collection flow end to end on the lab: plan, retrieve, verify, report, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from prefect.client.orchestration import get_client
+from pydicom.uid import generate_uid
+
+from flows.cohort import CohortError, CollectionRequest, Criteria
+from flows.collection import COLLECTED_METADATA, collect_cohort
+from orthanc_client import Orthanc
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def research_env(lab, monkeypatch):
+    """The flow reads the research Orthanc from ORTHANC_* (no saved block needed)."""
+    env = {"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
+           "ORTHANC_PASSWORD": lab.research.password}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def _forget(research: Orthanc, studies) -> None:
+    for study in studies:
+        research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _move_jobs(research: Orthanc) -> set[str]:
+    jobs = research.request("GET", "/jobs", params={"expand": ""}, safe=True)
+    return {job["ID"] for job in jobs if job["Type"] == "DicomMoveScu"}
+
+
+def _copy_with_same_accession(pacs: Orthanc, study) -> None:
+    """Another patient's study carrying the same accession number: a classic ambiguity."""
+    study_uid, series = generate_uid(), {}
+    for path in study.files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series.setdefault(ds.SeriesInstanceUID, generate_uid())
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID = "OTHER0001"
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        pacs.upload(buffer.getvalue())
+
+
+def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
+        research_env, research, pacs, loaded_pacs, cohort, tmp_path):
+    present, ambiguous, wanted = cohort.studies[0], cohort.studies[1], cohort.studies[2:4]
+    _forget(research, cohort.studies[:4])
+    research.collect("pacs", present.study_uid)
+    _copy_with_same_accession(pacs, ambiguous)
+    path = _write(tmp_path / "cohort.csv", ["accession_number", "note"], [
+        [present.accession, "a"], [ambiguous.accession, "b"], ["ACC00000000", "c"],
+        [wanted[0].accession, "d"], [wanted[1].accession, "e"], [wanted[0].accession, "f"]])
+
+    state = collect_cohort(CollectionRequest(cohort_file=str(path), project="lung-test"),
+                           return_state=True)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert [r.status for r in report.rows] == [
+        "already_present", "ambiguous", "not_found", "collected", "collected", "duplicate"]
+    assert report.studies_found == 3 and report.studies_complete == 3
+    assert report.studies_moved == 2
+    for row, study in zip(report.rows[3:5], wanted):
+        assert row.expected_instances == row.received_instances == len(study.files)
+        (study_id,) = row.study_ids
+        assert research.metadata("Study", study_id, COLLECTED_METADATA) == "lung-test"
+
+    written = list(csv.DictReader(Path(report.report_path).open()))
+    assert Path(report.report_path) == tmp_path / "cohort.report.csv"
+    assert [r["result_status"] for r in written] == [r.status for r in report.rows]
+    assert written[0]["note"] == "a" and written[3]["accession_number"] == wanted[0].accession
+
+    # running the same cohort again moves nothing
+    before = _move_jobs(research)
+    again = collect_cohort(CollectionRequest(cohort_file=str(path), project="lung-test"))
+    assert again.studies_moved == 0 and again.studies_complete == 3
+    assert _move_jobs(research) == before
+    assert [r.status for r in again.rows][3:5] == ["already_present", "already_present"]
+
+
+def test_artifacts_hold_no_identifiers(research_env, research, loaded_pacs, cohort, tmp_path):
+    study = cohort.studies[2]
+    path = _write(tmp_path / "one.csv", ["accession_number"], [[study.accession]])
+    collect_cohort(CollectionRequest(cohort_file=str(path), project="artifact-test"))
+
+    async def read():
+        # raw filter call: prefect 3.8's read_artifacts() sends nulls this server refuses
+        async with get_client() as client:
+            response = await client._client.post("/artifacts/filter", json={
+                "limit": 50, "offset": 0, "sort": "CREATED_DESC",
+                "artifacts": {"key": {"any_": ["collection-report", "collection-progress"]}}})
+            response.raise_for_status()
+            return response.json()
+
+    artifacts = asyncio.run(read())
+    assert {a["key"] for a in artifacts} >= {"collection-report"}
+    text = " ".join(str(a["data"]) + str(a["description"]) for a in artifacts)
+    for value in (study.accession, study.patient_id, study.study_uid, study.patient_name):
+        assert value not in text
+
+
+def test_criteria_cohort_and_dry_run(research_env, research, loaded_pacs, cohort):
+    ct = [s for s in cohort.studies if s.modality == "CT"]
+    dates = sorted(s.study_date for s in cohort.studies)
+    criteria = Criteria(modalities=["CT"], date_from=dates[0], date_to=dates[-1])
+    _forget(research, cohort.studies)
+
+    dry = collect_cohort(CollectionRequest(criteria=criteria, dry_run=True), return_state=True)
+    assert dry.is_completed() and "dry run" in dry.message
+    plan = dry.result()
+    assert len(plan.rows) == len(ct) and {r.status for r in plan.rows} == {"found"}
+    assert all(not research.find("Study", {"StudyInstanceUID": s.study_uid}) for s in ct)
+
+    report = collect_cohort(CollectionRequest(criteria=criteria, project="ct-only"))
+    assert report.studies_found == report.studies_complete == len(ct)
+    for study in ct:
+        (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
+        assert research.count_instances("Study", study_id) == len(study.files)
+    assert all(not research.find("Study", {"StudyInstanceUID": s.study_uid})
+               for s in cohort.studies if s.modality != "CT")
+
+
+def test_malformed_cohort_fails_fast_and_moves_nothing(research_env, research, loaded_pacs,
+                                                       tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("accession_number,study_date\nACC1,2024-13-01\nACC2,20240101\n")
+    before = _move_jobs(research)
+    state = collect_cohort(CollectionRequest(cohort_file=str(path)), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CohortError, match="row 1: study_date is not YYYYMMDD"):
+        state.result()
+    assert _move_jobs(research) == before
+
+
+def test_incomplete_study_fails_the_run(research_env, research, flaky_study_factory,
+                                        tmp_path):
+    """One study can never be completed (research refuses a series every time): the run
+    ends Failed with a summary, and the study is not marked collected."""
+    bad_uid, expected = flaky_study_factory("REJECT-ALWAYS")
+    good_uid, _ = flaky_study_factory("REJECT-ONCE")  # partial at first, completed by re-fetch
+    path = _write(tmp_path / "flaky.csv", ["study_instance_uid"], [[bad_uid], [good_uid]])
+    state = collect_cohort(CollectionRequest(cohort_file=str(path), project="flaky"),
+                           return_state=True)
+    assert state.is_failed()
+    assert "1/2 studies complete" in state.message
+    report = state.result(raise_on_failure=False)
+    bad, good = report.rows
+    assert bad.status == "partial" and 0 < bad.received_instances < expected
+    assert good.status == "collected"
+    (bad_id,) = bad.study_ids
+    assert research.metadata("Study", bad_id, COLLECTED_METADATA) is None
+
+
+def test_interrupted_run_resumes_without_moving_twice(research_env, research, loaded_pacs,
+                                                      cohort, tmp_path):
+    studies = cohort.studies[:4]
+    _forget(research, studies)
+    path = _write(tmp_path / "resume.csv", ["study_instance_uid"],
+                  [[s.study_uid] for s in studies])
+    import prefect.settings
+
+    env = {**os.environ, **research_env,
+           "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
+           "PYTHONPATH": str(REPO)}
+    code = ("from flows.collection import collect_cohort\n"
+            "from flows.cohort import CollectionRequest\n"
+            f"collect_cohort(CollectionRequest(cohort_file={str(path)!r}, concurrency=1,"
+            " project='resume'))\n")
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    collected: list[str] = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            collected = [s.study_uid for s in studies
+                         if any(research.metadata("Study", i, COLLECTED_METADATA) == "resume"
+                                for i in research.find("Study",
+                                                       {"StudyInstanceUID": s.study_uid}))]
+            if collected:
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # a crash, not a clean stop
+        child.wait()
+    assert 1 <= len(collected) < len(studies), "the run was not interrupted half-way"
+
+    jobs_before = _move_jobs(research)
+    report = collect_cohort(CollectionRequest(cohort_file=str(path), project="resume"))
+    assert report.studies_complete == len(studies)
+    by_uid = {s.study_uid: row for s, row in zip(studies, report.rows)}
+    for uid in collected:
+        assert by_uid[uid].status == "already_present" and by_uid[uid].moved == 0
+    moved_again = {answer.get("StudyInstanceUID")
+                   for job in _move_jobs(research) - jobs_before
+                   for answer in research.job(job).content.get("Query", [])}
+    assert moved_again and not moved_again & set(collected)
+
+
+@pytest.fixture(scope="module")
+def capped_lab(tmp_path_factory):
+    """A lab whose pacs answers at most 3 matches per C-FIND (LimitFindResults), with 12
+    studies: a single query over the whole range is cancelled by the PACS."""
+    from deployments.lab.servers import OrthancLab
+    from deployments.lab.synthetic import load_into, make_cohort
+
+    cohort = make_cohort(tmp_path_factory.mktemp("capped"), patients=6, studies_per_patient=2,
+                         series_per_study=1, instances_per_series=2, seed=3)
+    with OrthancLab.start(pacs_overrides={"LimitFindResults": 3}) as lab:
+        load_into(lab.pacs.url, cohort.files)
+        yield lab, cohort
+
+
+def test_capped_cfind_is_split_by_date(capped_lab, monkeypatch):
+    lab, cohort = capped_lab
+    for key, value in {"ORTHANC_URL": lab.research.url,
+                       "ORTHANC_USERNAME": lab.research.username,
+                       "ORTHANC_PASSWORD": lab.research.password}.items():
+        monkeypatch.setenv(key, value)
+    dates = sorted(s.study_date for s in cohort.studies)
+    criteria = Criteria(date_from=dates[0], date_to=dates[-1])
+    with Orthanc(url=lab.research.url, username=lab.research.username,
+                 password=lab.research.password) as research:
+        with pytest.raises(Exception) as capped:  # one query: the PACS cancels it (0xFE00)
+            research.query("pacs", "Study", criteria.query())
+        assert getattr(capped.value, "dimse_status", None) == "0xFE00"
+
+        state = collect_cohort(CollectionRequest(criteria=criteria, find_cap=3, dry_run=True),
+                               return_state=True)
+        plan = state.result()
+        assert len(plan.rows) == len(cohort.studies) == 12
+        report = collect_cohort(CollectionRequest(criteria=criteria, find_cap=3,
+                                                  project="capped"))
+        assert report.studies_found == report.studies_complete == 12
+        assert len(research.find("Study")) == 12
