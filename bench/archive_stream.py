@@ -19,6 +19,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -35,6 +36,11 @@ METHODS = ("client", "client-async", "raw-stream", "raw-read")
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM; unlike ru_maxrss on Linux it is
+    not inherited from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -80,7 +86,7 @@ def make_study(instances: int, pixels: int) -> bytes:
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     study_uid, series_uid = generate_uid(), generate_uid()
-    ramp = bytes(range(256)) * (pixels * pixels * 2 // 256 + 1)
+    rng = random.Random(0)  # noise: like real images, the ZIP cannot shrink it to nothing
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for index in range(instances):
@@ -97,8 +103,7 @@ def make_study(instances: int, pixels: int) -> bytes:
             ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
             ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
             ds.PhotometricInterpretation = "MONOCHROME2"
-            offset = index % 256
-            ds.PixelData = ramp[offset:offset + pixels * pixels * 2]
+            ds.PixelData = rng.randbytes(pixels * pixels * 2)
             out = io.BytesIO()
             ds.save_as(out, enforce_file_format=True)
             archive.writestr(f"{index:05d}.dcm", out.getvalue())
