@@ -282,6 +282,7 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
                                         description="Studies of this run retrieved so far.")
     pending = list(studies)
     in_flight: dict[PrefectFuture[CollectResult], str] = {}
+    marks: list[PrefectFuture[str]] = []
     done = 0
     window_open = True
     while pending or in_flight:
@@ -307,10 +308,12 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
                                    expected_instances=None, received_instances=0,
                                    failure=f"{type(error).__name__}: {error}"[:300])
         results[key] = result
-        if result.complete:
-            mark_collected(credentials, result.study_ids, request.project)
+        if result.complete:  # marked in the background: the next move starts right away
+            marks.append(mark_collected.submit(credentials, result.study_ids, request.project))
         done += 1
         update_progress_artifact(progress, 100.0 * done / len(studies))
+    for mark in marks:  # a crash before this point is harmless: a re-run marks what's present
+        mark.result()
     return results
 
 

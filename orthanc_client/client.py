@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 
@@ -52,26 +52,37 @@ def _request_options(call: Call, settings: OrthancSettings) -> dict[str, Any]:
                 timeout=settings.timeout(long=call.long))
 
 
-class Orthanc(Operations):
-    """Blocking client for one Orthanc server.
+class _Client(Operations):
+    """What both clients share: settings (explicit arguments override them) and an httpx
+    client of the kind the subclass names. ``transport`` is for tests (respx)."""
 
-    Build it from settings, from ``ORTHANC_*`` environment variables (``from_env``), or from
-    explicit arguments, which override the settings. ``transport`` is for tests (respx).
-    """
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
 
     def __init__(self, settings: OrthancSettings | None = None, *, url: str | None = None,
                  username: str | None = None, password: str | None = None,
-                 transport: httpx.BaseTransport | None = None, **options: Any) -> None:
+                 transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+                 **options: Any) -> None:
         self.settings = _settings(settings, dict(url=url, username=username, password=password,
                                                  **options))
-        self._http = httpx.Client(**_client_options(self.settings, transport))
+        self._http: Any = self._http_class(**_client_options(self.settings, transport))
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> Orthanc:
+    def from_env(cls, **overrides: Any) -> Self:
+        """Settings from ``ORTHANC_*`` environment variables; keyword arguments override."""
         return cls(OrthancSettings(), **overrides)
 
     def __repr__(self) -> str:
-        return f"Orthanc({self.settings.safe_url!r})"
+        return f"{type(self).__name__}({self.settings.safe_url!r})"
+
+
+class Orthanc(_Client):
+    """Blocking client for one Orthanc server.
+
+    Build it from settings, from ``ORTHANC_*`` environment variables (``from_env``), or from
+    explicit arguments, which override the settings.
+    """
+
+    _http_class = httpx.Client
 
     def __enter__(self) -> Orthanc:
         return self
@@ -133,22 +144,10 @@ class Orthanc(Operations):
                 return
 
 
-class AsyncOrthanc(Operations):
+class AsyncOrthanc(_Client):
     """Asynchronous client for one Orthanc server; same operations as ``Orthanc``, awaited."""
 
-    def __init__(self, settings: OrthancSettings | None = None, *, url: str | None = None,
-                 username: str | None = None, password: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> None:
-        self.settings = _settings(settings, dict(url=url, username=username, password=password,
-                                                 **options))
-        self._http = httpx.AsyncClient(**_client_options(self.settings, transport))
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> AsyncOrthanc:
-        return cls(OrthancSettings(), **overrides)
-
-    def __repr__(self) -> str:
-        return f"AsyncOrthanc({self.settings.safe_url!r})"
+    _http_class = httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncOrthanc:
         return self

@@ -112,3 +112,17 @@ def flaky_study_factory(pacs, cohort, tmp_path):
 @pytest.fixture
 def flaky_study(flaky_study_factory):
     return flaky_study_factory()
+
+
+#: the de-identification secret used by the sharing tests (the PHI scan looks for it too)
+DEID_SECRET = "test-only-deid-secret-7c41f0a2"
+
+
+@pytest.fixture
+def research_env(lab, monkeypatch):
+    """Flows read the research Orthanc from ORTHANC_* (no saved block needed)."""
+    env = {"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
+           "ORTHANC_PASSWORD": lab.research.password}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

@@ -52,7 +52,7 @@ def test_echo_both_ways_and_unknown_modality(pacs: Orthanc, research: Orthanc):
 def test_cfind_answers_with_counts(research: Orthanc, loaded_pacs, cohort):
     result = research.query("pacs", "Study", {"StudyInstanceUID": "",
                                                "NumberOfStudyRelatedInstances": ""})
-    assert len(result) == len(cohort.studies)
+    assert len(result) >= len(cohort.studies)  # other tests may add studies to the pacs
     by_uid = {a.get("StudyInstanceUID"): int(a.get("NumberOfStudyRelatedInstances"))
               for a in result.answers}
     for study in cohort.studies:
@@ -334,5 +334,6 @@ def test_async_client(lab, loaded_pacs, cohort):
 
     info, found, result, ids = asyncio.run(scenario())
     assert info.version == "1.10.1"
-    assert len(found) == len(cohort.studies)
+    assert {s.study_uid for s in cohort.studies} <= {a.get("StudyInstanceUID")
+                                                     for a in found.answers}
     assert result.complete and len(ids) == 1

@@ -25,16 +25,6 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def research_env(lab, monkeypatch):
-    """The flow reads the research Orthanc from ORTHANC_* (no saved block needed)."""
-    env = {"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
-           "ORTHANC_PASSWORD": lab.research.password}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
 def _forget(research: Orthanc, studies) -> None:
     for study in studies:
         research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))

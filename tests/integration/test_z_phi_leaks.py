@@ -69,7 +69,10 @@ def test_no_identifier_or_secret_anywhere(lab, research_creds, loaded_pacs, coho
 
     assert failing_query(return_state=True).is_failed()
 
-    needles = {v for v in cohort.phi_values() if len(v) >= 4} | {secret, patient.study_uid}
+    from .conftest import DEID_SECRET
+
+    needles = ({v for v in cohort.phi_values() if len(v) >= 4}
+               | {secret, patient.study_uid, DEID_SECRET})
     out, err = capfd.readouterr()
     hits = []
     for path in _prefect_files():
