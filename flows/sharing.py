@@ -34,6 +34,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -226,9 +227,10 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
 @orthanc_task(name="deliver_study",
               run_name=lambda p: f"deliver-{short_id(p['study'].source_id)}")
 def deliver_study(credentials: OrthancCredentials, study: SharedStudy,
-                  destination: Destination) -> SharedStudy:
+                  destination: Destination, keep_anonymized: bool = False) -> SharedStudy:
     """Deliver a verified study: move its ZIP into a directory, or send the anonymized copy to
-    an Orthanc peer or a DICOM modality. Refuses anything not verified.
+    an Orthanc peer or a DICOM modality; then remove the anonymized copy from Orthanc unless
+    ``keep_anonymized``. Refuses anything not verified.
 
     Example:
         ```python
@@ -237,22 +239,24 @@ def deliver_study(credentials: OrthancCredentials, study: SharedStudy,
     """
     if not study.verified or study.anonymized_id is None:
         raise ValueError("only verified studies are delivered")
-    if destination.kind == "directory":
-        target = Path(destination.target)
-        target.mkdir(parents=True, exist_ok=True)
-        final = target / Path(study.file).name
-        shutil.move(study.file, final)
-        return study.model_copy(update={"file": str(final), "delivered": destination.key})
+    update: dict[str, str] = {"delivered": destination.key}
     with credentials.get_client() as orthanc:
-        if destination.kind == "peer":
-            job = orthanc.store_peer(destination.target, [study.anonymized_id])
+        if destination.kind == "directory":
+            target = Path(destination.target)
+            target.mkdir(parents=True, exist_ok=True)
+            final = target / Path(study.file).name
+            shutil.move(study.file, final)
+            update["file"] = str(final)
+        elif destination.kind == "peer":
+            orthanc.wait_for_job(str(orthanc.store_peer(destination.target,
+                                                        [study.anonymized_id])))
         else:
             with modality_slot(destination.target):
-                job = orthanc.store(destination.target, [study.anonymized_id])
-                orthanc.wait_for_job(str(job))
-        if destination.kind == "peer":
-            orthanc.wait_for_job(str(job))
-    return study.model_copy(update={"delivered": destination.key})
+                orthanc.wait_for_job(str(orthanc.store(destination.target,
+                                                       [study.anonymized_id])))
+        if not keep_anonymized:
+            orthanc.delete(Level.STUDY, study.anonymized_id, missing_ok=True)
+    return study.model_copy(update=update)
 
 
 def _select(credentials: OrthancCredentials, request: SharingRequest) -> list[str]:
@@ -313,22 +317,30 @@ def share_studies(request: SharingRequest, credentials_block: str | None = None
     logger.info("%d studies selected, %d already delivered to this destination",
                 len(selected), len(selected) - len(todo))
 
-    futures = [deidentify_study.submit(credentials, s, request, secret) for s in todo]
+    futures = {deidentify_study.submit(credentials, s, request, secret): s for s in todo}
+    deliveries = {}
     outcomes: list[SharedStudy] = []
-    for source_id, future in zip(todo, futures):
+    for future in as_completed(list(futures)):
+        source_id = futures[future]
         try:
             study = future.result()
         except Exception as error:
             outcomes.append(SharedStudy(source_id=source_id,
                                         findings=(f"{type(error).__name__}: {error}"[:300],)))
             continue
-        if study.verified:
-            study = deliver_study(credentials, study, request.destination)
-            ledger.record(_Ledger.key(source_id, request.destination, request.profile), study)
+        if study.verified:  # delivered while the next studies are still being checked
+            deliveries[deliver_study.submit(credentials, study, request.destination,
+                                            request.keep_anonymized)] = source_id
+        else:
+            outcomes.append(study)
+            if study.anonymized_id and not request.keep_anonymized:
+                with credentials.get_client() as orthanc:
+                    orthanc.delete(Level.STUDY, study.anonymized_id, missing_ok=True)
+    for future in as_completed(list(deliveries)):
+        study = future.result()
+        ledger.record(_Ledger.key(deliveries[future], request.destination, request.profile),
+                      study)
         outcomes.append(study)
-        if study.anonymized_id and not request.keep_anonymized:
-            with credentials.get_client() as orthanc:
-                orthanc.delete(Level.STUDY, study.anonymized_id, missing_ok=True)
     manifest = _write_manifest(request.destination, request.profile,
                                [s for s in outcomes if s.delivered])
     create_table_artifact(key="sharing-report", table=[{

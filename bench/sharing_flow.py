@@ -1,0 +1,145 @@
+"""Benchmark: de-identified sharing (anonymize + verify + package) versus Orthanc's raw
+anonymize and archive calls for the same N studies, with peak memory.
+
+The studies are collected into research once; then, alternating, each path runs in a fresh
+process (so its peak RSS is its own), ``--concurrency`` studies at a time:
+
+* raw:  POST /studies/{id}/anonymize (job, pseudonyms in Replace) → wait → GET archive to disk
+* flow: ``share_studies`` to a directory (source tags read, keyed pseudonyms and date shift,
+  job, excluded objects, streamed ZIP, full PHI scan, manifest, ledger, cleanup)
+
+    .venv/bin/python bench/sharing_flow.py --studies 20 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def child(mode: str, ids: list[str], out: Path, concurrency: int) -> dict[str, float]:
+    import httpx
+
+    from flows.sharing import Destination, SharingRequest, share_studies  # imports: untimed
+
+    before = _peak_mb()
+    started = time.perf_counter()
+    if mode == "raw":
+        url, user, password = (os.environ[k] for k in ("ORTHANC_URL", "ORTHANC_USERNAME",
+                                                        "ORTHANC_PASSWORD"))
+
+        def one(item: tuple[int, str]) -> None:
+            index, study_id = item
+            with httpx.Client(base_url=url, auth=(user, password), timeout=600) as http:
+                job = http.post(f"/studies/{study_id}/anonymize", json={
+                    "Replace": {"PatientID": f"P{index:06d}", "PatientName": f"P{index:06d}"},
+                    "Force": True, "KeepSource": True, "Asynchronous": True}).json()["ID"]
+                delay = 0.1
+                while (info := http.get(f"/jobs/{job}").json())["State"] not in (
+                        "Success", "Failure"):
+                    time.sleep(delay)
+                    delay = min(delay * 1.5, 2.0)
+                new_id = info["Content"]["ID"]
+                with http.stream("GET", f"/studies/{new_id}/archive") as response, \
+                        open(out / f"{index}.zip", "wb") as handle:
+                    for chunk in response.iter_bytes(1 << 20):
+                        handle.write(chunk)
+                http.delete(f"/studies/{new_id}")
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, enumerate(ids)))
+    else:
+        result = share_studies(SharingRequest(
+            study_ids=ids, destination=Destination(kind="directory", target=str(out / "dest")),
+            linkage_path=str(out / "linkage.csv"), staging_dir=str(out / "staging"),
+            ledger_path=str(out / "ledger.jsonl")), return_state=True)
+        assert result.is_completed(), result.message
+    return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb(),
+            "before_mb": before}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--instances", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--child", choices=("raw", "flow"))
+    parser.add_argument("--ids")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.ids.split(","), args.out, args.concurrency)))
+        return 0
+
+    from deployments.lab.servers import OrthancLab
+    from deployments.lab.synthetic import load_into, make_cohort
+    from orthanc_client import Orthanc
+
+    with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
+        cohort = make_cohort(Path(tmp) / "dicom", patients=args.studies // 2,
+                             studies_per_patient=2, series_per_study=2,
+                             instances_per_series=args.instances // 2, seed=9)
+        load_into(lab.pacs.url, cohort.files)
+        with Orthanc(url=lab.research.url, username=lab.research.username,
+                     password=lab.research.password) as research:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda s: research.collect("pacs", s.study_uid), cohort.studies))
+            ids = research.find("Study")
+        env = {**os.environ, "ORTHANC_URL": lab.research.url,
+               "ORTHANC_USERNAME": lab.research.username,
+               "ORTHANC_PASSWORD": lab.research.password,
+               "PREFECT_ORTHANC_DEID_SECRET": "bench-secret-0123456789abcdef"}
+        results: dict[str, list[dict[str, float]]] = {"raw": [], "flow": []}
+        for round_index in range(args.rounds):
+            for mode in ("raw", "flow"):
+                out = Path(tmp) / f"{mode}-{round_index}"
+                out.mkdir()
+                done = subprocess.run(
+                    [sys.executable, __file__, "--child", mode, "--ids", ",".join(ids),
+                     "--out", str(out), "--concurrency", str(args.concurrency)],
+                    env=env, cwd=ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    print(done.stdout[-2000:], done.stderr[-4000:])
+                    return 1
+                results[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    raw = statistics.median(r["seconds"] for r in results["raw"])
+    flow = statistics.median(r["seconds"] for r in results["flow"])
+    print(f"\n{len(ids)} studies × {args.instances} instances, concurrency {args.concurrency}")
+    print("| path | median s | per study s | peak RSS MB |")
+    print("|---|---|---|---|")
+    for mode, runs in results.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        print(f"| {mode} | {seconds:.2f} | {seconds / len(ids):.3f} | "
+              f"{max(r['peak_mb'] for r in runs):.0f} |")
+    print(f"flow vs raw: {flow / raw - 1:+.1%} (target: within 30 %)")
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "sharing_flow.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
