@@ -21,6 +21,7 @@ from orthanc_client import (
     Orthanc,
     OrthancDimseError,
     OrthancError,
+    OrthancJobFailed,
     OrthancJobTimeout,
     OrthancNotFound,
     OrthancUnauthorized,
@@ -188,21 +189,50 @@ def test_archive_job_for_many_studies(research: Orthanc, loaded_pacs, cohort, tm
         assert any(name.endswith("DICOMDIR") for name in archive.namelist())
 
 
-def test_bounded_wait_raises_then_completes(research: Orthanc, loaded_pacs, cohort):
-    ids = research.find("Study")
-    assert ids
-    job_id = research.archive_job(ids)
-    research.pause_job(job_id)
-    info = research.job(job_id)
-    if info.state is JobState.SUCCESS:  # too fast to catch: nothing to bound
-        pytest.fail("archive job finished before it could be paused; use a larger cohort")
-    started = time.monotonic()
-    with pytest.raises(OrthancJobTimeout) as caught:
-        research.wait_for_job(job_id, timeout=0.5)
-    assert time.monotonic() - started < 5
-    assert caught.value.job_id == job_id and caught.value.state == "Paused"
-    research.resume_job(job_id)
-    assert research.wait_for_job(job_id, timeout=60).state is JobState.SUCCESS
+def test_bounded_wait_raises_then_reports_failure(research: Orthanc, loaded_pacs, cohort):
+    """A C-STORE to a peer that accepts TCP but never speaks DICOM stays Running until its
+    association times out: a bounded wait returns control on time, then the job fails."""
+    import threading
+
+    held = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        stop = threading.Event()
+
+        def accept():
+            listener.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    held.append(listener.accept()[0])  # accept, then say nothing
+                except OSError:
+                    continue
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            research.request("PUT", "/modalities/blackhole", json={
+                "AET": "BLACKHOLE", "Host": "127.0.0.1", "Port": port, "Timeout": 3},
+                expect="none")
+            study = _study(cohort, 0)
+            research.collect("pacs", study.study_uid)
+            (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
+            job_id = research.store("blackhole", [study_id])
+            started = time.monotonic()
+            with pytest.raises(OrthancJobTimeout) as caught:
+                research.wait_for_job(job_id, timeout=0.5)
+            assert time.monotonic() - started < 3
+            assert caught.value.job_id == job_id and caught.value.state in ("Running", "Pending")
+            with pytest.raises(OrthancJobFailed) as failed:
+                research.wait_for_job(job_id, timeout=60)
+            assert failed.value.job_id == job_id and failed.value.error_code
+        finally:
+            stop.set()
+            thread.join()
+            for connection in held:
+                connection.close()
+            research.request("DELETE", "/modalities/blackhole", expect="none")
 
 
 def test_upload_file_and_zip_is_idempotent(pacs: Orthanc, cohort):
