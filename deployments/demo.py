@@ -5,7 +5,10 @@
 3. writes a cohort CSV of accession numbers (plus one that the PACS does not know);
 4. runs the research collection flow on Prefect's embedded server: plan by C-FIND, C-MOVE the
    missing studies into research as jobs, verify instance counts, mark them collected;
-5. runs it again to show that nothing moves twice, and prints a summary.
+5. runs it again to show that nothing moves twice;
+6. runs the de-identified sharing flow on the collected studies into ``demo-output/shared``
+   (keyed pseudonyms, shifted dates, every instance scanned before delivery), and prints a
+   summary.
 
     scripts/demo            # or: .venv/bin/python -m deployments.demo --keep
 """
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import csv
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -102,14 +106,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"second run: {again.studies_moved} moved, {again.studies_complete}/"
               f"{again.studies_found} complete")
 
+        _banner("sharing the collected studies, de-identified, into a directory")
+        from flows.sharing import SECRET_ENV, Destination, SharingRequest, share_studies
+
+        os.environ.setdefault(SECRET_ENV, secrets.token_hex(24))  # a throwaway demo secret
+        shared_dir = out / "shared"
+        sharing = share_studies(SharingRequest(
+            project="demo", destination=Destination(kind="directory", target=str(shared_dir)),
+            linkage_path=str(out / "private" / "linkage.csv"),
+            staging_dir=str(out / "sharing" / "staging"),
+            ledger_path=str(out / "sharing" / "ledger.jsonl")), return_state=True)
+        shared = sharing.result(raise_on_failure=False)
+        print(f"flow state: {sharing.type.value} — {sharing.message}")
+        for item in shared:
+            print(f"  {Path(item.file).name}: {item.instances_out} instances, verified "
+                  f"{item.verified}, sha256 {item.sha256[:12]}…")
+
         _banner("summary")
         print(f"studies collected into research: {report.studies_complete}/"
               f"{report.studies_found} (first run {first_seconds:.1f} s, "
               f"re-run {again_seconds:.1f} s, {again.studies_moved} moved on re-run)")
         print(f"per-row report (holds your cohort's identifiers): {report.report_path}")
+        print(f"de-identified packages + manifest: {shared_dir} "
+              f"({sum(bool(i.delivered) for i in shared)} studies)")
+        print(f"linkage table (re-identification key, keep private): "
+              f"{out / 'private' / 'linkage.csv'}")
         print(f"demo data and lab storage: {out}")
         print(f"total {time.monotonic() - started:.1f} s")
-        ok = state.is_completed() and again.studies_moved == 0
+        ok = state.is_completed() and again.studies_moved == 0 and sharing.is_completed()
         if args.keep:
             print("\nlab running; Ctrl-C to stop", flush=True)
             try:
