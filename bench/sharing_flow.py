@@ -86,6 +86,8 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--pixels", type=int, default=16,
+                        help="image side; >16 uses noise images of that size (CT-like 512)")
     parser.add_argument("--child", choices=("raw", "flow"))
     parser.add_argument("--ids")
     parser.add_argument("--out", type=Path)
@@ -99,15 +101,23 @@ def main() -> int:
     from orthanc_client import Orthanc
 
     with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
-        cohort = make_cohort(Path(tmp) / "dicom", patients=args.studies // 2,
-                             studies_per_patient=2, series_per_study=2,
-                             instances_per_series=args.instances // 2, seed=9)
-        load_into(lab.pacs.url, cohort.files)
         with Orthanc(url=lab.research.url, username=lab.research.username,
                      password=lab.research.password) as research:
-            with ThreadPoolExecutor(4) as pool:
-                list(pool.map(lambda s: research.collect("pacs", s.study_uid), cohort.studies))
+            if args.pixels > 16:  # bigger images: the archive benchmark's noise studies
+                from bench.archive_stream import make_study
+
+                for _ in range(args.studies):
+                    research.upload(make_study(args.instances, args.pixels))
+            else:
+                cohort = make_cohort(Path(tmp) / "dicom", patients=args.studies // 2,
+                                     studies_per_patient=2, series_per_study=2,
+                                     instances_per_series=args.instances // 2, seed=9)
+                load_into(lab.pacs.url, cohort.files)
+                with ThreadPoolExecutor(4) as pool:
+                    list(pool.map(lambda s: research.collect("pacs", s.study_uid),
+                                  cohort.studies))
             ids = research.find("Study")
+            size_mb = research.statistics()["TotalDiskSizeMB"]
         env = {**os.environ, "ORTHANC_URL": lab.research.url,
                "ORTHANC_USERNAME": lab.research.username,
                "ORTHANC_PASSWORD": lab.research.password,
@@ -127,7 +137,8 @@ def main() -> int:
                 results[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
     raw = statistics.median(r["seconds"] for r in results["raw"])
     flow = statistics.median(r["seconds"] for r in results["flow"])
-    print(f"\n{len(ids)} studies × {args.instances} instances, concurrency {args.concurrency}")
+    print(f"\n{len(ids)} studies × {args.instances} instances of {args.pixels}² pixels "
+          f"({size_mb} MB), concurrency {args.concurrency}")
     print("| path | median s | per study s | peak RSS MB |")
     print("|---|---|---|---|")
     for mode, runs in results.items():
