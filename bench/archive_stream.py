@@ -145,7 +145,7 @@ def main() -> int:
                     check=True, capture_output=True, text=True, cwd=ROOT)
                 results[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 dest.unlink(missing_ok=True)
-        print(f"\n| method | archive MB | median s | MB/s | peak RSS MB | RSS growth MB |")
+        print("\n| method | archive MB | median s | MB/s | peak RSS MB | RSS growth MB |")
         print("|---|---|---|---|---|---|")
         summary = {}
         for method, runs in results.items():

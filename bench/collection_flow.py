@@ -100,7 +100,7 @@ def main() -> int:
         print(f"{size} studies: raw {raw:.1f} s, flow {flow_seconds:.1f} s "
               f"({flow_seconds / raw - 1:+.1%}), re-run {rerun:.1f} s", flush=True)
 
-    print(f"\n| studies | raw REST s | flow s | flow vs raw | flow s/study | re-run s |")
+    print("\n| studies | raw REST s | flow s | flow vs raw | flow s/study | re-run s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['studies']} | {r['raw_s']:.1f} | {r['flow_s']:.1f} | {r['overhead']:+.1%} "
