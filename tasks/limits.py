@@ -7,8 +7,8 @@ across all flow runs and workers. A missing limit is an error, never "unlimited"
 
 Create or update limits (needs ``PREFECT_API_URL``, or uses the embedded server)::
 
-    python -m tasks.limits pacs=2 other-pacs=1
-    python -m tasks.limits --list
+    prefect-orthanc-limits pacs=2 other-pacs=1
+    prefect-orthanc-limits --list
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class ModalityLimitMissing(RuntimeError):
         modality = name.removeprefix(PREFIX)
         super().__init__(
             f"no Prefect global concurrency limit named {name!r}: create it with "
-            f"`python -m tasks.limits {modality}=2` (or `prefect gcl create {name} --limit 2`)"
+            f"`prefect-orthanc-limits {modality}=2` (or `prefect gcl create {name} --limit 2`)"
         )
         self.limit = name
 
@@ -145,7 +145,7 @@ async def list_limits() -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.limits", description=__doc__,
+    parser = argparse.ArgumentParser(prog="prefect-orthanc-limits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("limits", nargs="*", metavar="MODALITY=N",
                         help="modality name and its maximum concurrent C-FIND/C-MOVE")

@@ -176,7 +176,7 @@ def test_transient_failure_succeeds_after_retry(lab, research_creds, research, l
 def test_missing_concurrency_limit_is_an_error(pacs_creds, prefect_server):
     with pytest.raises(ModalityLimitMissing) as caught:
         _run(query_modality, pacs_creds, "research", "Study", {})
-    assert "python -m tasks.limits research=" in str(caught.value)
+    assert "prefect-orthanc-limits research=" in str(caught.value)
 
 
 def test_moves_in_flight_never_exceed_the_limit(research_creds, research, loaded_pacs, cohort,
