@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import ssl
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +17,15 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["OrthancSettings"]
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    if ca_bundle is not None:
+        return ssl.create_default_context(cafile=ca_bundle)
+    import certifi  # what httpx itself trusts by default
+
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 class OrthancSettings(BaseSettings):
@@ -69,6 +79,8 @@ class OrthancSettings(BaseSettings):
         return httpx.Timeout(read, connect=self.connect_timeout)
 
     def verify(self) -> bool | ssl.SSLContext:
-        if self.ca_bundle is not None:
-            return ssl.create_default_context(cafile=str(self.ca_bundle))
-        return self.verify_tls
+        """What httpx's ``verify`` gets: a TLS context built once per CA bundle (httpx would
+        build and load one for every client, ~30 ms), or False."""
+        if not self.verify_tls:
+            return False
+        return _tls_context(str(self.ca_bundle) if self.ca_bundle else None)
