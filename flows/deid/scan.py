@@ -484,6 +484,47 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
     return dcmread(target, defer_size=DEFER_SIZE)
 
 
+# The byte-level prefilter. ``normalize`` turns ^, = and NUL into spaces, casefolds and
+# collapses whitespace; removing exactly those characters (and all whitespace) from both the
+# identifiers and the member's decoded bytes keeps every match: if the full scan would find an
+# identifier in a value, the squeezed identifier is in the squeezed bytes. So a member whose
+# squeezed bytes hold none of them is clean without being parsed. Members in other character
+# sets, deflated datasets and large members always get the full scan.
+_SQUEEZE = re.compile(r"[\s^=\x00]+")
+_OTHER_CHARSETS = re.compile(rb"ISO 2022|GB18030|GBK|ISO_IR (?!100\b|192\b|6\b)\d+")
+_DEFLATED_TS = b"1.2.840.10008.1.2.1.99"
+PREFILTER_LIMIT = 16 * 1024 * 1024
+
+
+def _squeezed_terms(identifiers: Identifiers) -> tuple[str, ...]:
+    terms = {_SQUEEZE.sub("", text) for text in identifiers._terms}
+    terms |= {_SQUEEZE.sub("", uid.casefold()) for uid in identifiers._uids}
+    return tuple(t for t in terms if t)
+
+
+def _count_if_surely_clean(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
+                           squeezed: tuple[str, ...]) -> int | None:
+    """1 (an instance) or 0 when the member is DICOM and holds no identifier at all; None when
+    it needs the full scan (a possible hit, another charset, deflated, large, or unreadable)."""
+    if info.file_size > PREFILTER_LIMIT:
+        return None
+    data = archive.read(info)
+    if _DEFLATED_TS in data or _OTHER_CHARSETS.search(data):
+        return None
+    for text in (data.decode("latin-1"), data.decode("utf-8", errors="ignore")):
+        flat = _SQUEEZE.sub("", text.casefold())
+        if any(term in flat for term in squeezed):
+            return None
+    try:
+        head = dcmread(io.BytesIO(data), stop_before_pixels=True,
+                       specific_tags=["SOPInstanceUID"])
+    except Exception:  # not DICOM: the full path reports it
+        return None
+    sop_class = str(getattr(getattr(head, "file_meta", None), "MediaStorageSOPClassUID", "")
+                    or "")
+    return int("SOPInstanceUID" in head and sop_class != MEDIA_STORAGE_DIRECTORY)
+
+
 def scan_zip(path: str | os.PathLike[str], identifiers: Identifiers, *,
              max_findings: int = 1000) -> ScanReport:
     """Scan every member of the ZIP at ``path``: its name (folders included), then its
@@ -513,12 +554,17 @@ def scan_zip(path: str | os.PathLike[str], identifiers: Identifiers, *,
         add([Finding(path="<archive>", kind="unreadable archive")])
         return ScanReport(members=0, instances=0, findings=tuple(findings),
                           total_findings=total, clean=False)
+    squeezed = _squeezed_terms(identifiers)
     with archive, tempfile.TemporaryDirectory(prefix="deid-scan-") as tmp:
         for index, info in enumerate(archive.infolist()):
             members += 1
             add(Finding(path="<member name>", kind=kind, member=index)
                 for kind in identifiers.kinds_in(info.filename.replace("/", " / ")))
             if info.is_dir():
+                continue
+            counted = _count_if_surely_clean(archive, info, squeezed)
+            if counted is not None:  # no identifier anywhere in its bytes: no parse needed
+                instances += counted
                 continue
             try:
                 ds = _read_member(archive, info, Path(tmp))

@@ -318,3 +318,64 @@ def test_findings_are_capped_but_counted(cohort, identifiers, tmp_path):
 def test_finding_text_is_readable():
     finding = Finding(path="(0010,0020)", kind="PatientID", element="PatientID", member=3)
     assert str(finding) == "member 3: (0010,0020) PatientID: source PatientID found"
+
+
+# ------------------------------------------------------------------ the byte-level prefilter
+
+
+def test_clean_members_skip_the_full_parse(cohort, identifiers, tmp_path, monkeypatch):
+    """A clean member is counted from a header read alone; the full scan never runs."""
+    import flows.deid.scan as scan_module
+
+    copies = {f"s/IM{i}.dcm": _save(_deidentified(f), tmp_path / f"{i}.dcm")
+              for i, f in enumerate(cohort.files)}
+    calls = []
+    monkeypatch.setattr(scan_module, "scan_dataset",
+                        lambda *a, **k: calls.append(1) or [])
+    report = scan_zip(_zip(tmp_path / "clean.zip", copies), identifiers)
+    assert report.clean and report.instances == len(cohort.files) and calls == []
+
+
+def test_prefilter_sends_utf8_names_to_the_full_scan(tmp_path):
+    """A non-ASCII name stored as UTF-8 (ISO_IR 192) is still found."""
+    source = dcmread(make_cohort(tmp_path / "src", patients=1, studies_per_patient=1,
+                                 series_per_study=1, instances_per_series=1).files[0])
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.PatientName = "Müßiggång^Zoë"
+    found = identifiers_from([source])
+    leaked = _deidentified_like(source)
+    leaked.SpecificCharacterSet = "ISO_IR 192"
+    leaked.ImageComments = "seen by Müßiggång"
+    report = scan_zip(_zip(tmp_path / "u.zip", {"a.dcm": _save(leaked, tmp_path / "u.dcm")}),
+                      found)
+    assert not report.clean
+    assert {f.element for f in report.findings} == {"ImageComments"}
+
+
+def test_prefilter_sends_utf16_private_text_to_the_full_scan(cohort, identifiers, tmp_path):
+    source = dcmread(cohort.files[0])
+    ds = _deidentified(cohort.files[0])
+    block = ds.private_block(0x0013, "LEAKY VENDOR", create=True)
+    block.add_new(0x01, "OB", str(source.PatientID).encode("utf-16-le"))
+    report = scan_zip(_zip(tmp_path / "w.zip", {"a.dcm": _save(ds, tmp_path / "w.dcm")}),
+                      identifiers)
+    assert not report.clean and report.by_kind().get("PatientID") == 1
+
+
+def _deidentified_like(source: Dataset) -> Dataset:
+    ds = source.copy()
+    ds.remove_private_tags()
+    for keyword in REMOVED:
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PatientName = "P-ANON"
+    ds.PatientID = "P-ANON"
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                    "FrameOfReferenceUID"):
+        setattr(ds, keyword, pseudo_uid(SECRET, ds[keyword].value))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
+                    "PatientBirthDate", "AccessionNumber", "StudyID"):
+        if keyword in ds:
+            setattr(ds, keyword, "")
+    return ds
