@@ -162,6 +162,8 @@ class CollectionRequest(BaseModel):
     time_window: TimeWindow | None = Field(None, description="Only move studies inside these "
                                            "hours.")
     dry_run: bool = Field(False, description="Plan only: resolve the cohort, move nothing.")
+    report_dir: str = Field("reports", description="Where a criteria cohort's CSV report goes "
+                            "(a file cohort's report goes next to the file).")
     job_timeout: float = Field(3600, gt=0, description="Longest wait for one study's C-MOVE.")
 
     @field_validator("project")

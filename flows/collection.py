@@ -167,7 +167,7 @@ def _write_csv(request: CollectionRequest, reports: Sequence[RowReport], run_id:
             original = list(csv.reader(handle))
         header, data = original[0], [r for r in original[1:] if any(c.strip() for c in r)]
     else:
-        path = Path("reports") / f"collection-{run_id}.csv"
+        path = Path(request.report_dir) / f"collection-{run_id}.csv"
         header, data = [], [[] for _ in reports]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -114,19 +114,22 @@ def test_artifacts_hold_no_identifiers(research_env, research, loaded_pacs, coho
         assert value not in text
 
 
-def test_criteria_cohort_and_dry_run(research_env, research, loaded_pacs, cohort):
+def test_criteria_cohort_and_dry_run(research_env, research, loaded_pacs, cohort, tmp_path):
     ct = [s for s in cohort.studies if s.modality == "CT"]
     dates = sorted(s.study_date for s in cohort.studies)
     criteria = Criteria(modalities=["CT"], date_from=dates[0], date_to=dates[-1])
     _forget(research, cohort.studies)
 
-    dry = collect_cohort(CollectionRequest(criteria=criteria, dry_run=True), return_state=True)
+    dry = collect_cohort(CollectionRequest(criteria=criteria, dry_run=True,
+                                           report_dir=str(tmp_path)), return_state=True)
     assert dry.is_completed() and "dry run" in dry.message
     plan = dry.result()
     assert len(plan.rows) == len(ct) and {r.status for r in plan.rows} == {"found"}
     assert all(not research.find("Study", {"StudyInstanceUID": s.study_uid}) for s in ct)
 
-    report = collect_cohort(CollectionRequest(criteria=criteria, project="ct-only"))
+    report = collect_cohort(CollectionRequest(criteria=criteria, project="ct-only",
+                                              report_dir=str(tmp_path)))
+    assert Path(report.report_path).parent == tmp_path
     assert report.studies_found == report.studies_complete == len(ct)
     for study in ct:
         (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
@@ -226,7 +229,7 @@ def capped_lab(tmp_path_factory):
         yield lab, cohort
 
 
-def test_capped_cfind_is_split_by_date(capped_lab, monkeypatch):
+def test_capped_cfind_is_split_by_date(capped_lab, monkeypatch, tmp_path):
     lab, cohort = capped_lab
     for key, value in {"ORTHANC_URL": lab.research.url,
                        "ORTHANC_USERNAME": lab.research.username,
@@ -240,11 +243,11 @@ def test_capped_cfind_is_split_by_date(capped_lab, monkeypatch):
             research.query("pacs", "Study", criteria.query())
         assert getattr(capped.value, "dimse_status", None) == "0xFE00"
 
-        state = collect_cohort(CollectionRequest(criteria=criteria, find_cap=3, dry_run=True),
-                               return_state=True)
+        state = collect_cohort(CollectionRequest(criteria=criteria, find_cap=3, dry_run=True,
+                                                 report_dir=str(tmp_path)), return_state=True)
         plan = state.result()
         assert len(plan.rows) == len(cohort.studies) == 12
         report = collect_cohort(CollectionRequest(criteria=criteria, find_cap=3,
-                                                  project="capped"))
+                                                  project="capped", report_dir=str(tmp_path)))
         assert report.studies_found == report.studies_complete == 12
         assert len(research.find("Study")) == 12
