@@ -20,7 +20,6 @@ import io
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,16 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import peak_rss_mb  # noqa: E402
+
 METHODS = ("client", "client-async", "raw-stream", "raw-read")
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process image (VmHWM; unlike ru_maxrss on Linux it is
-    not inherited from the parent across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(method: str, url: str, study_id: str, dest: Path) -> dict[str, float]:
@@ -49,7 +41,7 @@ def child(method: str, url: str, study_id: str, dest: Path) -> dict[str, float]:
 
     from orthanc_client import AsyncOrthanc, Orthanc
 
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     started = time.perf_counter()
     if method == "client":
         with Orthanc(url=url) as orthanc:
@@ -76,7 +68,7 @@ def child(method: str, url: str, study_id: str, dest: Path) -> dict[str, float]:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "bytes": size, "rss_before_mb": before,
-            "rss_peak_mb": _peak_rss_mb()}
+            "rss_peak_mb": peak_rss_mb()}
 
 
 def make_study(instances: int, pixels: int) -> bytes:

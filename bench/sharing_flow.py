@@ -26,16 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+from bench._common import peak_rss_mb, quiet_prefect  # noqa: E402
 
-
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+quiet_prefect()
 
 
 def child(mode: str, ids: list[str], out: Path, concurrency: int) -> dict[str, float]:
@@ -43,7 +36,7 @@ def child(mode: str, ids: list[str], out: Path, concurrency: int) -> dict[str, f
 
     from flows.sharing import Destination, SharingRequest, share_studies  # imports: untimed
 
-    before = _peak_mb()
+    before = peak_rss_mb()
     started = time.perf_counter()
     if mode == "raw":
         url, user, password = (os.environ[k] for k in ("ORTHANC_URL", "ORTHANC_USERNAME",
@@ -82,8 +75,8 @@ def child(mode: str, ids: list[str], out: Path, concurrency: int) -> dict[str, f
         started = time.perf_counter()
         share(out / "warm")
         return {"seconds": cold, "warm_seconds": time.perf_counter() - started,
-                "peak_mb": _peak_mb(), "before_mb": before}
-    return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb(),
+                "peak_mb": peak_rss_mb(), "before_mb": before}
+    return {"seconds": time.perf_counter() - started, "peak_mb": peak_rss_mb(),
             "before_mb": before}
 
 

@@ -82,19 +82,18 @@ def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float
     if not expected:
         expected = yield from _expected_from_series(ops, modality, study_uid)
 
-    local = yield from _local_series(ops, study_uid)
+    study_ids, local = yield from _local_series(ops, study_uid)
     received = sum(local.values())
     if expected and received >= expected:
         return CollectResult(key=key, outcome=CollectOutcome.ALREADY_PRESENT,
                              expected_instances=expected, received_instances=received,
-                             study_ids=tuple((yield from _local_studies(ops, study_uid))))
+                             study_ids=study_ids)
 
     jobs: list[str] = []
-    failure: str | None = None
     failure = yield from _run_move(ops, found.query_id, None, target, job_timeout, jobs)
     refetched = 0
     for _ in range(refetch_rounds):
-        local = yield from _local_series(ops, study_uid)
+        study_ids, local = yield from _local_series(ops, study_uid)
         received = sum(local.values())
         if not expected or received >= expected:
             break
@@ -109,7 +108,7 @@ def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float
             failure = (yield from _run_move(ops, series.query_id, index, target, job_timeout,
                                             jobs)) or failure
         refetched += len(missing)
-    local = yield from _local_series(ops, study_uid)
+    study_ids, local = yield from _local_series(ops, study_uid)
     received = sum(local.values())
     if not expected:
         outcome = CollectOutcome.UNVERIFIED if received else CollectOutcome.FAILED
@@ -118,8 +117,7 @@ def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float
     else:
         outcome = CollectOutcome.PARTIAL if received else CollectOutcome.FAILED
     return CollectResult(key=key, outcome=outcome, expected_instances=expected or None,
-                         received_instances=received,
-                         study_ids=tuple((yield from _local_studies(ops, study_uid))),
+                         received_instances=received, study_ids=study_ids,
                          job_ids=tuple(jobs), refetched_series=refetched, failure=failure)
 
 
@@ -144,15 +142,13 @@ def _expected_from_series(ops: Any, modality: str, study_uid: str) -> Steps[int]
     return 0 if None in counts else sum(c or 0 for c in counts)
 
 
-def _local_studies(ops: Any, study_uid: str) -> Steps[list[str]]:
-    return (yield from ops.find.steps(Level.STUDY, {"StudyInstanceUID": study_uid}))
-
-
-def _local_series(ops: Any, study_uid: str) -> Steps[Mapping[str, int]]:
-    """Instances held here per SeriesInstanceUID, over every local study with that UID."""
+def _local_series(ops: Any, study_uid: str
+                  ) -> Steps[tuple[tuple[str, ...], Mapping[str, int]]]:
+    """The local studies with that UID, and the instances held per SeriesInstanceUID."""
+    study_ids = tuple((yield from ops.find.steps(Level.STUDY, {"StudyInstanceUID": study_uid})))
     counts: dict[str, int] = {}
-    for study_id in (yield from _local_studies(ops, study_uid)):
+    for study_id in study_ids:
         for series in (yield from ops.children.steps(Level.STUDY, study_id)):
             uid = series.main_dicom_tags.get("SeriesInstanceUID", series.id)
             counts[uid] = counts.get(uid, 0) + len(series.children_ids)
-    return counts
+    return study_ids, counts
