@@ -60,14 +60,18 @@ class Criteria(BaseModel):
 
     modalities: list[str] = Field(default_factory=list,
                                   description="Modalities in study, e.g. CT, MR (empty = any).")
-    date_from: str = Field(description="First study date, YYYYMMDD.")
-    date_to: str = Field(description="Last study date, YYYYMMDD (inclusive).")
+    date_from: str = Field("", description="First study date, YYYYMMDD.")
+    date_to: str = Field("", description="Last study date, YYYYMMDD (inclusive).")
+    last_days: int = Field(0, ge=0, le=36500, description="Or: studies of the last N days, "
+                           "today included, counted when the run starts (for scheduled sweeps).")
     study_description: str = Field("", description="Study description, wildcards * and ? allowed.")
 
     @field_validator("date_from", "date_to")
     @classmethod
     def _check_date(cls, value: str) -> str:
         value = value.strip().replace("-", "")
+        if not value:
+            return value
         if not _DATE.match(value):
             raise ValueError("dates are YYYYMMDD")
         _date(value)  # raises on 20240231
@@ -83,12 +87,25 @@ class Criteria(BaseModel):
 
     @model_validator(mode="after")
     def _check_range(self) -> Criteria:
+        if bool(self.last_days) == bool(self.date_from or self.date_to):
+            raise ValueError("give either date_from and date_to, or last_days")
+        if not self.last_days and not (self.date_from and self.date_to):
+            raise ValueError("give both date_from and date_to")
         if self.date_from > self.date_to:
             raise ValueError("date_from is after date_to")
         return self
 
+    def dates(self, today: dt.date | None = None) -> tuple[str, str]:
+        """The study date range to query: the fixed one, or the last ``last_days`` days."""
+        if not self.last_days:
+            return self.date_from, self.date_to
+        today = today or dt.date.today()
+        first = today - dt.timedelta(days=self.last_days - 1)
+        return first.strftime("%Y%m%d"), today.strftime("%Y%m%d")
+
     def query(self, date_from: str | None = None, date_to: str | None = None) -> dict[str, str]:
-        query = {"StudyDate": f"{date_from or self.date_from}-{date_to or self.date_to}"}
+        default_from, default_to = self.dates()
+        query = {"StudyDate": f"{date_from or default_from}-{date_to or default_to}"}
         if self.modalities:
             query["ModalitiesInStudy"] = "\\".join(self.modalities)
         if self.study_description:

@@ -144,7 +144,7 @@ def find_capped(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int
     """C-FIND the criteria; while a range is capped by the PACS (it cancelled the query, or it
     returned exactly ``cap`` answers), split the date range in two, down to single days."""
     answers: dict[str, dict[str, str]] = {}
-    pending = [(criteria.date_from, criteria.date_to)]
+    pending = [criteria.dates()]
     while pending:
         start, end = pending.pop()
         found = _capped_query(orthanc, modality, criteria.query(start, end), cap)

@@ -46,7 +46,7 @@ from tasks.policy import short_id
 from .collection import COLLECTED_METADATA, load_credentials
 from .deid import DeidProfile, build_request, client_kwargs, identifiers_from, scan_zip
 
-__all__ = ["Destination", "SharingRequest", "SharedStudy", "share_studies", "deidentify_study",
+__all__ = ["Destination", "SharingOptions", "SharingRequest", "SharedStudy", "share_studies", "deidentify_study",
            "deliver_study", "SECRET_ENV"]
 
 SECRET_ENV = "PREFECT_ORTHANC_DEID_SECRET"
@@ -67,13 +67,9 @@ class Destination(BaseModel):
         return f"{self.kind}:{self.target}"
 
 
-class SharingRequest(BaseModel):
-    """What to share, how to de-identify it and where it goes (a form in the Prefect UI)."""
+class SharingOptions(BaseModel):
+    """How to de-identify and where it goes (the new-study flow's share rules reuse this)."""
 
-    project: str | None = Field(None, description="Share studies the collection flow marked "
-                                                   "with this project.")
-    study_ids: list[str] = Field(default_factory=list,
-                                 description="Or: Orthanc study IDs in the research server.")
     destination: Destination
     profile: DeidProfile = Field(default_factory=DeidProfile)
     secret_block: str | None = Field(None, description=f"Prefect Secret block holding the "
@@ -87,6 +83,15 @@ class SharingRequest(BaseModel):
     package: str = Field("share", pattern=r"^[A-Za-z0-9_-]{1,32}$",
                          description="Prefix of package file names.")
     keep_anonymized: bool = Field(False, description="Keep the anonymized copies in Orthanc.")
+
+
+class SharingRequest(SharingOptions):
+    """What to share, how to de-identify it and where it goes (a form in the Prefect UI)."""
+
+    project: str | None = Field(None, description="Share studies the collection flow marked "
+                                                   "with this project.")
+    study_ids: list[str] = Field(default_factory=list,
+                                 description="Or: Orthanc study IDs in the research server.")
 
     @model_validator(mode="after")
     def _one_selection(self) -> SharingRequest:

@@ -45,7 +45,8 @@ __all__ = [
 DEFAULT_EXECUTABLE = "/usr/sbin/Orthanc"
 
 #: Orthanc 1.10.1 only accepts custom metadata names declared in its configuration.
-USER_METADATA: dict[str, int] = {"PrefectOrthancCollected": 1024, "PrefectOrthancSource": 1025}
+USER_METADATA: dict[str, int] = {"PrefectOrthancCollected": 1024, "PrefectOrthancSource": 1025,
+                                 "PrefectOrthancRouted": 1026, "PrefectOrthancLabels": 1027}
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0

@@ -1,0 +1,57 @@
+"""``python -m deployments check | setup | serve``: the deployments' command line.
+
+    python -m deployments check                 # validate prefect.yaml strictly
+    python -m deployments setup                 # work pool, PACS limits, blocks (from settings)
+    python -m deployments serve [--only NAME] [--replace]   # serve prefect.yaml's deployments
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check", help="validate prefect.yaml (unknown keys, entrypoints, "
+                                      "parameters, schedules, triggers)")
+    commands.add_parser("setup", help="create the work pool, PACS limits and blocks")
+    serve = commands.add_parser("serve", help="serve the deployments from this process")
+    serve.add_argument("--only", action="append", metavar="NAME",
+                       help="serve only this deployment (repeatable)")
+    serve.add_argument("--replace", action="store_true",
+                       help="delete same-named deployments made by `prefect deploy` first")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    if args.command == "check":
+        from .spec import SpecError, load
+
+        try:
+            specs = load()
+        except SpecError as error:
+            print(f"prefect.yaml: INVALID\n  " + str(error).replace("; ", "\n  "),
+                  file=sys.stderr)
+            return 1
+        for spec in specs:
+            when = ", ".join(s.get("cron") or f"every {s.get('interval')} s"
+                             for s in spec.schedules) or "no schedule"
+            print(f"{spec.full_name}: {when}; {len(spec.triggers)} trigger(s)")
+        return 0
+    if args.command == "setup":
+        from .stack import setup
+
+        for what, outcome in setup().items():
+            print(f"{what}: {outcome}")
+        return 0
+    from .stack import serve as serve_all
+
+    serve_all(set(args.only) if args.only else None, replace=args.replace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

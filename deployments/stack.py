@@ -1,0 +1,148 @@
+"""What the deployments need on the Prefect server, created from settings, and serving them.
+
+``setup()`` is idempotent: it creates (or updates) the process work pool, one global concurrency
+limit per PACS (``orthanc-modality-<name>``), the ``OrthancCredentials`` block for the research
+Orthanc (from ``ORTHANC_*``) and, when ``PREFECT_ORTHANC_DEID_SECRET`` is set, the Secret block
+holding the de-identification secret. ``serve()`` runs every deployment of prefect.yaml from
+this process, polling often enough for new-study runs to start within seconds, and leaves the
+deployments active when it stops (paused deployments would ignore new-study events).
+
+    python -m deployments setup        # PREFECT_ORTHANC_MODALITY_LIMITS="pacs=2" by default
+    python -m deployments serve
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["StackSettings", "setup", "serve"]
+
+
+class StackSettings(BaseSettings):
+    """``PREFECT_ORTHANC_*`` settings of the deployment stack (names match prefect.yaml)."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFECT_ORTHANC_", extra="ignore")
+
+    work_pool: str = Field("orthanc-process", description="Process work pool for `prefect "
+                                                          "deploy` deployments.")
+    modality_limits: str = Field("pacs=2", description="Concurrent C-FIND/C-MOVE allowed per "
+                                                       "PACS, e.g. 'pacs=2,archive=1'.")
+    credentials_block: str = Field("research", description="OrthancCredentials block name.")
+    secret_block: str = Field("deid-secret", description="Secret block with the de-id secret.")
+    serve_poll_seconds: float = Field(2.0, gt=0, le=60, description="How often `serve` looks "
+                                      "for runs to start (new-study latency).")
+
+    @field_validator("modality_limits")
+    @classmethod
+    def _check_limits(cls, value: str) -> str:
+        cls.parse_limits(value)
+        return value
+
+    @staticmethod
+    def parse_limits(value: str) -> dict[str, int]:
+        limits: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            name, _, number = item.partition("=")
+            if not name.strip() or not number.strip().isdigit() or int(number) < 1:
+                raise ValueError("modality limits are NAME=N[,NAME=N] with N >= 1")
+            limits[name.strip()] = int(number)
+        return limits
+
+    @property
+    def limits(self) -> dict[str, int]:
+        return self.parse_limits(self.modality_limits)
+
+
+async def _ensure_work_pool(name: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    async with get_client() as client:
+        try:
+            pool = await client.read_work_pool(name)
+            return f"exists (type {pool.type})"
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(
+                name=name, type="process",
+                base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="prefect-orthanc flows (prefect.yaml)"))
+            return "created (type process)"
+
+
+def setup(settings: StackSettings | None = None) -> dict[str, str]:
+    """Create or update what the deployments need; returns what was done, by object."""
+    from prefect.blocks.system import Secret
+
+    from flows.sharing import SECRET_ENV
+    from tasks import OrthancCredentials, ensure_limits
+
+    settings = settings or StackSettings()
+    done: dict[str, str] = {f"work pool {settings.work_pool}":
+                            asyncio.run(_ensure_work_pool(settings.work_pool))}
+    for name, what in asyncio.run(ensure_limits(settings.limits)).items():
+        done[f"limit {name}"] = what
+    OrthancCredentials.register_type_and_schema()
+    credentials = OrthancCredentials.from_env()
+    credentials.save(settings.credentials_block, overwrite=True)
+    done[f"block orthanc-credentials/{settings.credentials_block}"] = "saved from ORTHANC_*"
+    secret = os.environ.get(SECRET_ENV)
+    if secret:
+        Secret(value=secret).save(settings.secret_block, overwrite=True)
+        done[f"block secret/{settings.secret_block}"] = f"saved from {SECRET_ENV}"
+    else:
+        done[f"block secret/{settings.secret_block}"] = f"skipped: {SECRET_ENV} is not set"
+    return done
+
+
+async def _worker_deployments(names: list[str], delete: bool) -> list[str]:
+    """Which of these deployments exist on a work pool (made by ``prefect deploy``); with
+    ``delete``, remove them so ``serve`` can own the names."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found = []
+    async with get_client() as client:
+        for name in names:
+            try:
+                deployment = await client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name:
+                found.append(f"{name} (work pool {deployment.work_pool_name})")
+                if delete:
+                    await client.delete_deployment(deployment.id)
+    return found
+
+
+def serve(only: set[str] | None = None, settings: StackSettings | None = None,
+          replace: bool = False, **runner: Any) -> None:
+    """Serve prefect.yaml's deployments (or ``only`` those names) from this process until
+    stopped; deployments stay active afterwards (``pause_on_shutdown=False``).
+
+    Deployments of the same names made by ``prefect deploy`` for a worker are not taken over
+    silently (their runs would look for code the worker was meant to fetch): this raises
+    unless ``replace`` deletes them first.
+    """
+    from prefect import serve as prefect_serve
+
+    from .spec import load, runner_deployments
+
+    settings = settings or StackSettings()
+    specs = [s for s in load() if not only or s.name in only or s.full_name in only]
+    if not specs:
+        raise SystemExit(f"no deployment named {sorted(only or [])} in prefect.yaml")
+    taken = asyncio.run(_worker_deployments([s.full_name for s in specs], delete=replace))
+    if taken and not replace:
+        raise SystemExit("these deployments were made by `prefect deploy` for a worker: "
+                         + ", ".join(taken) + "; run a worker for them instead, or serve "
+                         "with --replace to delete and serve them here")
+    deployments = runner_deployments(specs)
+    runner.setdefault("query_seconds", settings.serve_poll_seconds)
+    prefect_serve(*deployments, pause_on_shutdown=False, **runner)

@@ -1,0 +1,229 @@
+"""The new-study flow: run when an ``orthanc.study.stable`` event arrives, apply routing rules.
+
+Rules are plain configuration (deployment parameters, editable in the UI): each matches on the
+study's modalities and on the AET that sent it, and then labels the study, forwards it to a
+DICOM modality or an Orthanc peer, or shares a de-identified copy (the sharing flow, as a
+subflow). Once every matched rule succeeded the study is marked with its LastUpdate, so a
+second event for the same stable study (after Prefect's own 30-minute de-duplication) changes
+nothing, while a study that grew and became stable again is routed again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, Failed, State
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orthanc_client import Level, Orthanc, OrthancUnsupported
+from tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
+from tasks.policy import short_id
+
+from .collection import load_credentials
+from .sharing import SharingOptions, SharingRequest, share_studies
+
+__all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect_study",
+           "label_study", "ROUTED_METADATA", "LABELS_METADATA"]
+
+#: LastUpdate of the study when its rules last all succeeded (declare in UserMetadata)
+ROUTED_METADATA = "PrefectOrthancRouted"
+#: labels on Orthanc < 1.12, comma-separated (declare in UserMetadata)
+LABELS_METADATA = "PrefectOrthancLabels"
+
+
+class RouteRule(BaseModel):
+    """One routing rule: when the study matches, do one action."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="Shown in run summaries.")
+    modalities: list[str] = Field(default_factory=list, description="Match studies holding "
+                                  "any of these modalities, e.g. CT, MR (empty = any).")
+    calling_aets: list[str] = Field(default_factory=list, description="Match studies sent by "
+                                    "one of these AETs (empty = any sender).")
+    action: Literal["label", "forward", "share"] = Field(
+        description="label: tag the study; forward: send it to a modality or peer; share: "
+                    "de-identify it and deliver it (the sharing flow's checks included).")
+    labels: list[str] = Field(default_factory=list, description="For label.")
+    target: str = Field("", description="For forward: the modality or peer name.")
+    target_kind: Literal["modality", "peer"] = Field("modality", description="For forward.")
+    share: SharingOptions | None = Field(None, description="For share.")
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [v.strip().upper() for v in value if v.strip()]
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str]) -> list[str]:
+        import re
+
+        if any(not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) for v in value):
+            raise ValueError("labels are 1-64 letters, digits, '-' or '_'")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> RouteRule:
+        needed = {"label": bool(self.labels), "forward": bool(self.target),
+                  "share": self.share is not None}
+        if not needed[self.action]:
+            what = {"label": "labels", "forward": "target", "share": "share"}[self.action]
+            raise ValueError(f"rule {self.name}: action {self.action} needs {what}")
+        return self
+
+    def matches(self, facts: StudyFacts) -> bool:
+        if self.modalities and not set(self.modalities) & set(facts.modalities):
+            return False
+        if self.calling_aets and facts.calling_aet not in self.calling_aets:
+            return False
+        return True
+
+
+class StudyFacts(BaseModel):
+    """What the rules match on. Held in memory only (never persisted, never logged)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    study_id: str
+    last_update: str
+    instances: int
+    modalities: tuple[str, ...] = Field((), repr=False)
+    calling_aet: str | None = Field(None, repr=False)
+    routed_at: str | None = None
+
+
+class RouteReport(BaseModel):
+    """Outcome: rule names and counts, no values."""
+
+    study_id: str
+    matched: tuple[str, ...] = ()
+    done: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    skipped: bool = False
+
+
+@orthanc_task(name="inspect_study", run_name=lambda p: f"inspect-{short_id(p['study_id'])}")
+def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts | None:
+    """The facts routing rules match on, or None when the study is gone.
+
+    Example:
+        ```python
+        facts = inspect_study(creds, study_id)
+        ```
+    """
+    with credentials.get_client() as orthanc:
+        if not orthanc.exists(Level.STUDY, study_id):
+            return None
+        study = orthanc.resource(Level.STUDY, study_id)
+        series = orthanc.children(Level.STUDY, study_id)
+        instances = orthanc.instances(Level.STUDY, study_id)
+        sender = orthanc.metadata(Level.INSTANCE, instances[0], "RemoteAET") if instances else None
+        return StudyFacts(
+            study_id=study_id, last_update=study.last_update or "", instances=len(instances),
+            modalities=tuple(sorted({s.main_dicom_tags.get("Modality", "") for s in series}
+                                    - {""})),
+            calling_aet=sender, routed_at=orthanc.metadata(Level.STUDY, study_id,
+                                                           ROUTED_METADATA))
+
+
+def _add_labels(orthanc: Orthanc, study_id: str, labels: Sequence[str]) -> str:
+    try:
+        for label in labels:
+            orthanc.add_label(Level.STUDY, study_id, label)
+        return "label"
+    except OrthancUnsupported:
+        current = orthanc.metadata(Level.STUDY, study_id, LABELS_METADATA) or ""
+        merged = sorted(set(filter(None, current.split(","))) | set(labels))
+        orthanc.set_metadata(Level.STUDY, study_id, LABELS_METADATA, ",".join(merged))
+        return "metadata"
+
+
+@orthanc_task(name="label_study", run_name=lambda p: f"label-{short_id(p['study_id'])}")
+def label_study(credentials: OrthancCredentials, study_id: str, labels: Sequence[str]) -> str:
+    """Label a study: Orthanc labels from 1.12, else the ``PrefectOrthancLabels`` metadata
+    (comma-separated, merged). Returns which one was used.
+
+    Example:
+        ```python
+        label_study(creds, study_id, ["new", "ct"])
+        ```
+    """
+    with credentials.get_client() as orthanc:
+        return _add_labels(orthanc, study_id, labels)
+
+
+@orthanc_task(name="mark_routed", run_name=lambda p: f"routed-{short_id(p['study_id'])}")
+def mark_routed(credentials: OrthancCredentials, study_id: str, last_update: str) -> None:
+    """Record that the study's rules all succeeded at this LastUpdate."""
+    with credentials.get_client() as orthanc:
+        orthanc.set_metadata(Level.STUDY, study_id, ROUTED_METADATA, last_update)
+
+
+def _apply(rule: RouteRule, credentials: OrthancCredentials, credentials_block: str | None,
+           study_id: str) -> bool:
+    if rule.action == "label":
+        label_study(credentials, study_id, rule.labels)
+    elif rule.action == "forward" and rule.target_kind == "modality":
+        store_to_modality(credentials, rule.target, [study_id])
+    elif rule.action == "forward":
+        store_to_peer(credentials, rule.target, [study_id])
+    else:
+        assert rule.share is not None
+        request = SharingRequest(study_ids=[study_id], **rule.share.model_dump())
+        state = share_studies(request, credentials_block, return_state=True)
+        return state.is_completed()
+    return True
+
+
+@flow(name="route-new-study", flow_run_name="new-study-{study_id}", validate_parameters=True)
+def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server: str = "research",
+                    credentials_block: str | None = None) -> State[RouteReport]:
+    """Apply the routing rules to one new stable study (the trigger passes its Orthanc ID).
+
+    Rules run in order; a failing rule does not stop the others, but the study is then not
+    marked routed and the run fails, so a re-run retries (labels and forwards are idempotent,
+    sharing keeps a ledger).
+
+    Example:
+        ```python
+        route_new_study("27f7126f-4f66ab19-6d2fbc77-3b9e1bd4-5cbc3bbf",
+                        rules=[RouteRule(name="tag", action="label", labels=["new"])])
+        ```
+    """
+    logger = get_run_logger()
+    credentials = load_credentials(credentials_block)
+    facts = inspect_study(credentials, study_id)
+    if facts is None:
+        return Completed(message="study no longer in Orthanc: nothing to do",
+                         data=RouteReport(study_id=study_id, skipped=True))
+    if facts.routed_at and facts.routed_at == facts.last_update:
+        return Completed(message="already routed at this LastUpdate: nothing to do",
+                         data=RouteReport(study_id=study_id, skipped=True))
+    matched = [rule for rule in rules or [] if rule.matches(facts)]
+    done: list[str] = []
+    failed: list[str] = []
+    for rule in matched:
+        try:
+            ok = _apply(rule, credentials, credentials_block, study_id)
+        except Exception as exc:  # noqa: BLE001 - tasks raise sanitized errors
+            logger.warning("rule %s failed (%s)", rule.name, type(exc).__name__)
+            ok = False
+        (done if ok else failed).append(rule.name)
+    report = RouteReport(study_id=study_id, matched=tuple(r.name for r in matched),
+                         done=tuple(done), failed=tuple(failed))
+    summary = (f"study {short_id(study_id)} ({facts.instances} instances): "
+               f"{len(matched)}/{len(rules or [])} rules matched, {len(done)} done, "
+               f"{len(failed)} failed")
+    create_markdown_artifact(
+        key="new-study-routing",
+        markdown="\n".join([f"**{summary}**", "", "| rule | outcome |", "|---|---|",
+                            *[f"| {r.name} | {'done' if r.name in done else 'failed'} |"
+                              for r in matched]]),
+        description="Routing of a new stable study (rule names only).")
+    logger.info(summary)
+    if failed:
+        return Failed(message=summary, data=report)
+    mark_routed(credentials, study_id, facts.last_update)
+    return Completed(message=summary, data=report)

@@ -1,0 +1,112 @@
+"""The changes watcher: ``orthanc.study.stable`` events for servers without the Lua emitter.
+
+It polls Orthanc's ``/changes`` log from a cursor kept in a Prefect Variable, posts one event per
+``StableStudy`` change (same contract and event IDs as the Lua script, see ``flows/events.py``)
+and only then advances the cursor: a crash re-sends the last batch, and Prefect drops the
+duplicates by event ID. Each run watches for ``run_for`` seconds and ends, so a deployment on an
+interval schedule (concurrency 1, queued) keeps one watcher alive with bounded runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed, State
+from prefect.variables import Variable
+from pydantic import BaseModel, ConfigDict
+
+from orthanc_client import Level, OrthancError
+from tasks.changes import cursor_variable
+
+from .collection import load_credentials
+from .events import post_events, study_event
+
+__all__ = ["watch_changes", "WatchReport"]
+
+STABLE_STUDY = "StableStudy"
+_PAGE = 200
+
+
+class WatchReport(BaseModel):
+    """What one watcher run saw: counts and the cursor, nothing else."""
+
+    model_config = ConfigDict(frozen=True)
+
+    server: str
+    cursor: int
+    polls: int = 0
+    events: int = 0
+    errors: int = 0
+
+
+@flow(name="watch-orthanc-changes", flow_run_name="watch-{server}", log_prints=False)
+def watch_changes(server: str = "research", run_for: float = 600, poll_interval: float = 1.0,
+                  start_at: Literal["end", "beginning"] = "end",
+                  credentials_block: str | None = None) -> State[WatchReport]:
+    """Post ``orthanc.study.stable`` events for new stable studies for ``run_for`` seconds.
+
+    ``server`` names the Orthanc in the events' resource IDs (match it in triggers) and in the
+    cursor's Variable (``orthanc_changes_events_<server>``). A new cursor starts at the end of
+    the change log (only studies that become stable from now on) unless ``start_at`` is
+    ``beginning``. Transient Orthanc or Prefect errors are logged (without values) and retried
+    at the next poll; the run fails only if the last poll failed.
+
+    Example:
+        ```python
+        watch_changes(server="research", run_for=3600, poll_interval=2)
+        ```
+    """
+    logger = get_run_logger()
+    credentials = load_credentials(credentials_block)
+    name = cursor_variable(f"events-{server}")
+    polls = events = errors = 0
+    last_error: str | None = None
+    deadline = time.monotonic() + max(0.0, run_for)
+    with credentials.get_client() as orthanc:
+        since = Variable.get(name, default=None)
+        if since is None:
+            since = 0 if start_at == "beginning" else orthanc.changes(0, 0).last
+            Variable.set(name, int(since), overwrite=True)
+        since = int(since)
+        logger.info("watching %s from change %d for %.0f s", server, since, run_for)
+        while True:
+            polls += 1
+            try:
+                page = orthanc.changes(since, _PAGE)
+                batch = []
+                for change in page.changes:
+                    if change.change_type != STABLE_STUDY:
+                        continue
+                    stamp = orthanc.metadata(Level.STUDY, change.id, "LastUpdate")
+                    if stamp:  # None: the study was deleted since
+                        batch.append(study_event(server, change.id, stamp, emitter="changes"))
+                events += post_events(batch)
+                if page.last != since:
+                    since = page.last
+                    Variable.set(name, since, overwrite=True)
+                last_error = None
+            except (OrthancError, OSError) as exc:  # sanitized: type and route only
+                errors += 1
+                last_error = type(exc).__name__
+                logger.warning("poll %d failed (%s); retrying from change %d", polls,
+                               last_error, since)
+                page = None
+            except Exception as exc:  # the Prefect API refused the events
+                errors += 1
+                last_error = type(exc).__name__
+                logger.warning("posting events failed (%s); retrying from change %d",
+                               last_error, since)
+                page = None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if page is None or page.done:
+                time.sleep(min(poll_interval if page else max(poll_interval, 5.0), remaining))
+    report = WatchReport(server=server, cursor=since, polls=polls, events=events, errors=errors)
+    summary = f"{events} events in {polls} polls, {errors} errors; cursor at {since}"
+    logger.info(summary)
+    if last_error:
+        return Failed(message=f"last poll failed ({last_error}): {summary}", data=report)
+    return Completed(message=summary, data=report)
