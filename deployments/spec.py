@@ -34,6 +34,19 @@ class SpecError(ValueError):
     """prefect.yaml is not what it should be; the message lists every problem."""
 
 
+def _brief(exc: Exception) -> str:
+    """A pydantic error as ``loc: msg`` pairs (its default text runs to dozens of lines)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            items = errors()
+            text = ", ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in items[:3])
+            return text + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+        except Exception:  # noqa: BLE001
+            pass
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 @dataclass
 class DeploymentSpec:
     """One deployment of prefect.yaml, checked."""
@@ -104,7 +117,7 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
     try:
         config = DeploymentConfig.model_validate(raw)
     except Exception as exc:  # noqa: BLE001 - reported with the others
-        problems.append(f"{where}: {exc}")
+        problems.append(f"{where}: {_brief(exc)}")
         return None
     if not config.name or not config.entrypoint:
         problems.append(f"{where}: name and entrypoint are required")
@@ -141,7 +154,7 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
     try:
         spec.prefect_schedules()
     except Exception as exc:  # noqa: BLE001
-        problems.append(f"{where}: schedules: {exc}")
+        problems.append(f"{where}: schedules: {_brief(exc)}")
     limit = spec.concurrency_limit
     if isinstance(limit, dict):
         if set(limit) - {"limit", "collision_strategy", "grace_period_seconds"}:
@@ -158,7 +171,7 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
         try:
             made = spec.prefect_triggers()[i]
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"{where}: trigger {i}: {exc}")
+            problems.append(f"{where}: trigger {i}: {_brief(exc)}")
             continue
         params = set((made.parameters or {}).keys())
         if params - set(flow.parameters.properties):
@@ -181,7 +194,7 @@ def load(path: str | Path = PREFECT_YAML) -> list[DeploymentSpec]:
     try:
         PrefectYamlModel.model_validate(raw)
     except Exception as exc:  # noqa: BLE001
-        problems.append(f"top level: {exc}")
+        problems.append(f"top level: {_brief(exc)}")
     specs = []
     names: set[str] = set()
     for i, item in enumerate(raw.get("deployments") or []):

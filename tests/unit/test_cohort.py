@@ -114,3 +114,27 @@ def test_time_window_across_midnight():
         TimeWindow(start="25:00")
     with pytest.raises(ValidationError):
         TimeWindow(timezone="Mars/Olympus")
+
+
+def test_criteria_last_days_counts_back_from_the_run_day():
+    import datetime as dt
+
+    from flows.cohort import Criteria
+
+    criteria = Criteria(last_days=2, modalities=["ct"])
+    assert criteria.dates(dt.date(2026, 3, 1)) == ("20260228", "20260301")
+    assert Criteria(date_from="20260101", date_to="20260131").dates() == ("20260101", "20260131")
+    query = criteria.query()
+    assert query["ModalitiesInStudy"] == "CT" and query["StudyDate"].count("-") == 1
+
+
+@pytest.mark.parametrize("fields", [{}, {"date_from": "20260101"},
+                                    {"last_days": 3, "date_from": "20260101",
+                                     "date_to": "20260102"}])
+def test_criteria_need_one_kind_of_date_range(fields):
+    from pydantic import ValidationError
+
+    from flows.cohort import Criteria
+
+    with pytest.raises(ValidationError):
+        Criteria(**fields)

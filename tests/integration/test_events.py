@@ -1,0 +1,227 @@
+"""New-study events end to end: a study C-STOREd into a research Orthanc starts exactly one
+``route-new-study`` run through the served deployments, from the Lua emitter and from the
+changes watcher, and a duplicate event starts none.
+
+A lab of its own (pacs + research, the research server running the shipped Lua emitter
+pointed at the test Prefect server), ``python -m deployments setup`` and
+``python -m deployments serve`` in a subprocess, as a user would run them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flows.events import post_events, study_event, study_event_id
+from flows.routing import LABELS_METADATA, ROUTED_METADATA
+from orthanc_client import Level, Orthanc
+
+REPO = Path(__file__).resolve().parents[2]
+LUA = REPO / "deployments" / "orthanc" / "study_events.lua"
+STABLE_AGE = 2
+ROUTE = "route-new-study/on-stable-study"
+WATCH = "watch-orthanc-changes/research-changes"
+WATCH_CURSOR = "orthanc_changes_events_research"
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def api_url(prefect_server) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="module")
+def events_lab(api_url: str, tmp_path_factory: pytest.TempPathFactory):
+    from deployments.lab.servers import OrthancLab
+
+    lab = OrthancLab.start(tmp_path_factory.mktemp("events-lab"), stable_age=STABLE_AGE,
+                           research_lua_scripts=[LUA],
+                           research_overrides={"PrefectEvents": {"Url": api_url + "/events",
+                                                                 "Server": "research"}})
+    try:
+        yield lab
+    finally:
+        lab.stop()
+
+
+@pytest.fixture(scope="module")
+def events_research(events_lab) -> Iterator[Orthanc]:
+    with Orthanc(url=events_lab.research.url, username=events_lab.research.username,
+                 password=events_lab.research.password) as client:
+        yield client
+
+
+def _deployment(name: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+@pytest.fixture(scope="module")
+def served(events_lab, api_url: str, tmp_path_factory: pytest.TempPathFactory):
+    """``setup`` then ``serve`` (the two deployments this module needs) in a subprocess."""
+    env = {**os.environ, "PREFECT_API_URL": api_url, "ORTHANC_URL": events_lab.research.url,
+           "ORTHANC_USERNAME": events_lab.research.username,
+           "ORTHANC_PASSWORD": events_lab.research.password, "PYTHONPATH": str(REPO)}
+    setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    assert "block orthanc-credentials/research: saved" in setup.stdout
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deployments", "serve", "--only", "on-stable-study",
+             "--only", "research-changes"], cwd=REPO, env=env, stdout=out,
+            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if all(_deployment(n).status.value == "READY" for n in (ROUTE, WATCH)):
+                    break
+            except Exception:  # noqa: BLE001 - not created yet
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("served deployments never became ready:\n" + log.read_text()[-3000:])
+        yield log
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+_seeds = iter(range(9100, 9200))
+
+
+def _store_new_study(lab, tmp_path: Path) -> tuple[str, float]:
+    """A fresh synthetic study uploaded to the pacs, then C-STOREd into research. Returns its
+    Orthanc ID and the monotonic time the C-STORE finished."""
+    from deployments.lab.synthetic import make_cohort, zip_bytes
+
+    cohort = make_cohort(tmp_path / f"study-{next(_seeds)}", patients=1, studies_per_patient=1,
+                         series_per_study=1, instances_per_series=3, seed=next(_seeds))
+    with Orthanc(url=lab.pacs.url) as pacs:
+        stored = pacs.upload(zip_bytes(cohort.files))
+        study_id = {item.parent_study for item in stored if item.parent_study}.pop()
+        pacs.store("research", [study_id], synchronous=True)
+    return study_id, time.monotonic()
+
+
+def _runs_for(study_id: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    deployment = _deployment(ROUTE)
+    with get_client(sync_client=True) as client:
+        runs = client.request("POST", "/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [str(deployment.id)]}},
+            "sort": "EXPECTED_START_TIME_DESC", "limit": 200, "offset": 0}).json()
+    return [r for r in runs if r["parameters"].get("study_id") == study_id]
+
+
+def _wait_for_run(study_id: str, deadline: float) -> dict:
+    while True:
+        runs = _runs_for(study_id)
+        if runs:
+            return runs[0]
+        if time.monotonic() > deadline:
+            pytest.fail(f"no route-new-study run for study {study_id[:8]} in time")
+        time.sleep(0.2)
+
+
+def _wait_final(run_id: str, timeout: float = 60) -> dict:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.request("GET", "/flow_runs/{id}", path_params={"id": run_id}).json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            time.sleep(0.3)
+    pytest.fail("the run did not finish in time")
+
+
+def _barrier() -> None:
+    """Post an event for a study no server has and wait for its run: events are evaluated in
+    order, so anything posted before it has been evaluated by then."""
+    fake = "-".join(os.urandom(4).hex() for _ in range(5))
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    post_events([study_event("research", fake, stamp, emitter="barrier")])
+    run = _wait_for_run(fake, time.monotonic() + 20)
+    assert _wait_final(run["id"])["state"]["type"] == "COMPLETED"  # "no longer in Orthanc"
+
+
+def test_lua_emitter_starts_exactly_one_run(served, events_lab, events_research, tmp_path):
+    study_id, stored_at = _store_new_study(events_lab, tmp_path)
+    run = _wait_for_run(study_id, stored_at + STABLE_AGE + 10)
+    created = time.monotonic()
+    final = _wait_final(run["id"])
+    assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
+    assert "1/1 rules matched, 1 done" in final["state"]["message"]
+    # the rule ran: labelled (metadata on 1.10.1) and marked routed at this LastUpdate
+    last_update = events_research.resource(Level.STUDY, study_id).last_update
+    assert events_research.metadata(Level.STUDY, study_id, LABELS_METADATA) == "new"
+    assert events_research.metadata(Level.STUDY, study_id, ROUTED_METADATA) == last_update
+    print(f"lua: run created {created - stored_at:.1f} s after the C-STORE")
+
+    # A duplicate (same deterministic ID, computed here in Python, so it also proves the Lua
+    # script and flows/events.py agree) starts no second run.
+    duplicate = study_event("research", study_id, last_update, emitter="duplicate")
+    assert duplicate["id"] == str(study_event_id(study_id, last_update))
+    post_events([duplicate, duplicate])
+    _barrier()
+    assert len(_runs_for(study_id)) == 1
+
+
+def test_changes_watcher_starts_exactly_one_run(served, events_lab, events_research, tmp_path):
+    from prefect.deployments import run_deployment
+    from prefect.variables import Variable
+
+    # this time the research server has no emitter: only the watcher can report the study
+    events_lab.research.config["PrefectEvents"]["Url"] = ""
+    events_lab.research.restart()
+    Variable.unset(WATCH_CURSOR)
+    watcher = run_deployment(WATCH, parameters={"run_for": 15, "poll_interval": 0.5},
+                             timeout=0)
+    deadline = time.monotonic() + 60
+    while Variable.get(WATCH_CURSOR, default=None) is None:
+        assert time.monotonic() < deadline, "the watcher never started"
+        time.sleep(0.3)
+    start = int(Variable.get(WATCH_CURSOR))
+
+    study_id, stored_at = _store_new_study(events_lab, tmp_path)
+    run = _wait_for_run(study_id, stored_at + STABLE_AGE + 10)
+    print(f"watcher: run created {time.monotonic() - stored_at:.1f} s after the C-STORE")
+    final = _wait_final(run["id"])
+    assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
+    report = _wait_final(str(watcher.id))
+    assert report["state"]["type"] == "COMPLETED", report["state"]["message"]
+    assert report["state"]["message"].startswith("1 events")
+    assert int(Variable.get(WATCH_CURSOR)) > start
+
+    # A watcher that crashed before saving its cursor re-sends the batch when it runs again:
+    # replay it from the old cursor. Same event IDs, so no second run.
+    Variable.set(WATCH_CURSOR, start, overwrite=True)
+    replay = run_deployment(WATCH, parameters={"run_for": 2, "poll_interval": 0.5}, timeout=0)
+    report = _wait_final(str(replay.id))
+    assert report["state"]["message"].startswith("1 events"), report["state"]["message"]
+    _barrier()
+    assert len(_runs_for(study_id)) == 1
+

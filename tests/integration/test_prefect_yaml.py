@@ -1,0 +1,107 @@
+"""``prefect deploy --all`` on a real (test) Prefect server: what lands there is what
+prefect.yaml says: schedules, concurrency, work pool, parameters and the event trigger."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def deployed(lab):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PWD": str(REPO),
+           "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
+           "ORTHANC_PASSWORD": lab.research.password}
+    setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    prefect = Path(sys.executable).with_name("prefect")
+    deploy = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, (deploy.stdout + deploy.stderr)[-3000:]
+    with get_client(sync_client=True) as client:
+        deployments = {name: client.read_deployment_by_name(name) for name in (
+            "collect-research-cohort/nightly", "share-deidentified/ad-hoc",
+            "route-new-study/on-stable-study", "watch-orthanc-changes/research-changes")}
+    yield deployments
+    with get_client(sync_client=True) as client:  # leave the names free for serve
+        for deployment in deployments.values():
+            client.delete_deployment(deployment.id)
+
+
+def test_setup_made_the_work_pool_limits_and_block(deployed):
+    from prefect.client.orchestration import get_client
+
+    from tasks import OrthancCredentials
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("orthanc-process")
+        assert pool.type == "process"
+        assert client.read_global_concurrency_limit_by_name(
+            "orthanc-modality-pacs").limit >= 1
+    assert OrthancCredentials.load("research").username == "research"
+
+
+def test_nightly_collection_schedule_and_concurrency(deployed):
+    nightly = deployed["collect-research-cohort/nightly"]
+    assert nightly.work_pool_name == "orthanc-process"
+    [schedule] = nightly.schedules
+    assert schedule.active
+    assert schedule.schedule.cron == "0 19 * * *" and schedule.schedule.timezone == "UTC"
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy.value == "ENQUEUE"
+    assert nightly.parameters["request"]["time_window"] == {
+        "start": "19:00", "end": "07:00", "timezone": "UTC", "outside": "stop"}
+    assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": str(REPO)}}]
+
+
+def test_sharing_is_ad_hoc_with_a_form(deployed):
+    sharing = deployed["share-deidentified/ad-hoc"]
+    assert sharing.schedules == []
+    assert sharing.enforce_parameter_schema
+    form = sharing.parameter_openapi_schema
+    assert "request" in form["properties"]
+    assert "SharingRequest" in str(form.get("definitions", form.get("$defs", {})))
+
+
+def test_new_study_trigger_became_an_automation(deployed):
+    from prefect.client.orchestration import get_client
+
+    route = deployed["route-new-study/on-stable-study"]
+    with get_client(sync_client=True) as client:
+        automations = client.request("POST", "/automations/filter", json={}).json()
+    mine = [a for a in automations
+            if any(action.get("deployment_id") == str(route.id) for action in a["actions"])]
+    assert len(mine) == 1
+    trigger, action = mine[0]["trigger"], mine[0]["actions"][0]
+    assert trigger["expect"] == ["orthanc.study.stable"]
+    assert trigger["match"] == {"prefect.resource.id": "orthanc.research.study.*"}
+    assert trigger["posture"] == "Reactive" and trigger["threshold"] == 1
+    assert action["type"] == "run-deployment"
+    assert action["parameters"] == {"study_id": "{{ event.payload.study_id }}"}
+    watcher = deployed["watch-orthanc-changes/research-changes"]
+    assert watcher.schedules[0].schedule.interval.total_seconds() == 600
+    assert watcher.global_concurrency_limit.limit == 1
+
+
+def test_serve_refuses_to_take_over_worker_deployments(deployed):
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    served = subprocess.run([sys.executable, "-m", "deployments", "serve", "--only", "nightly"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert served.returncode != 0
+    assert "made by `prefect deploy` for a worker" in served.stderr
+    assert "collect-research-cohort/nightly (work pool orthanc-process)" in served.stderr
