@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({"PREFECT_API_URL": prefect_server.api_url,
                            "PREFECT_HOME": str(out / "prefect"),
                            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # run logs go to the UI at INFO; the console shows warnings only
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         return _with_prefect(args, out, started, prefect_server.url)
 
 
@@ -249,6 +250,9 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
           and bool(routed) and routed["state"]["type"] == "COMPLETED" and routed["count"] == 1)
     if args.keep:
         print(f"\neverything is still running: open {ui_url} ; Ctrl-C to stop", flush=True)
+        # a background job may have inherited SIGINT ignored; SIGTERM stops cleanly too
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             while True:
                 time.sleep(3600)
