@@ -1,0 +1,81 @@
+"""The new-study flow's actions on the lab: label, forward (C-STORE to the pacs), share
+(de-identified, to a directory); idempotent per LastUpdate; a failing rule fails the run
+without stopping the others or marking the study routed."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from flows.routing import LABELS_METADATA, ROUTED_METADATA, RouteRule, route_new_study
+from flows.sharing import SECRET_ENV, Destination, SharingOptions
+from orthanc_client import Level
+
+from .conftest import DEID_SECRET
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+_seeds = itertools.count(4242)
+
+
+@pytest.fixture
+def new_study(research, tmp_path: Path) -> str:
+    """A study that exists only in research (stored over REST), as if a scanner sent it."""
+    from deployments.lab.synthetic import make_cohort, zip_bytes
+
+    cohort = make_cohort(tmp_path / "new", patients=1, studies_per_patient=1,
+                         series_per_study=2, instances_per_series=2, seed=next(_seeds),
+                         modalities=("CT",))
+    stored = research.upload(zip_bytes(cohort.files))
+    return next(item.parent_study for item in stored if item.parent_study)
+
+
+def _share(tmp_path: Path) -> SharingOptions:
+    return SharingOptions(destination=Destination(kind="directory", target=str(tmp_path / "out")),
+                          linkage_path=str(tmp_path / "private" / "linkage.csv"),
+                          staging_dir=str(tmp_path / "staging"),
+                          ledger_path=str(tmp_path / "ledger.jsonl"))
+
+
+def test_rules_label_forward_and_share_once(research_env, monkeypatch, research, pacs,
+                                            new_study, tmp_path):
+    monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
+    assert not pacs.exists(Level.STUDY, new_study)
+    rules = [RouteRule(name="tag", action="label", labels=["new", "ct"]),
+             RouteRule(name="mr-only", modalities=["MR"], action="label", labels=["mr"]),
+             RouteRule(name="to-pacs", modalities=["CT"], action="forward", target="pacs"),
+             RouteRule(name="share", action="share", share=_share(tmp_path))]
+    state = route_new_study(new_study, rules=rules, return_state=True)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report.matched == ("tag", "to-pacs", "share") and report.failed == ()
+
+    assert research.metadata(Level.STUDY, new_study, LABELS_METADATA) == "ct,new"
+    assert pacs.exists(Level.STUDY, new_study)  # same DICOM UIDs, same Orthanc ID
+    assert pacs.statistics_of(Level.STUDY, new_study).count_instances == 4
+    assert len(list((tmp_path / "out").glob("*.zip"))) == 1
+    last_update = research.resource(Level.STUDY, new_study).last_update
+    assert research.metadata(Level.STUDY, new_study, ROUTED_METADATA) == last_update
+
+    again = route_new_study(new_study, rules=rules, return_state=True)
+    assert again.is_completed() and again.result().skipped
+    assert "already routed" in again.message
+    assert len(list((tmp_path / "out").glob("*.zip"))) == 1
+
+
+def test_a_failing_rule_fails_the_run_but_not_the_others(research_env, research, new_study):
+    rules = [RouteRule(name="nowhere", action="forward", target="no-such-modality"),
+             RouteRule(name="tag", action="label", labels=["seen"])]
+    state = route_new_study(new_study, rules=rules, return_state=True)
+    assert state.is_failed()
+    report = state.result(raise_on_failure=False)
+    assert report.failed == ("nowhere",) and report.done == ("tag",)
+    assert research.metadata(Level.STUDY, new_study, LABELS_METADATA) == "seen"
+    assert research.metadata(Level.STUDY, new_study, ROUTED_METADATA) is None
+    assert "no-such-modality" not in (state.message or "")
+
+
+def test_a_deleted_study_is_nothing_to_do(research_env):
+    state = route_new_study("0" * 8 + "-" + "-".join(["1" * 8] * 4), rules=[], return_state=True)
+    assert state.is_completed() and "no longer in Orthanc" in state.message
