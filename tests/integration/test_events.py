@@ -225,3 +225,21 @@ def test_changes_watcher_starts_exactly_one_run(served, events_lab, events_resea
     _barrier()
     assert len(_runs_for(study_id)) == 1
 
+
+
+def test_watcher_on_an_unreachable_orthanc_fails_clearly(monkeypatch):
+    from deployments.lab.servers import free_ports
+    from flows.watcher import watch_changes
+
+    monkeypatch.setenv("ORTHANC_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+    monkeypatch.setenv("ORTHANC_USERNAME", "research")
+    monkeypatch.setenv("ORTHANC_PASSWORD", "watcher-test-password")
+    monkeypatch.setenv("ORTHANC_RETRIES", "0")
+    state = watch_changes(server="unreachable", run_for=1, return_state=True)
+    assert state.is_failed()
+    message = state.message or ""
+    with pytest.raises(Exception) as caught:
+        state.result()
+    text = f"{message} {caught.value}"
+    assert "OrthancUnavailable" in text or "unavailable" in text.lower()
+    assert "watcher-test-password" not in text
