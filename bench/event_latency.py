@@ -11,6 +11,7 @@ created and started, all in one run on the same machine:
     no Prefect: a plain loop polling research's ``GET /changes?since=...`` every
     ``--poll-interval`` seconds, timing when it sees the ``StableStudy`` change. The floor for
     the changes watcher's detection (the watcher additionally reads LastUpdate and posts).
+    Restarted at a random offset for each study, so that the samples cover every phase.
 ``changes``
     the changes watcher (``watch-orthanc-changes/research-changes``, started with
     ``run_deployment``, polling every ``--poll-interval`` seconds) with the Lua emitter off.
@@ -26,6 +27,8 @@ changes) for the route run to finish before the next study. What is timed, per s
   returned plus StableAge (a lower bound: Orthanc only checks stability on whole seconds).
 * detected/event: when the raw loop saw the change, or when Prefect *received* the event
   (``received`` of the stored event, looked up by its deterministic ID).
+* fired: when the deployment's trigger fired (``occurred`` of the automation's
+  ``prefect.automation.action.triggered`` event that names our event as triggering-event).
 * run created, pending (the runner picked it up) and running (``start_time``: the flow
   process started and entered the flow), from the Prefect API.
 
@@ -39,6 +42,8 @@ so that only the watcher run started here reports studies.
 
     .venv/bin/python bench/event_latency.py                     # N=10, ~4-5 minutes
     .venv/bin/python bench/event_latency.py --n 20 --modes lua changes --poll-interval 0.5
+    PREFECT_LOGGING_LEVEL=INFO PREFECT_LOGGING_SERVER_LEVEL=INFO \
+        .venv/bin/python bench/event_latency.py --logs /tmp/el   # keep the server log
 
 Prints markdown tables and writes every sample to bench/results/event_latency.json.
 """
@@ -53,8 +58,8 @@ import itertools
 import json
 import math
 import os
+import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,13 +69,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import quiet_prefect  # noqa: E402
 
 import httpx  # noqa: E402
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from deployments.lab.servers import OrthancLab
 
 LUA = ROOT / "deployments" / "orthanc" / "study_events.lua"
 SERVER = "research"
@@ -99,18 +109,21 @@ def prefect_time(stamp: str | None) -> float | None:
 # ------------------------------------------------------------------ processes
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
+def _child_setup() -> None:
+    """In a child, before exec: SIGINT handled normally (even if this benchmark was started
+    with it ignored, as background jobs are), and SIGTERM when the benchmark dies."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def spawn(command: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """Start a child in its own session (Ctrl-C reaches only us; we stop it in order)."""
+    """Start a child in its own session (Ctrl-C reaches only us; we stop it in order).
+    Only called from the main thread before any helper thread exists (preexec_fn)."""
     with log.open("ab") as out:
         return subprocess.Popen(list(command), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_child_setup)  # noqa: PLW1509
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -131,33 +144,6 @@ def tail(log: Path, lines: int = 30) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     return ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_prefect_server(home: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``prefect server start`` on a free loopback port; returns it once /api/health is ok."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    process = spawn([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                     "--port", str(port)], env, log)
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the Prefect server exited:\n" + tail(log))
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(api + "/health", timeout=2).json() is True:
-                return process, api
-        time.sleep(0.5)
-    stop(process)
-    raise RuntimeError("the Prefect server did not answer /api/health in 120 s:\n" + tail(log))
 
 
 # ------------------------------------------------------------------ Orthanc
@@ -220,6 +206,9 @@ class RawPoller(threading.Thread):
     """The baseline: a plain ``/changes`` loop, like the watcher's but without Prefect.
 
     Polls, notes when each ``StableStudy`` change was first seen, sleeps ``poll_interval``.
+    A poll that finds its kept-alive connection closed by Orthanc (it closes idle ones after
+    ``KeepAliveTimeout``, 1 s by default: a 1-s loop races it) is retried at once, as any
+    client would.
     """
 
     def __init__(self, url: str, auth: tuple[str, str] | None, poll_interval: float) -> None:
@@ -228,18 +217,23 @@ class RawPoller(threading.Thread):
         self.since = self.log.last()
         self.poll_interval = poll_interval
         self.seen: dict[str, tuple[float, str]] = {}
-        self.polls = self.errors = 0
+        self.polls = self.reconnects = self.errors = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
         try:
             while not self._halt.is_set():
                 self.polls += 1
-                try:
-                    changes, self.since = self.log.read(self.since)
-                except httpx.HTTPError:
-                    self.errors += 1
-                    changes = []
+                changes: list[dict[str, Any]] = []
+                for attempt in range(2):
+                    try:
+                        changes, self.since = self.log.read(self.since)
+                        break
+                    except httpx.TransportError:
+                        if attempt:
+                            self.errors += 1
+                        else:
+                            self.reconnects += 1
                 now = time.time()
                 for change in changes:
                     if change["ChangeType"] == "StableStudy":
@@ -264,12 +258,12 @@ class RawPoller(threading.Thread):
 # ------------------------------------------------------------------ Prefect
 
 
-def deployment_id(client: Any, name: str) -> str:
+def deployment_id(client: SyncPrefectClient, name: str) -> str:
     return str(client.read_deployment_by_name(name).id)
 
 
-def wait_ready(client: Any, names: Sequence[str], serve: subprocess.Popen[bytes], log: Path,
-               timeout: float = 120) -> None:
+def wait_ready(client: SyncPrefectClient, names: Sequence[str],
+               serve: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
     """Until every deployment exists and its status is READY (the runner polls it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -282,7 +276,7 @@ def wait_ready(client: Any, names: Sequence[str], serve: subprocess.Popen[bytes]
     raise RuntimeError("the served deployments never became READY:\n" + tail(log))
 
 
-def set_schedules_active(client: Any, name: str, active: bool) -> int:
+def set_schedules_active(client: SyncPrefectClient, name: str, active: bool) -> int:
     """Switch a deployment's schedules on or off (off deletes its future scheduled runs)."""
     deployment = client.read_deployment_by_name(name)
     schedules = client.read_deployment_schedules(deployment.id)
@@ -291,21 +285,24 @@ def set_schedules_active(client: Any, name: str, active: bool) -> int:
     return len(schedules)
 
 
-def find_run(client: Any, route_id: str, study_id: str, timeout: float) -> dict[str, Any]:
-    """The route-new-study run whose ``study_id`` parameter is this study."""
+def find_run(client: SyncPrefectClient, route_id: str, study_id: str, after: float, timeout: float
+             ) -> dict[str, Any]:
+    """The route-new-study run for this study (``study_id`` parameter) created after
+    ``after`` (a server given with --api-url may hold runs of an earlier benchmark)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = client.request("POST", "/flow_runs/filter", json={
             "deployments": {"id": {"any_": [route_id]}},
             "sort": "EXPECTED_START_TIME_DESC", "limit": 50, "offset": 0}).json()
         for run in runs:
-            if run["parameters"].get("study_id") == study_id:
+            created = prefect_time(run["created"]) or 0.0
+            if run["parameters"].get("study_id") == study_id and created >= after - 1:
                 return dict(run)
         time.sleep(0.5)
     raise TimeoutError(f"no route-new-study run for study {study_id[:8]} in {timeout:.0f} s")
 
 
-def wait_final(client: Any, run_id: str, timeout: float) -> dict[str, Any]:
+def wait_final(client: SyncPrefectClient, run_id: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = client.request("GET", "/flow_runs/{id}", path_params={"id": run_id}).json()
@@ -315,19 +312,21 @@ def wait_final(client: Any, run_id: str, timeout: float) -> dict[str, Any]:
     raise TimeoutError(f"flow run {run_id} not finished in {timeout:.0f} s")
 
 
-def pending_time(client: Any, run_id: str) -> float | None:
+def pending_time(client: SyncPrefectClient, run_id: str) -> float | None:
     """When the runner proposed PENDING for the run (it picked the run up)."""
     states = client.request("GET", "/flow_run_states/", params={"flow_run_id": run_id}).json()
     times = [prefect_time(s["timestamp"]) for s in states if s["type"] == "PENDING"]
     return min((t for t in times if t is not None), default=None)
 
 
-def find_event(client: Any, event_id: str, timeout: float = 20) -> dict[str, Any] | None:
-    """The stored event with this ID (events are persisted in batches: retry a little)."""
+def find_event(client: SyncPrefectClient, query: dict[str, Any], timeout: float = 20
+               ) -> dict[str, Any] | None:
+    """The first stored event matching an event filter (events are persisted in batches, a
+    few seconds late: retry a little)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        page = client.request("POST", "/events/filter", json={
-            "filter": {"id": {"id": [event_id]}}, "limit": 5}).json()
+        page = client.request("POST", "/events/filter",
+                              json={"filter": query, "limit": 5}).json()
         if page["events"]:
             return dict(page["events"][0])
         time.sleep(1)
@@ -348,6 +347,7 @@ class Sample:
     stable_date: float  # Date of the StableStudy change (UTC, whole seconds, truncated)
     stable_probe: float  # first sighting of that change by the 0.1-s probe
     detected: float | None = None  # raw: the loop saw it; lua/changes: Prefect received the event
+    fired: float | None = None  # the deployment's trigger fired (automation action triggered)
     created: float | None = None
     pending: float | None = None
     started: float | None = None
@@ -365,8 +365,8 @@ class Bench:
     """What the modes share."""
 
     args: argparse.Namespace
-    lab: Any
-    client: Any  # a sync PrefectClient
+    lab: OrthancLab
+    client: SyncPrefectClient
     route_id: str
     changes: ChangeLog
     workdir: Path
@@ -389,17 +389,23 @@ def measure_flow_study(bench: Bench, mode: str) -> Sample:
 
     study_id, sample = bench.fresh_study(mode)
     last_update = bench.changes.http.get(f"/studies/{study_id}/metadata/LastUpdate").text
-    run = find_run(bench.client, bench.route_id, study_id, timeout=90)
+    run = find_run(bench.client, bench.route_id, study_id, after=sample.stored, timeout=90)
     final = wait_final(bench.client, run["id"], timeout=180)
     sample.created = prefect_time(final["created"])
     sample.started = prefect_time(final["start_time"])
     sample.ended = prefect_time(final["end_time"])
     sample.state = final["state"]["type"]
     sample.pending = pending_time(bench.client, run["id"])
-    event = find_event(bench.client, str(study_event_id(study_id, last_update)))
+    event_id = str(study_event_id(study_id, last_update))
+    event = find_event(bench.client, {"id": {"id": [event_id]}})
     if event is not None:
         sample.detected = prefect_time(event["received"])
         sample.emitter = event["payload"].get("emitter")
+    action = find_event(bench.client, {
+        "event": {"name": ["prefect.automation.action.triggered"]},
+        "related": {"id": [f"prefect.event.{event_id}"]}})
+    if action is not None:
+        sample.fired = prefect_time(action["occurred"])
     return sample
 
 
@@ -415,19 +421,28 @@ def disable_lua(bench: Bench) -> None:
 
 
 def run_raw(bench: Bench) -> list[Sample]:
+    """A fresh loop per study, started at a random offset: Orthanc declares studies stable
+    just after whole seconds, so one loop with a fixed period would meet every study at
+    nearly the same phase and sample a single point of the 0..poll_interval range."""
     disable_lua(bench)
-    poller = RawPoller(bench.lab.research.url, bench.lab.research.auth, bench.args.poll_interval)
-    poller.start()
+    jitter = random.Random(bench.args.n)
     samples = []
-    try:
-        for _ in range(bench.args.n):
+    polls = reconnects = errors = 0
+    for _ in range(bench.args.n):
+        time.sleep(jitter.uniform(0, bench.args.poll_interval))
+        poller = RawPoller(bench.lab.research.url, bench.lab.research.auth,
+                           bench.args.poll_interval)
+        poller.start()
+        try:
             study_id, sample = bench.fresh_study("raw")
             sample.detected, _date = poller.wait_for(study_id, bench.args.poll_interval + 30)
-            samples.append(progress(sample))
-    finally:
-        poller.halt()
-    if poller.errors:
-        print(f"  raw loop: {poller.errors} failed polls of {poller.polls}", flush=True)
+        finally:
+            poller.halt()
+        polls, reconnects = polls + poller.polls, reconnects + poller.reconnects
+        errors += poller.errors
+        samples.append(progress(sample))
+    print(f"  raw loop: {polls} polls, {reconnects} found the connection closed by Orthanc "
+          f"(retried at once), {errors} failed", flush=True)
     return samples
 
 
@@ -523,16 +538,20 @@ def report(results: dict[str, list[Sample]], args: argparse.Namespace) -> str:
                      f"| {cell(deltas(samples, 'created'))} | {cell(deltas(samples, 'started'))} |")
     lines += [
         "",
-        ("Where the time goes (medians, s): event = Prefect received it; pending = the runner "
-         "picked the run up; running = the flow process entered the flow."),
+        ("Where the time goes (medians, s): event = Prefect received it; fired = the "
+         "trigger fired (its automation action was triggered); created = the action created "
+         "the run; pending = the runner picked it up; running = the flow process entered the "
+         "flow."),
         "",
-        ("| mode | stable → event | event → created (trigger) | created → pending (runner "
-         "poll) | pending → running (process start) | run duration |"),
-        "|---|---|---|---|---|---|",
+        ("| mode | stable → event | event → fired (trigger) | fired → created (action) "
+         "| created → pending (runner poll) | pending → running (process start) "
+         "| run duration |"),
+        "|---|---|---|---|---|---|---|",
     ]
     for mode, samples in flows.items():
         lines.append(f"| {mode} | {median_cell(deltas(samples, 'detected'))} "
-                     f"| {median_cell(deltas(samples, 'created', 'detected'))} "
+                     f"| {median_cell(deltas(samples, 'fired', 'detected'))} "
+                     f"| {median_cell(deltas(samples, 'created', 'fired'))} "
                      f"| {median_cell(deltas(samples, 'pending', 'created'))} "
                      f"| {median_cell(deltas(samples, 'started', 'pending'))} "
                      f"| {median_cell(deltas(samples, 'ended', 'started'))} |")
@@ -545,8 +564,8 @@ def report(results: dict[str, list[Sample]], args: argparse.Namespace) -> str:
          "StableAge in whole seconds, so a study is stable StableAge to StableAge+1 s after "
          "its last instance)."),
         "",
-        ("| mode | probe − Date | probe − (C-STORE+StableAge) | metric | from Date | from probe "
-         "| from C-STORE+StableAge |"),
+        ("| mode | probe − Date | probe − (C-STORE+StableAge) | metric | from Date "
+         "| from probe | from C-STORE+StableAge |"),
         "|---|---|---|---|---|---|---|",
     ]
     for mode, samples in results.items():
@@ -579,6 +598,8 @@ def main() -> int:
     parser.add_argument("--serve-poll", type=float, default=None,
                         help="PREFECT_ORTHANC_SERVE_POLL_SECONDS for serve (default: its 2 s)")
     parser.add_argument("--instances", type=int, default=3, help="instances per study")
+    parser.add_argument("--logs", type=Path, help="keep the Prefect server's and serve's "
+                                                  "logs in this directory")
     parser.add_argument("--api-url", help="use this Prefect API instead of starting a server "
                                           "(its 'research' block and deployments are replaced)")
     args = parser.parse_args()
@@ -592,12 +613,17 @@ def main() -> int:
         home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-events-")))
         os.environ.setdefault("PREFECT_HOME", str(home / "client-home"))
         quiet_prefect()
+        logs = args.logs or home
+        logs.mkdir(parents=True, exist_ok=True)
         if args.api_url:
             api = args.api_url.rstrip("/")
         else:
+            from deployments.lab.prefect_server import LocalPrefectServer
+
             print("starting a Prefect server ...", flush=True)
-            server, api = start_prefect_server(home / "server-home", home / "server.log")
-            stack.callback(stop, server)
+            server = LocalPrefectServer.start(logs / "prefect-home", ui=False)
+            stack.callback(server.stop)
+            api = server.api_url
         os.environ["PREFECT_API_URL"] = api  # before Prefect is imported
 
         from deployments.lab.servers import OrthancLab
@@ -618,7 +644,7 @@ def main() -> int:
                                check=False)
         if setup.returncode != 0:
             raise SystemExit("`python -m deployments setup` failed:\n" + setup.stderr[-3000:])
-        serve_log = home / "serve.log"
+        serve_log = logs / "serve.log"
         serve = spawn([sys.executable, "-m", "deployments", "serve", "--only", "on-stable-study",
                        "--only", "research-changes"], env, serve_log)
         stack.callback(stop, serve)
@@ -650,7 +676,7 @@ def main() -> int:
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "event_latency.json").write_text(json.dumps({
-        "config": {k: v for k, v in vars(args).items() if k != "api_url"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("api_url", "logs")},
         "total_seconds": total,
         "samples": {mode: [asdict(s) for s in samples] for mode, samples in results.items()},
     }, indent=2))

@@ -27,6 +27,11 @@ __all__ = ["watch_changes", "WatchReport"]
 
 STABLE_STUDY = "StableStudy"
 _PAGE = 200
+#: The cursor is saved at most this often (and when the run ends). Saving it right after each
+#: post collided with the trigger creating the flow run on a SQLite-backed Prefect server
+#: ("database is locked", a 2-6 s stall, bench/event_latency.py). Events are posted before the
+#: cursor moves, so a crash re-sends at most this many seconds of them: same IDs, no new runs.
+SAVE_EVERY = 5.0
 
 
 class WatchReport(BaseModel):
@@ -42,7 +47,7 @@ class WatchReport(BaseModel):
 
 
 @flow(name="watch-orthanc-changes", flow_run_name="watch-{server}", log_prints=False)
-def watch_changes(server: str = "research", run_for: float = 600, poll_interval: float = 1.0,
+def watch_changes(server: str = "research", run_for: float = 600, poll_interval: float = 0.75,
                   start_at: Literal["end", "beginning"] = "end",
                   credentials_block: str | None = None) -> State[WatchReport]:
     """Post ``orthanc.study.stable`` events for new stable studies for ``run_for`` seconds.
@@ -50,7 +55,8 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
     ``server`` names the Orthanc in the events' resource IDs (match it in triggers) and in the
     cursor's Variable (``orthanc_changes_events_<server>``). A new cursor starts at the end of
     the change log (only studies that become stable from now on) unless ``start_at`` is
-    ``beginning``. Transient Orthanc or Prefect errors are logged (without values) and retried
+    ``beginning``. The default poll interval stays under Orthanc's 1 s HTTP keep-alive, so the
+    connection is reused instead of racing the server closing it. Transient Orthanc or Prefect errors are logged (without values) and retried
     at the next poll; the run fails only if the last poll failed.
 
     Example:
@@ -69,7 +75,8 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
         if since is None:
             since = 0 if start_at == "beginning" else orthanc.changes(0, 0).last
             Variable.set(name, int(since), overwrite=True)
-        since = int(since)
+        since = saved = int(since)
+        saved_at = time.monotonic()
         logger.info("watching %s from change %d for %.0f s", server, since, run_for)
         while True:
             polls += 1
@@ -83,9 +90,10 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
                     if stamp:  # None: the study was deleted since
                         batch.append(study_event(server, change.id, stamp, emitter="changes"))
                 events += post_events(batch)
-                if page.last != since:
-                    since = page.last
+                since = page.last
+                if since != saved and time.monotonic() - saved_at >= SAVE_EVERY:
                     Variable.set(name, since, overwrite=True)
+                    saved, saved_at = since, time.monotonic()
                 last_error = None
             except (OrthancError, OSError) as exc:  # sanitized: type and route only
                 errors += 1
@@ -104,6 +112,8 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
                 break
             if page is None or page.done:
                 time.sleep(min(poll_interval if page else max(poll_interval, 5.0), remaining))
+        if since != saved:
+            Variable.set(name, since, overwrite=True)
     report = WatchReport(server=server, cursor=since, polls=polls, events=events, errors=errors)
     summary = f"{events} events in {polls} polls, {errors} errors; cursor at {since}"
     logger.info(summary)

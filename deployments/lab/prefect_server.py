@@ -50,7 +50,7 @@ class LocalPrefectServer:
         return self.home / "server.log"
 
     @classmethod
-    def start(cls, home: Path, port: int | None = None,
+    def start(cls, home: Path, port: int | None = None, *, ui: bool = True,
               timeout: float = STARTUP_TIMEOUT) -> LocalPrefectServer:
         home = Path(home).resolve()
         home.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,8 @@ class LocalPrefectServer:
         prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
         env = {**os.environ, "PREFECT_HOME": str(home),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_UI_API_URL": server.api_url}
+               "PREFECT_UI_API_URL": server.api_url,
+               "PREFECT_UI_ENABLED": "true" if ui else "false"}
         env.pop("PREFECT_API_URL", None)
         with server.log_path.open("wb") as log:
             server._process = subprocess.Popen(
