@@ -10,6 +10,7 @@ nothing, while a study that grew and became stable again is routed again.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -58,8 +59,6 @@ class RouteRule(BaseModel):
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, value: list[str]) -> list[str]:
-        import re
-
         if any(not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) for v in value):
             raise ValueError("labels are 1-64 letters, digits, '-' or '_'")
         return value
