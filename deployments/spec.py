@@ -47,6 +47,12 @@ def _brief(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def _event_trigger(raw: dict[str, Any]) -> Any:
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger.model_validate({k: v for k, v in raw.items() if k != "type"})
+
+
 @dataclass
 class DeploymentSpec:
     """One deployment of prefect.yaml, checked."""
@@ -62,16 +68,20 @@ class DeploymentSpec:
     triggers: list[dict[str, Any]] = field(default_factory=list)
     work_pool: str | None = None
     enforce_parameter_schema: bool = True
+    _flow: Any = field(default=None, init=False, repr=False)
 
     @property
     def full_name(self) -> str:
         return f"{self.flow_name}/{self.name}"
 
     def load_flow(self) -> Any:
-        from prefect.flows import load_flow_from_entrypoint
+        """The flow object (its module is executed once per spec, not once per use)."""
+        if self._flow is None:
+            from prefect.flows import load_flow_from_entrypoint
 
-        path, _, func = self.entrypoint.partition(":")
-        return load_flow_from_entrypoint(f"{ROOT / path}:{func}")
+            path, _, func = self.entrypoint.partition(":")
+            self._flow = load_flow_from_entrypoint(f"{ROOT / path}:{func}")
+        return self._flow
 
     def prefect_schedules(self) -> list[Any]:
         from prefect.schedules import Cron, Interval
@@ -89,10 +99,7 @@ class DeploymentSpec:
         return made
 
     def prefect_triggers(self) -> list[Any]:
-        from prefect.events import DeploymentEventTrigger
-
-        return [DeploymentEventTrigger.model_validate(
-            {k: v for k, v in t.items() if k != "type"}) for t in self.triggers]
+        return [_event_trigger(t) for t in self.triggers]
 
     def prefect_concurrency(self) -> Any:
         from prefect.client.schemas.objects import (ConcurrencyLimitConfig,
@@ -169,7 +176,7 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
         if trigger.get("type", "event") != "event":
             problems.append(f"{where}: trigger {i}: only event triggers are used here")
         try:
-            made = spec.prefect_triggers()[i]
+            made = _event_trigger(trigger)
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{where}: trigger {i}: {_brief(exc)}")
             continue
@@ -213,13 +220,10 @@ def load(path: str | Path = PREFECT_YAML) -> list[DeploymentSpec]:
     return specs
 
 
-def runner_deployments(specs: list[DeploymentSpec] | None = None,
-                       only: set[str] | None = None) -> list[Any]:
+def runner_deployments(specs: list[DeploymentSpec] | None = None) -> list[Any]:
     """``RunnerDeployment`` objects for ``serve`` (no work pool: the serving process runs them)."""
     made = []
     for spec in specs if specs is not None else load():
-        if only and spec.name not in only and spec.full_name not in only:
-            continue
         flow = spec.load_flow()
         made.append(flow.to_deployment(
             name=spec.name, description=spec.description or None, tags=spec.tags,
