@@ -18,7 +18,7 @@ from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict
 
 from orthanc_client import Level, OrthancError
-from tasks.changes import cursor_variable
+from tasks.changes import cursor_position, cursor_variable
 
 from .collection import load_credentials
 from .events import post_events, study_event
@@ -66,16 +66,13 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
     """
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)
-    name = cursor_variable(f"events-{server}")
+    cursor = f"events-{server}"
+    name = cursor_variable(cursor)
     polls = events = errors = 0
     last_error: str | None = None
     deadline = time.monotonic() + max(0.0, run_for)
     with credentials.get_client() as orthanc:
-        since = Variable.get(name, default=None)
-        if since is None:
-            since = 0 if start_at == "beginning" else orthanc.changes(0, 0).last
-            Variable.set(name, int(since), overwrite=True)
-        since = saved = int(since)
+        since = saved = cursor_position(orthanc, cursor, 0 if start_at == "beginning" else None)
         saved_at = time.monotonic()
         logger.info("watching %s from change %d for %.0f s", server, since, run_for)
         while True:

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict
 
-from orthanc_client import Change
+from orthanc_client import Change, Orthanc
 
 from .credentials import OrthancCredentials
 from .policy import orthanc_task
 
-__all__ = ["ChangesBatch", "read_changes", "advance_changes_cursor", "cursor_variable"]
+__all__ = ["ChangesBatch", "read_changes", "advance_changes_cursor", "cursor_variable",
+           "cursor_position"]
 
 
 class ChangesBatch(BaseModel):
@@ -36,6 +37,17 @@ def cursor_variable(cursor: str) -> str:
     return "orthanc_changes_" + re.sub(r"[^a-z0-9_]+", "_", cursor.lower()).strip("_")
 
 
+def cursor_position(orthanc: Orthanc, cursor: str, start: int | None = None) -> int:
+    """Where a cursor stands; a new one is created at ``start``, or at the end of the change
+    log when ``start`` is None (only future changes are seen)."""
+    name = cursor_variable(cursor)
+    since = Variable.get(name, default=None)
+    if since is None:
+        since = orthanc.changes(0, 0).last if start is None else start
+        Variable.set(name, int(since), overwrite=True)
+    return int(since)
+
+
 @orthanc_task(name="read_changes", run_name=lambda p: f"changes-{p.get('cursor', 'default')}")
 def read_changes(credentials: OrthancCredentials, cursor: str = "default", *,
                  change_types: Sequence[str] = (), limit: int = 100,
@@ -52,15 +64,11 @@ def read_changes(credentials: OrthancCredentials, cursor: str = "default", *,
         advance_changes_cursor("new-studies", batch.next_since)
         ```
     """
-    name = cursor_variable(cursor)
     with credentials.get_client() as orthanc:
-        since = Variable.get(name, default=None)
-        if since is None:
-            since = orthanc.changes(0, 0).last if start is None else start
-            Variable.set(name, int(since), overwrite=True)
-        page = orthanc.changes(int(since), limit)
+        since = cursor_position(orthanc, cursor, start)
+        page = orthanc.changes(since, limit)
     wanted = [c for c in page.changes if not change_types or c.change_type in change_types]
-    return ChangesBatch(changes=tuple(wanted), since=int(since), next_since=page.last,
+    return ChangesBatch(changes=tuple(wanted), since=since, next_since=page.last,
                         done=page.done)
 
 
