@@ -74,6 +74,9 @@ from typing import TYPE_CHECKING, Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import quiet_prefect  # noqa: E402
+from deployments.lab.processes import stop_group  # noqa: E402 - no Prefect import
+from deployments.stack import (FINAL_STATES, ROUTE_DEPLOYMENT, new_study_runs,  # noqa: E402
+                               wait_until_final, wait_until_served)
 
 import httpx  # noqa: E402
 
@@ -84,12 +87,11 @@ if TYPE_CHECKING:
 
 LUA = ROOT / "deployments" / "orthanc" / "study_events.lua"
 SERVER = "research"
-ROUTE = "route-new-study/on-stable-study"
+ROUTE = ROUTE_DEPLOYMENT
 WATCH = "watch-orthanc-changes/research-changes"
 WATCH_CURSOR = "orthanc_changes_events_research"
 MODES = ("lua", "raw", "changes")  # in this order: the Lua emitter is on at first, then off
 PROBE_SECONDS = 0.1
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 # ------------------------------------------------------------------ time stamps
@@ -124,26 +126,6 @@ def spawn(command: Sequence[str], env: dict[str, str], log: Path) -> subprocess.
         return subprocess.Popen(list(command), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_child_setup)  # noqa: PLW1509
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """SIGINT to the child's process group (it and what it started), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def tail(log: Path, lines: int = 30) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    return ""
 
 
 # ------------------------------------------------------------------ Orthanc
@@ -258,24 +240,6 @@ class RawPoller(threading.Thread):
 # ------------------------------------------------------------------ Prefect
 
 
-def deployment_id(client: SyncPrefectClient, name: str) -> str:
-    return str(client.read_deployment_by_name(name).id)
-
-
-def wait_ready(client: SyncPrefectClient, names: Sequence[str],
-               serve: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    """Until every deployment exists and its status is READY (the runner polls it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if serve.poll() is not None:
-            raise RuntimeError("`python -m deployments serve` exited:\n" + tail(log))
-        with contextlib.suppress(Exception):  # not created yet
-            if all(client.read_deployment_by_name(n).status.value == "READY" for n in names):
-                return
-        time.sleep(0.5)
-    raise RuntimeError("the served deployments never became READY:\n" + tail(log))
-
-
 def set_schedules_active(client: SyncPrefectClient, name: str, active: bool) -> int:
     """Switch a deployment's schedules on or off (off deletes its future scheduled runs)."""
     deployment = client.read_deployment_by_name(name)
@@ -285,31 +249,16 @@ def set_schedules_active(client: SyncPrefectClient, name: str, active: bool) -> 
     return len(schedules)
 
 
-def find_run(client: SyncPrefectClient, route_id: str, study_id: str, after: float, timeout: float
-             ) -> dict[str, Any]:
+def find_run(study_id: str, after: float, timeout: float) -> dict[str, Any]:
     """The route-new-study run for this study (``study_id`` parameter) created after
     ``after`` (a server given with --api-url may hold runs of an earlier benchmark)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = client.request("POST", "/flow_runs/filter", json={
-            "deployments": {"id": {"any_": [route_id]}},
-            "sort": "EXPECTED_START_TIME_DESC", "limit": 50, "offset": 0}).json()
-        for run in runs:
-            created = prefect_time(run["created"]) or 0.0
-            if run["parameters"].get("study_id") == study_id and created >= after - 1:
-                return dict(run)
+        for run in new_study_runs(study_id):
+            if (prefect_time(run["created"]) or 0.0) >= after - 1:
+                return run
         time.sleep(0.5)
     raise TimeoutError(f"no route-new-study run for study {study_id[:8]} in {timeout:.0f} s")
-
-
-def wait_final(client: SyncPrefectClient, run_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = client.request("GET", "/flow_runs/{id}", path_params={"id": run_id}).json()
-        if run["state"]["type"] in FINAL:
-            return dict(run)
-        time.sleep(0.5)
-    raise TimeoutError(f"flow run {run_id} not finished in {timeout:.0f} s")
 
 
 def pending_time(client: SyncPrefectClient, run_id: str) -> float | None:
@@ -367,7 +316,6 @@ class Bench:
     args: argparse.Namespace
     lab: OrthancLab
     client: SyncPrefectClient
-    route_id: str
     changes: ChangeLog
     workdir: Path
     seeds: Iterator[int] = field(default_factory=lambda: itertools.count(7100))
@@ -389,8 +337,8 @@ def measure_flow_study(bench: Bench, mode: str) -> Sample:
 
     study_id, sample = bench.fresh_study(mode)
     last_update = bench.changes.http.get(f"/studies/{study_id}/metadata/LastUpdate").text
-    run = find_run(bench.client, bench.route_id, study_id, after=sample.stored, timeout=90)
-    final = wait_final(bench.client, run["id"], timeout=180)
+    run = find_run(study_id, after=sample.stored, timeout=90)
+    final = wait_until_final(run["id"], timeout=180)
     sample.created = prefect_time(final["created"])
     sample.started = prefect_time(final["start_time"])
     sample.ended = prefect_time(final["end_time"])
@@ -465,14 +413,14 @@ def run_changes(bench: Bench) -> list[Sample]:
                                          path_params={"id": watcher_id}).json()["state"]["type"]
             if state == "RUNNING" and Variable.get(WATCH_CURSOR, default=None) is not None:
                 break
-            if state in FINAL or time.monotonic() > deadline:
+            if state in FINAL_STATES or time.monotonic() > deadline:
                 raise RuntimeError(f"the watcher run did not start (state {state})")
             time.sleep(0.5)
         return [progress(measure_flow_study(bench, "changes")) for _ in range(bench.args.n)]
     finally:
         with contextlib.suppress(Exception):
             bench.client.set_flow_run_state(watcher.id, Cancelling(), force=True)
-            wait_final(bench.client, watcher_id, timeout=30)
+            wait_until_final(watcher_id, timeout=30)
 
 
 def progress(sample: Sample) -> Sample:
@@ -647,15 +595,15 @@ def main() -> int:
         serve_log = logs / "serve.log"
         serve = spawn([sys.executable, "-m", "deployments", "serve", "--only", "on-stable-study",
                        "--only", "research-changes"], env, serve_log)
-        stack.callback(stop, serve)
+        stack.callback(stop_group, serve)
         client = stack.enter_context(get_client(sync_client=True))
-        wait_ready(client, [ROUTE, WATCH], serve, serve_log)
+        wait_until_served([ROUTE, WATCH], serve, serve_log, timeout=120)
         if set_schedules_active(client, WATCH, False) and args.api_url:
             stack.callback(set_schedules_active, client, WATCH, True)
         changes = ChangeLog(lab.research.url, lab.research.auth)
         stack.callback(changes.close)
         bench = Bench(args=args, lab=lab, client=client,
-                      route_id=deployment_id(client, ROUTE), changes=changes,
+                      changes=changes,
                       workdir=home / "studies")
         print(f"ready after {time.monotonic() - began:.0f} s (Prefect {api})", flush=True)
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             specs = load()
         except SpecError as error:
-            print(f"prefect.yaml: INVALID\n  " + str(error).replace("; ", "\n  "),
+            print("prefect.yaml: INVALID\n  " + str(error).replace("; ", "\n  "),
                   file=sys.stderr)
             return 1
         for spec in specs:

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: str) -> int:
+    from deployments.lab.processes import stop_group
     from deployments.lab.servers import OrthancLab
 
     _banner("starting the Orthanc lab (pacs + research, Debian's Orthanc)")
@@ -104,55 +105,24 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
         try:
             return _demo(args, out, started, ui_url, lab, served, serve_log)
         finally:
-            _stop(served)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-
-
-def _wait_ready(names: list[str], served: subprocess.Popen[bytes], log: Path,
-                timeout: float = 90) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            if served.poll() is not None:
-                raise RuntimeError(f"serve exited: see {log}")
-            try:
-                if all(client.read_deployment_by_name(n).status.value == "READY"
-                       for n in names):
-                    return
-            except ObjectNotFound:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"the served deployments were not ready in {timeout:.0f} s: see {log}")
+            stop_group(served)
 
 
 def _new_study_run(study_id: str, timeout: float) -> dict | None:
-    """The finished route-new-study run for this study (None if none came in time)."""
-    from prefect.client.orchestration import get_client
+    """The finished route-new-study run for this study (None if none came in time), with the
+    number of runs made for the study."""
+    from deployments.stack import new_study_runs, wait_until_final
 
     deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("route-new-study/on-stable-study")
-        while time.monotonic() < deadline:
-            runs = [r for r in client.request("POST", "/flow_runs/filter", json={
-                "deployments": {"id": {"any_": [str(deployment.id)]}}, "limit": 50,
-                "offset": 0, "sort": "EXPECTED_START_TIME_DESC"}).json()
-                if r["parameters"].get("study_id") == study_id]
-            if runs and runs[0]["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"):
-                return {**runs[0], "count": len(runs)}
-            time.sleep(0.3)
-    return None
+    while not (runs := new_study_runs(study_id)):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.3)
+    try:
+        final = wait_until_final(runs[0]["id"], max(1.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return None
+    return {**final, "count": len(new_study_runs(study_id))}
 
 
 def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
@@ -214,7 +184,9 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
               f"{item.verified}, sha256 {item.sha256[:12]}…")
 
     _banner("a new study arrives in research (C-STORE) -> event -> new-study flow")
-    _wait_ready(["route-new-study/on-stable-study"], served, serve_log)
+    from deployments.stack import ROUTE_DEPLOYMENT, wait_until_served
+
+    wait_until_served([ROUTE_DEPLOYMENT], served, serve_log)
     from orthanc_client import Orthanc
 
     extra = make_cohort(out / "dicom-new", patients=1, studies_per_patient=1,

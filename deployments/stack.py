@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["StackSettings", "setup", "serve"]
+__all__ = ["StackSettings", "setup", "serve", "wait_until_served", "new_study_runs",
+           "wait_until_final", "ROUTE_DEPLOYMENT"]
+
+#: the deployment the ``orthanc.study.stable`` trigger runs (prefect.yaml)
+ROUTE_DEPLOYMENT = "route-new-study/on-stable-study"
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 
 
 class StackSettings(BaseSettings):
@@ -146,3 +155,63 @@ def serve(only: set[str] | None = None, settings: StackSettings | None = None,
     deployments = runner_deployments(specs)
     runner.setdefault("query_seconds", settings.serve_poll_seconds)
     prefect_serve(*deployments, pause_on_shutdown=False, **runner)
+
+
+# ------------------------------------------------------------------ watching served deployments
+# (the demo, the integration tests and bench/event_latency.py all need these)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_until_served(names: Sequence[str], process: subprocess.Popen[bytes], log: Path,
+                      timeout: float = 90) -> None:
+    """Return once every named deployment exists and is READY (a runner is polling it);
+    raise ``RuntimeError`` with the end of ``log`` if ``serve`` exits or time runs out."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"`python -m deployments serve` exited:\n{_tail(log)}")
+            try:
+                if all(client.read_deployment_by_name(n).status.value == "READY"
+                       for n in names):
+                    return
+            except ObjectNotFound:
+                pass
+            time.sleep(0.5)
+    raise RuntimeError(f"the served deployments were not READY within {timeout:.0f} s:\n"
+                       f"{_tail(log)}")
+
+
+def new_study_runs(study_id: str, deployment: str = ROUTE_DEPLOYMENT) -> list[dict[str, Any]]:
+    """The flow runs (API JSON, newest first) the new-study deployment made for one study."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        runs = client.request("POST", "/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [str(deployment_id)]}},
+            "sort": "EXPECTED_START_TIME_DESC", "limit": 200, "offset": 0}).json()
+    return [run for run in runs if run["parameters"].get("study_id") == study_id]
+
+
+def wait_until_final(run_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The flow run (API JSON) once it is in a final state; ``TimeoutError`` otherwise."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.request("GET", "/flow_runs/{id}", path_params={"id": run_id}).json()
+            if run["state"]["type"] in FINAL_STATES:
+                return dict(run)
+            time.sleep(0.3)
+    raise TimeoutError(f"flow run {run_id} did not finish within {timeout:.0f} s")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from .processes import stop_group
 from .servers import free_ports
 
 __all__ = ["LocalPrefectServer"]
@@ -82,14 +82,8 @@ class LocalPrefectServer:
 
     def stop(self, timeout: float = 20) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        if process is not None:
+            stop_group(process, timeout)
 
     def __enter__(self) -> LocalPrefectServer:
         return self

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from deployments.lab.processes import stop_group
+from deployments.stack import (ROUTE_DEPLOYMENT, new_study_runs, wait_until_final,
+                               wait_until_served)
 from flows.events import post_events, study_event, study_event_id
 from flows.routing import LABELS_METADATA, ROUTED_METADATA
 from orthanc_client import Level, Orthanc
@@ -27,7 +29,7 @@ from orthanc_client import Level, Orthanc
 REPO = Path(__file__).resolve().parents[2]
 LUA = REPO / "deployments" / "orthanc" / "study_events.lua"
 STABLE_AGE = 2
-ROUTE = "route-new-study/on-stable-study"
+ROUTE = ROUTE_DEPLOYMENT
 WATCH = "watch-orthanc-changes/research-changes"
 WATCH_CURSOR = "orthanc_changes_events_research"
 
@@ -62,13 +64,6 @@ def events_research(events_lab) -> Iterator[Orthanc]:
         yield client
 
 
-def _deployment(name: str):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_deployment_by_name(name)
-
-
 @pytest.fixture(scope="module")
 def served(events_lab, api_url: str, tmp_path_factory: pytest.TempPathFactory):
     """``setup`` then ``serve`` (the two deployments this module needs) in a subprocess."""
@@ -84,27 +79,15 @@ def served(events_lab, api_url: str, tmp_path_factory: pytest.TempPathFactory):
         process = subprocess.Popen(
             [sys.executable, "-m", "deployments", "serve", "--only", "on-stable-study",
              "--only", "research-changes"], cwd=REPO, env=env, stdout=out,
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if all(_deployment(n).status.value == "READY" for n in (ROUTE, WATCH)):
-                    break
-            except Exception:  # noqa: BLE001 - not created yet
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("served deployments never became ready:\n" + log.read_text()[-3000:])
+        try:
+            wait_until_served([ROUTE, WATCH], process, log, timeout=90)
+        except RuntimeError as error:
+            pytest.fail(str(error))
         yield log
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_group(process)
 
 
 _seeds = iter(range(9100, 9200))
@@ -124,20 +107,9 @@ def _store_new_study(lab, tmp_path: Path) -> tuple[str, float]:
     return study_id, time.monotonic()
 
 
-def _runs_for(study_id: str) -> list[dict]:
-    from prefect.client.orchestration import get_client
-
-    deployment = _deployment(ROUTE)
-    with get_client(sync_client=True) as client:
-        runs = client.request("POST", "/flow_runs/filter", json={
-            "deployments": {"id": {"any_": [str(deployment.id)]}},
-            "sort": "EXPECTED_START_TIME_DESC", "limit": 200, "offset": 0}).json()
-    return [r for r in runs if r["parameters"].get("study_id") == study_id]
-
-
 def _wait_for_run(study_id: str, deadline: float) -> dict:
     while True:
-        runs = _runs_for(study_id)
+        runs = new_study_runs(study_id)
         if runs:
             return runs[0]
         if time.monotonic() > deadline:
@@ -146,16 +118,10 @@ def _wait_for_run(study_id: str, deadline: float) -> dict:
 
 
 def _wait_final(run_id: str, timeout: float = 60) -> dict:
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            run = client.request("GET", "/flow_runs/{id}", path_params={"id": run_id}).json()
-            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                return run
-            time.sleep(0.3)
-    pytest.fail("the run did not finish in time")
+    try:
+        return wait_until_final(run_id, timeout)
+    except TimeoutError:
+        pytest.fail("the run did not finish in time")
 
 
 def _barrier() -> None:
@@ -187,7 +153,7 @@ def test_lua_emitter_starts_exactly_one_run(served, events_lab, events_research,
     assert duplicate["id"] == str(study_event_id(study_id, last_update))
     post_events([duplicate, duplicate])
     _barrier()
-    assert len(_runs_for(study_id)) == 1
+    assert len(new_study_runs(study_id)) == 1
 
 
 def test_changes_watcher_starts_exactly_one_run(served, events_lab, events_research, tmp_path):
@@ -223,7 +189,7 @@ def test_changes_watcher_starts_exactly_one_run(served, events_lab, events_resea
     report = _wait_final(str(replay.id))
     assert report["state"]["message"].startswith("1 events"), report["state"]["message"]
     _barrier()
-    assert len(_runs_for(study_id)) == 1
+    assert len(new_study_runs(study_id)) == 1
 
 
 
