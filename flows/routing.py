@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orthanc_client import Level, Orthanc, OrthancUnsupported
+from orthanc_client import Level, Orthanc, OrthancNotFound, OrthancUnsupported
 from tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
 from tasks.policy import short_id
 
@@ -113,9 +113,10 @@ def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts 
         ```
     """
     with credentials.get_client() as orthanc:
-        if not orthanc.exists(Level.STUDY, study_id):
+        try:
+            study = orthanc.resource(Level.STUDY, study_id)
+        except OrthancNotFound:
             return None
-        study = orthanc.resource(Level.STUDY, study_id)
         series = orthanc.children(Level.STUDY, study_id)
         instances = orthanc.instances(Level.STUDY, study_id)
         sender = orthanc.metadata(Level.INSTANCE, instances[0], "RemoteAET") if instances else None
