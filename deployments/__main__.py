@@ -2,7 +2,7 @@
 
     python -m deployments check                 # validate prefect.yaml strictly
     python -m deployments setup                 # work pool, PACS limits, blocks (from settings)
-    python -m deployments serve [--only NAME] [--replace]   # serve prefect.yaml's deployments
+    python -m deployments serve [--only NAME] [--replace] [--file PATH]   # serve them
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("check", help="validate prefect.yaml (unknown keys, entrypoints, "
-                                      "parameters, schedules, triggers)")
+    check = commands.add_parser("check", help="validate prefect.yaml (unknown keys, "
+                                              "entrypoints, parameters, schedules, triggers)")
     commands.add_parser("setup", help="create the work pool, PACS limits and blocks")
     serve = commands.add_parser("serve", help="serve the deployments from this process")
     serve.add_argument("--only", action="append", metavar="NAME",
                        help="serve only this deployment (repeatable)")
     serve.add_argument("--replace", action="store_true",
                        help="delete same-named deployments made by `prefect deploy` first")
+    for command in (check, serve):
+        command.add_argument("--file", metavar="PATH", default=None,
+                             help="a prefect.yaml of your own (default: the shipped one)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from .spec import SpecError, load
 
         try:
-            specs = load()
+            specs = load(args.file) if args.file else load()
         except SpecError as error:
             print("prefect.yaml: INVALID\n  " + str(error).replace("; ", "\n  "),
                   file=sys.stderr)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .stack import serve as serve_all
 
-    serve_all(set(args.only) if args.only else None, replace=args.replace)
+    serve_all(set(args.only) if args.only else None, replace=args.replace, path=args.file)
     return 0
 
 

@@ -131,20 +131,21 @@ async def _worker_deployments(names: list[str], delete: bool) -> list[str]:
 
 
 def serve(only: set[str] | None = None, settings: StackSettings | None = None,
-          replace: bool = False, **runner: Any) -> None:
+          replace: bool = False, path: str | Path | None = None, **runner: Any) -> None:
     """Serve prefect.yaml's deployments (or ``only`` those names) from this process until
     stopped; deployments stay active afterwards (``pause_on_shutdown=False``).
 
     Deployments of the same names made by ``prefect deploy`` for a worker are not taken over
     silently (their runs would look for code the worker was meant to fetch): this raises
-    unless ``replace`` deletes them first.
+    unless ``replace`` deletes them first. ``path`` is a prefect.yaml of your own (default:
+    the shipped one).
     """
     from prefect import serve as prefect_serve
 
     from .spec import load, runner_deployments
 
     settings = settings or StackSettings()
-    specs = [s for s in load() if not only or s.name in only or s.full_name in only]
+    specs = [s for s in (load(path) if path else load()) if not only or s.name in only or s.full_name in only]
     if not specs:
         raise SystemExit(f"no deployment named {sorted(only or [])} in prefect.yaml")
     taken = asyncio.run(_worker_deployments([s.full_name for s in specs], delete=replace))

@@ -46,6 +46,11 @@ class LocalPrefectServer:
         return self.url + "/api"
 
     @property
+    def database_url(self) -> str:
+        """The server's SQLite database (Prefect's default place under its home)."""
+        return f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"
+
+    @property
     def log_path(self) -> Path:
         return self.home / "server.log"
 

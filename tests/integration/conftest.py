@@ -34,18 +34,28 @@ def loaded_pacs(pacs, cohort):
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One Prefect test server for the session (it takes ~13 s to start), with the pacs
-    modality's concurrency limit in place."""
+def prefect_server(tmp_path_factory):
+    """One real Prefect server for the session (``prefect server start`` on SQLite, with all
+    of its services: scheduler, triggers, late runs...), with the pacs modality's concurrency
+    limit in place. Yields the ``LocalPrefectServer``; its log is checked for tracebacks from
+    the server's own services at the end of the session (test_zz_prefect_server_log.py)."""
     import asyncio
 
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL,
+                                  temporary_settings)
 
+    from deployments.lab.prefect_server import LocalPrefectServer
     from tasks.limits import ensure_limits
 
-    with prefect_test_harness(server_startup_timeout=None):
-        asyncio.run(ensure_limits({"pacs": 2}))
-        yield
+    server = LocalPrefectServer.start(tmp_path_factory.mktemp("prefect-server"), ui=False)
+    try:
+        with temporary_settings(updates={
+                PREFECT_API_URL: server.api_url,
+                PREFECT_SERVER_DATABASE_CONNECTION_URL: server.database_url}):
+            asyncio.run(ensure_limits({"pacs": 2}))
+            yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

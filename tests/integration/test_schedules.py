@@ -1,0 +1,197 @@
+"""Scheduled deployments run, on a real Prefect server with its own services.
+
+The server's scheduler (not the test) creates the runs of a cron and an interval schedule a
+few seconds ahead; ``python -m deployments serve`` and a process worker (``prefect deploy`` +
+``prefect worker start``) each pick them up and complete them. A run started through the API
+with one parameter overridden keeps the deployment's other defaults.
+
+The deployments are the shipped changes watcher of prefect.yaml, renamed, with its schedule
+brought forward and short runs (a derived prefect.yaml in a temporary directory); everything
+else (entrypoint, pull step, work pool, parameters, concurrency) is as shipped. This is the
+test that failed on Prefect 3.8.8 + SQLAlchemy 2.1, whose scheduler created no run at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments.lab.processes import stop_group
+from deployments.stack import wait_until_served
+
+REPO = Path(__file__).resolve().parents[2]
+WATCHER = "watch-orthanc-changes"
+#: cron with a seconds field (croniter's sixth field): a run every 5 s, so no test waits minutes
+CRON_EVERY_5_S = "* * * * * */5"
+RUN_BOUND = 120  # seconds for a scheduled run to be created, picked up and completed
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _derived_yaml(tmp: Path, prefix: str) -> Path:
+    """The shipped prefect.yaml with only the watcher, twice: ``<prefix>-cron`` and
+    ``<prefix>-interval``, each firing every 5 s and running for 1 s."""
+    shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    [watcher] = [d for d in shipped["deployments"] if d["entrypoint"].endswith(":watch_changes")]
+    derived = []
+    for kind, schedule in (("cron", {"cron": CRON_EVERY_5_S, "timezone": "UTC"}),
+                           ("interval", {"interval": 5})):
+        deployment = copy.deepcopy(watcher)
+        deployment["name"] = f"{prefix}-{kind}"
+        deployment["schedules"] = [{**schedule, "active": True}]
+        # a server name of its own: its own cursor Variable and event resources
+        deployment["parameters"].update(run_for=1, poll_interval=0.5, server=f"sched{prefix}")
+        derived.append(deployment)
+    shipped["deployments"] = derived
+    path = tmp / "prefect.yaml"
+    path.write_text(yaml.safe_dump(shipped, sort_keys=False))
+    return path
+
+
+def _env(lab) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PWD": str(REPO),
+            "PYTHONPATH": str(REPO), "ORTHANC_URL": lab.research.url,
+            "ORTHANC_USERNAME": lab.research.username,
+            "ORTHANC_PASSWORD": lab.research.password}
+
+
+@pytest.fixture(scope="module")
+def set_up(lab) -> dict[str, str]:
+    env = _env(lab)
+    setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    return env
+
+
+def _runs(deployment: str) -> list[dict[str, Any]]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        return client.request("POST", "/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [str(deployment_id)]}},
+            "sort": "EXPECTED_START_TIME_ASC", "limit": 200, "offset": 0}).json()
+
+
+def _wait_for_completed_scheduled_run(deployment: str, process: subprocess.Popen[bytes],
+                                      log: Path, after: float) -> dict[str, Any]:
+    """The first run of ``deployment`` that the scheduler made and that completed."""
+    deadline = time.monotonic() + RUN_BOUND
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the runner exited:\n{log.read_text(errors='replace')[-3000:]}")
+        for run in _runs(deployment):
+            if run["auto_scheduled"] and run["state"]["type"] == "COMPLETED":
+                return run
+            if run["state"]["type"] in {"FAILED", "CRASHED"}:
+                pytest.fail(f"scheduled run of {deployment} ended {run['state']['type']}: "
+                            f"{run['state'].get('message')}\n"
+                            f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    made = [(r["auto_scheduled"], r["state"]["type"]) for r in _runs(deployment)]
+    pytest.fail(f"no scheduled run of {deployment} completed within {RUN_BOUND} s of "
+                f"{time.time() - after:.0f} s; runs (auto_scheduled, state): {made}\n"
+                f"{log.read_text(errors='replace')[-3000:]}")
+
+
+def _delete(names: list[str]) -> None:
+    """Delete the test's deployments (and so their future scheduled runs)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for name in names:
+            client.delete_deployment(client.read_deployment_by_name(name).id)
+
+
+def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def served(set_up, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    tmp = tmp_path_factory.mktemp("served")
+    spec = _derived_yaml(tmp, "served")
+    log = tmp / "serve.log"
+    process = _start([sys.executable, "-m", "deployments", "serve", "--file", str(spec)],
+                     set_up, log)
+    names = [f"{WATCHER}/served-cron", f"{WATCHER}/served-interval"]
+    try:
+        wait_until_served(names, process, log, timeout=90)
+        yield process, log
+    finally:
+        stop_group(process)
+        _delete(names)
+
+
+@pytest.fixture(scope="module")
+def worker(set_up, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    tmp = tmp_path_factory.mktemp("worker")
+    spec = _derived_yaml(tmp, "worker")
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
+                             str(spec)], cwd=REPO, env=set_up, capture_output=True, text=True,
+                            timeout=300)
+    assert deploy.returncode == 0, (deploy.stdout + deploy.stderr)[-3000:]
+    log = tmp / "worker.log"
+    process = _start([prefect, "worker", "start", "--pool", "orthanc-process",
+                      "--prefetch-seconds", "10"], set_up, log)
+    try:
+        yield process, log
+    finally:
+        stop_group(process)
+        _delete([f"{WATCHER}/worker-cron", f"{WATCHER}/worker-interval"])
+
+
+@pytest.mark.parametrize("kind", ["cron", "interval"])
+def test_a_served_deployment_runs_on_its_schedule(served, kind):
+    process, log = served
+    run = _wait_for_completed_scheduled_run(f"{WATCHER}/served-{kind}", process, log,
+                                            time.time())
+    assert run["parameters"]["run_for"] == 1
+    assert run["parameters"]["server"] == "schedserved"
+
+
+@pytest.mark.parametrize("kind", ["cron", "interval"])
+def test_a_worker_runs_a_deployed_schedule(worker, kind):
+    process, log = worker
+    run = _wait_for_completed_scheduled_run(f"{WATCHER}/worker-{kind}", process, log,
+                                            time.time())
+    assert run["work_pool_name"] == "orthanc-process"
+    assert run["parameters"]["server"] == "schedworker"
+
+
+def test_cron_schedule_fires_at_its_seconds(served):
+    """The server generated the cron runs on 5-second marks (croniter's seconds field)."""
+    import datetime as dt
+
+    starts = [dt.datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00"))
+              for r in _runs(f"{WATCHER}/served-cron") if r["auto_scheduled"]]
+    assert len(starts) >= 3
+    assert all(start.second % 5 == 0 and start.microsecond == 0 for start in starts)
+
+
+def test_an_ad_hoc_run_with_one_parameter_keeps_the_other_defaults(served):
+    from prefect.deployments import run_deployment
+
+    process, log = served
+    run = run_deployment(f"{WATCHER}/served-interval", parameters={"run_for": 0.5},
+                         timeout=90)
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert run.parameters["run_for"] == 0.5
+    assert run.parameters["server"] == "schedserved"
+    assert run.parameters["poll_interval"] == 0.5
+    assert run.parameters["credentials_block"] == "research"
