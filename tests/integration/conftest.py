@@ -41,6 +41,7 @@ def prefect_server(tmp_path_factory):
     the server's own services at the end of the session (test_zz_prefect_server_log.py)."""
     import asyncio
 
+    import prefect.context
     from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL,
                                   temporary_settings)
 
@@ -52,8 +53,13 @@ def prefect_server(tmp_path_factory):
         with temporary_settings(updates={
                 PREFECT_API_URL: server.api_url,
                 PREFECT_SERVER_DATABASE_CONNECTION_URL: server.database_url}):
-            asyncio.run(ensure_limits({"pacs": 2}))
-            yield server
+            # Threads the tests start do not inherit the context variable temporary_settings
+            # sets: make these settings the process-global ones too, as prefect_test_harness
+            # does, or a flow run in a thread would start an ephemeral server of its own.
+            with prefect.context._temporary_global_settings_context(
+                    prefect.context.get_settings_context()):
+                asyncio.run(ensure_limits({"pacs": 2}))
+                yield server
     finally:
         server.stop()
 

@@ -151,7 +151,8 @@ def test_transient_failure_succeeds_after_retry(lab, research_creds, research, l
                                                 cohort):
     study = cohort.studies[5]
     research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
-    quick = retrieve_study.with_options(retries=4, retry_delay_seconds=1.5)
+    # retries enough to outlast the time the server takes to record AwaitingRetry under load
+    quick = retrieve_study.with_options(retries=30, retry_delay_seconds=1)
 
     states = []
 
