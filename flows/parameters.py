@@ -65,9 +65,11 @@ def brief_errors(error: ValidationError) -> str:
 
 
 def request_from(model: type[BaseModel], values: Mapping[str, Any]) -> Any:
-    """``model`` from the flow's parameters (those it has fields for); ``ValueError`` with
-    a one-line message naming each bad parameter, never its value."""
+    """``model`` from the flow's parameters (those it has fields for; ``None`` means the
+    model's default); ``ValueError`` with a one-line message naming each bad parameter, never
+    its value."""
     try:
-        return model.model_validate({k: v for k, v in values.items() if k in model.model_fields})
+        return model.model_validate({k: v for k, v in values.items()
+                                     if k in model.model_fields and v is not None})
     except ValidationError as error:
         raise ValueError(brief_errors(error)) from None

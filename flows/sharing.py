@@ -442,9 +442,8 @@ def share_studies(
                       destination=Destination(kind="modality", target="partner"))
         ```
     """
-    values = {name: value for name, value in locals().items() if value is not None}
     try:
-        request = _checked_request(values)
+        request = _checked_request(dict(locals()))
     except (ValueError, SiteError) as error:
         get_run_logger().error("sharing not started: %s", error)
         return Failed(message=f"sharing not started: {error}")

@@ -20,7 +20,7 @@ def deployed(lab):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PWD": str(REPO),
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
            "ORTHANC_PASSWORD": lab.research.password}
     setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
@@ -61,10 +61,11 @@ def test_nightly_collection_schedule_and_concurrency(deployed):
     assert schedule.schedule.cron == "0 19 * * *" and schedule.schedule.timezone == "UTC"
     assert nightly.global_concurrency_limit.limit == 1
     assert nightly.concurrency_options.collision_strategy.value == "ENQUEUE"
-    assert nightly.parameters["request"]["time_window"] == {
+    assert nightly.parameters["time_window"] == {
         "start": "19:00", "end": "07:00", "timezone": "UTC", "outside": "stop"}
-    assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-        "directory": str(REPO)}}]
+    assert nightly.parameters["cohort_file"] == "cohorts/research.csv"
+    # nothing of the deploy host (its $PWD, its checkout path) is baked into the deployment
+    assert nightly.pull_steps == [{"deployments.pull.set_working_directory": {}}]
 
 
 def test_sharing_is_ad_hoc_with_a_form(deployed):
@@ -72,8 +73,14 @@ def test_sharing_is_ad_hoc_with_a_form(deployed):
     assert sharing.schedules == []
     assert sharing.enforce_parameter_schema
     form = sharing.parameter_openapi_schema
-    assert "request" in form["properties"]
-    assert "SharingRequest" in str(form.get("definitions", form.get("$defs", {})))
+    # flat parameters, what to share first, each described; named SOP classes in the profile
+    order = sorted(form["properties"], key=lambda name: form["properties"][name]["position"])
+    assert order[:4] == ["project", "study_ids", "destination", "profile"]
+    assert all(p.get("description") for p in form["properties"].values())
+    definitions = form.get("definitions", form.get("$defs", {}))
+    sop_classes = definitions["DeidProfile"]["properties"]["exclude_sop_classes"]
+    assert "SecondaryCaptureImageStorage" in sop_classes["items"]["enum"]
+    assert sharing.parameters["project"] == "research"
 
 
 def test_new_study_trigger_became_an_automation(deployed):
