@@ -112,3 +112,39 @@ def test_serve_refuses_to_take_over_worker_deployments(deployed):
     assert served.returncode != 0
     assert "made by `prefect deploy` for a worker" in served.stderr
     assert "collect-research-cohort/nightly (work pool orthanc-process)" in served.stderr
+
+
+def test_a_worker_elsewhere_runs_a_partial_override_from_its_own_code(deployed, tmp_path):
+    """A process worker started outside the checkout: the pull step finds the code the
+    worker's Python imports (nothing of the deploy host baked in), the run's one override
+    (project) merges with the deployment's other parameters, relative paths land in the
+    worker's data directory, and selecting nothing ends Completed with a warning."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.sharing import SECRET_ENV
+
+    from .conftest import DEID_SECRET
+
+    run = run_deployment("share-deidentified/ad-hoc", timeout=0,
+                         parameters={"project": "nothing-collected", "secret_block": None})
+    data_dir = tmp_path / "worker-data"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           SECRET_ENV: DEID_SECRET, "PREFECT_ORTHANC_DATA_DIR": str(data_dir)}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    prefect = Path(sys.executable).with_name("prefect")
+    worker = subprocess.run([str(prefect), "worker", "start", "--pool", "orthanc-process",
+                             "--run-once"], cwd=elsewhere, env=env, capture_output=True,
+                            text=True, timeout=240)
+    with get_client(sync_client=True) as client:
+        final = client.read_flow_run(run.id)
+    assert final.state.is_completed(), (final.state.message,
+                                        (worker.stdout + worker.stderr)[-3000:])
+    assert final.state.message.startswith(
+        "WARNING: no study selected: project 'nothing-collected'")
+    assert final.parameters["project"] == "nothing-collected"
+    assert final.parameters["destination"] == {"kind": "directory", "target": "shared"}
+    assert final.parameters["linkage_path"] == "linkage/linkage.csv"
+    assert not (REPO / "shared").exists() and not (elsewhere / "shared").exists()
