@@ -197,9 +197,6 @@ class DeidProfile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field("research", description="Short profile name (letters, digits, _ . -; "
-                                              "<= 24 chars), recorded in the output.")
-    version: str = Field("1", description="Profile version (<= 8 chars), recorded in the output.")
     dates: Literal["shift", "blank"] = Field(
         "shift", description="'shift': every date of a patient moves by the same number of days "
                              "(keyed per patient, never 0), intervals between studies are kept, "
@@ -236,6 +233,9 @@ class DeidProfile(BaseModel):
                            "checked for burned-in text: only for data known to be clean.")
     pseudonym_prefix: str = Field(
         "P", description="Prefix of every pseudonym (uppercase letters/digits, <= 8 chars).")
+    name: str = Field("research", description="Short profile name (letters, digits, _ . -; "
+                                              "<= 24 chars), recorded in the output.")
+    version: str = Field("1", description="Profile version (<= 8 chars), recorded in the output.")
 
     @field_validator("name")
     @classmethod
