@@ -196,6 +196,13 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
         route_new_study("27f7126f-4f66ab19-6d2fbc77-3b9e1bd4-5cbc3bbf",
                         rules=[RouteRule(name="tag", action="label", labels=["new"])])
         ```
+
+    Args:
+        study_id: Orthanc ID of the new stable study (the event trigger fills it in).
+        rules: The routing rules, applied in order (replaced whole by an override).
+        server: Name of the research Orthanc in the events this flow answers.
+        credentials_block: Name of the OrthancCredentials block of the research Orthanc
+            (empty: the ORTHANC_* environment variables).
     """
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)

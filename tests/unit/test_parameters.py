@@ -154,3 +154,21 @@ def test_criteria_and_windows_reject_typos():
         Criteria(last_days=1, modalitys=["CT"])
     with pytest.raises(ValueError):
         TimeWindow(start="19:00", end="07:00", timezone="UTC", outsde="wait")
+
+
+def test_every_field_of_every_deployed_form_is_described():
+    """Top-level parameters and every field of the models inside them (criteria, window,
+    destination, profile, routing rules): a person filling the form sees what each means."""
+    from deployments.spec import load
+
+    missing = []
+    for spec in load():
+        schema = spec.load_flow().parameters.model_dump()
+        for name, prop in schema["properties"].items():
+            if not prop.get("description"):
+                missing.append(f"{spec.full_name}: {name}")
+        for model, definition in schema.get("definitions", {}).items():
+            for name, prop in definition.get("properties", {}).items():
+                if not prop.get("description"):
+                    missing.append(f"{spec.full_name}: {model}.{name}")
+    assert missing == []
