@@ -62,7 +62,6 @@ def main() -> int:
 
     from deployments.lab.servers import OrthancLab
     from deployments.lab.synthetic import load_into, make_cohort
-    from flows.cohort import CollectionRequest
     from flows.collection import collect_cohort
     from tasks.limits import ensure_limits
 
@@ -86,13 +85,11 @@ def main() -> int:
             raw = raw_collect(lab.research.url, auth, accessions, args.concurrency)
             _raw.clear(lab.research.url, auth)
             started = time.perf_counter()
-            report = collect_cohort(CollectionRequest(cohort_file=str(path),
-                                                      concurrency=args.concurrency))
+            report = collect_cohort(cohort_file=str(path), concurrency=args.concurrency)
             flow_seconds = time.perf_counter() - started
             assert report.studies_complete == size, report
             again_started = time.perf_counter()
-            again = collect_cohort(CollectionRequest(cohort_file=str(path),
-                                                     concurrency=args.concurrency))
+            again = collect_cohort(cohort_file=str(path), concurrency=args.concurrency)
             rerun = time.perf_counter() - again_started
             assert again.studies_moved == 0
         rows.append({"studies": size, "raw_s": raw, "flow_s": flow_seconds, "rerun_s": rerun,

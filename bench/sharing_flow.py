@@ -34,7 +34,7 @@ quiet_prefect()
 def child(mode: str, ids: list[str], out: Path, concurrency: int) -> dict[str, float]:
     import httpx
 
-    from flows.sharing import Destination, SharingRequest, share_studies  # imports: untimed
+    from flows.sharing import Destination, share_studies  # imports: untimed
 
     before = peak_rss_mb()
     started = time.perf_counter()
@@ -64,10 +64,12 @@ def child(mode: str, ids: list[str], out: Path, concurrency: int) -> dict[str, f
             list(pool.map(one, enumerate(ids)))
     else:
         def share(target: Path):
-            result = share_studies(SharingRequest(
-                study_ids=ids, destination=Destination(kind="directory", target=str(target)),
+            # the linkage table, staging and ledger beside the shared directory, never in it
+            result = share_studies(
+                study_ids=ids, destination=Destination(kind="directory",
+                                                       target=str(target / "shared")),
                 linkage_path=str(target / "linkage.csv"), staging_dir=str(target / "staging"),
-                ledger_path=str(target / "ledger.jsonl")), return_state=True)
+                ledger_path=str(target / "ledger.jsonl"), return_state=True)
             assert result.is_completed(), result.message
 
         share(out / "cold")  # the first flow run of a process also starts Prefect's workers

@@ -45,9 +45,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.full_name}: {when}; {len(spec.triggers)} trigger(s)")
         return 0
     if args.command == "setup":
+        from flows.site import SiteError
+
         from .stack import setup
 
-        for what, outcome in setup().items():
+        try:
+            done = setup()
+        except SiteError as error:
+            print(f"setup: {error}", file=sys.stderr)
+            return 1
+        for what, outcome in done.items():
             print(f"{what}: {outcome}")
         return 0
     from .stack import serve as serve_all

@@ -6,11 +6,16 @@
 2. creates the work pool, the PACS concurrency limit and the blocks (``deployments setup``)
    and serves prefect.yaml's deployments from a second process (``deployments serve``);
 3. loads a synthetic demo cohort (made-up patients, PHI planted on purpose) into the pacs and
-   writes a cohort CSV of accession numbers (plus one the PACS does not know);
-4. runs the research collection flow: plan by C-FIND, C-MOVE the missing studies into research
-   as jobs, verify instance counts, mark them collected; then again, to show nothing moves twice;
-5. runs the de-identified sharing flow on the collected studies into ``demo-output/shared``
-   (keyed pseudonyms, shifted dates, every instance scanned before delivery);
+   writes its cohort CSV of accession numbers (plus one the PACS does not know) where the
+   nightly deployment looks for it: ``cohorts/research.csv`` under the site's data directory
+   (``PREFECT_ORTHANC_DATA_DIR``, here ``demo-output/data``);
+4. runs the served ``collect-research-cohort/nightly`` deployment with one parameter
+   overridden (``time_window: null``, the rest stays the deployment's): plan by C-FIND,
+   C-MOVE the missing studies into research as jobs, verify instance counts, mark them
+   collected; then again, to show nothing moves twice;
+5. runs the served ``share-deidentified/ad-hoc`` deployment with its defaults: project
+   research, de-identified into ``demo-output/data/shared`` (keyed pseudonyms, shifted dates,
+   every instance scanned before delivery);
 6. C-STOREs a new study into research and waits for the served new-study deployment to run
    once for it (Lua emitter -> Prefect event -> trigger), and prints a summary.
 
@@ -61,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Prefect UI {prefect_server.url}   API {prefect_server.api_url}")
         os.environ.update({"PREFECT_API_URL": prefect_server.api_url,
                            "PREFECT_HOME": str(out / "prefect"),
-                           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                           # the site's data (cohorts, reports, linkage, shared packages):
+                           # synthetic here, so allowed inside the checkout's demo-output/
+                           "PREFECT_ORTHANC_DATA_DIR": str(out / "data"),
+                           "PREFECT_ORTHANC_ALLOW_DATA_IN_CHECKOUT": "true"})
         # run logs go to the UI at INFO; the console shows warnings only
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         return _with_prefect(args, out, started, prefect_server.url)
@@ -108,6 +117,40 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
             stop_group(served)
 
 
+def _deployment_parameters(name: str) -> dict:
+    import yaml
+
+    from deployments.spec import PREFECT_YAML
+
+    data = yaml.safe_load(PREFECT_YAML.read_text())
+    return next(d for d in data["deployments"] if d["name"] == name)["parameters"]
+
+
+NIGHTLY = "collect-research-cohort/nightly"
+SHARING = "share-deidentified/ad-hoc"
+NIGHTLY_PARAMETERS = _deployment_parameters("nightly")
+SHARING_PARAMETERS = _deployment_parameters("ad-hoc")
+
+
+def _run(name: str, parameters: dict):
+    """Run a served deployment (parameters: a partial override) and wait for its end."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=parameters, timeout=300, poll_interval=1,
+                         as_subflow=False)
+    print(f"{run.name}: {run.state.type.value} — {run.state.message}")
+    return run
+
+
+def _report_rows(cohort_csv: Path) -> list[dict[str, str]]:
+    """The result_* columns of the cohort's report (the cohort's own columns are left out:
+    they are the identifiers)."""
+    report = cohort_csv.with_name(f"{cohort_csv.stem}.report.csv")
+    with report.open(newline="", encoding="utf-8") as handle:
+        return [{k: v for k, v in row.items() if k.startswith("result_")}
+                for row in csv.DictReader(handle)]
+
+
 def _new_study_run(study_id: str, timeout: float) -> dict | None:
     """The finished route-new-study run for this study (None if none came in time), with the
     number of runs made for the study."""
@@ -135,56 +178,53 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     stored = load_into(lab.pacs.url, cohort.files)
     print(f"{len(cohort.studies)} studies, {stored} instances in the pacs")
 
-    cohort_csv = out / "cohort.csv"
+    # The nightly deployment reads cohorts/research.csv under the site's data directory: the
+    # demo puts its cohort exactly there, so every shipped deployment runs with its defaults.
+    from flows.site import SiteSettings
+
+    site = SiteSettings.load()
+    cohort_csv = site.path(NIGHTLY_PARAMETERS["cohort_file"])
+    cohort_csv.parent.mkdir(parents=True, exist_ok=True)
     wanted = cohort.studies[: max(1, len(cohort.studies) - 2)]
     with cohort_csv.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["accession_number"])
         writer.writerows([[s.accession] for s in wanted] + [["ACC00000000"]])
-    print(f"cohort: {cohort_csv} ({len(wanted)} known accession numbers + 1 unknown)")
+    print(f"cohort: {cohort_csv} ({len(wanted)} known accession numbers + 1 unknown), where "
+          f"{NIGHTLY} looks for it")
 
-    from flows.cohort import CollectionRequest
-    from flows.collection import collect_cohort
+    from deployments.stack import wait_until_served
 
-    request = CollectionRequest(cohort_file=str(cohort_csv), project="demo", concurrency=4,
-                                report_dir=str(out / "reports"))
-    _banner("running the research collection flow")
+    wait_until_served([NIGHTLY, SHARING], served, serve_log)
+    _banner(f"running {NIGHTLY} now, with one parameter overridden")
+    print(f"  --param time_window=null: the 19:00-07:00 window is for the schedule; the "
+          f"cohort, project and paths stay the deployment's")
     first_started = time.monotonic()
-    state = collect_cohort(request, credentials_block="research", return_state=True)
+    first = _run(NIGHTLY, {"time_window": None})
     first_seconds = time.monotonic() - first_started
-    report = state.result(raise_on_failure=False)
-    print(f"flow state: {state.type.value} — {state.message}")
+    rows = _report_rows(cohort_csv)
     print("\n| row | status | studies | expected | received | moved |")
     print("|---|---|---|---|---|---|")
-    for row in report.rows:
-        print(f"| {row.index} | {row.status} | {row.studies} | {row.expected_instances} | "
-              f"{row.received_instances} | {row.moved} |")
+    for row in rows:
+        print(f"| {row['result_row']} | {row['result_status']} | {row['result_studies']} | "
+              f"{row['result_expected_instances']} | {row['result_received_instances']} | "
+              f"{row['result_moved']} |")
 
     _banner("running it again (nothing should move)")
     again_started = time.monotonic()
-    again = collect_cohort(request, credentials_block="research")
+    again = _run(NIGHTLY, {"time_window": None})
     again_seconds = time.monotonic() - again_started
-    print(f"second run: {again.studies_moved} moved, {again.studies_complete}/"
-          f"{again.studies_found} complete")
+    moved_again = sum(int(r["result_moved"] or 0) for r in _report_rows(cohort_csv))
 
-    _banner("sharing the collected studies, de-identified, into a directory")
-    from flows.sharing import Destination, SharingRequest, share_studies
-
-    shared_dir = out / "shared"
-    sharing = share_studies(SharingRequest(
-        project="demo", destination=Destination(kind="directory", target=str(shared_dir)),
-        secret_block="deid-secret", linkage_path=str(out / "private" / "linkage.csv"),
-        staging_dir=str(out / "sharing" / "staging"),
-        ledger_path=str(out / "sharing" / "ledger.jsonl")), credentials_block="research",
-        return_state=True)
-    shared = sharing.result(raise_on_failure=False)
-    print(f"flow state: {sharing.type.value} — {sharing.message}")
-    for item in shared:
-        print(f"  {Path(item.file).name}: {item.instances_out} instances, verified "
-              f"{item.verified}, sha256 {item.sha256[:12]}…")
+    _banner(f"running {SHARING} with its defaults (project research, de-identified)")
+    sharing = _run(SHARING, {})
+    shared_dir = site.path(SHARING_PARAMETERS["destination"]["target"])
+    for item in sorted(shared_dir.glob("*.zip")):
+        print(f"  {item.name}: {item.stat().st_size // 1024} KB")
+    delivered = len(list(shared_dir.glob("*.zip")))
 
     _banner("a new study arrives in research (C-STORE) -> event -> new-study flow")
-    from deployments.stack import ROUTE_DEPLOYMENT, wait_until_served
+    from deployments.stack import ROUTE_DEPLOYMENT
 
     wait_until_served([ROUTE_DEPLOYMENT], served, serve_log)
     from orthanc_client import Orthanc
@@ -206,19 +246,23 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
         print(f"no new-study run within 60 s: see {serve_log}")
 
     _banner("summary")
-    print(f"studies collected into research: {report.studies_complete}/"
-          f"{report.studies_found} (first run {first_seconds:.1f} s, "
-          f"re-run {again_seconds:.1f} s, {again.studies_moved} moved on re-run)")
-    print(f"per-row report (holds your cohort's identifiers): {report.report_path}")
-    print(f"de-identified packages + manifest: {shared_dir} "
-          f"({sum(bool(i.delivered) for i in shared)} studies)")
+    complete = [r for r in rows if r["result_status"] in ("collected", "already_present")]
+    print(f"{NIGHTLY}: {first.state.type.value} in {first_seconds:.1f} s, "
+          f"{len(complete)} cohort rows collected; re-run {again_seconds:.1f} s, "
+          f"{moved_again} moved on re-run")
+    print(f"per-row report (holds your cohort's identifiers): "
+          f"{cohort_csv.with_name(cohort_csv.stem + '.report.csv')}")
+    print(f"{SHARING}: {sharing.state.type.value}, {delivered} de-identified packages + "
+          f"manifest in {shared_dir}")
     print(f"linkage table (re-identification key, keep private): "
-          f"{out / 'private' / 'linkage.csv'}")
+          f"{site.path(SHARING_PARAMETERS['linkage_path'])}")
     print(f"new-study flow: {'1 run, ' + routed['state']['type'] if routed else 'no run'}")
+    print(f"site data directory (PREFECT_ORTHANC_DATA_DIR): {site.data_dir}")
     print(f"Prefect UI: {ui_url}   served deployments' log: {serve_log}")
     print(f"demo data, lab storage and Prefect database: {out}")
     print(f"total {time.monotonic() - started:.1f} s")
-    ok = (state.is_completed() and again.studies_moved == 0 and sharing.is_completed()
+    ok = (first.state.is_completed() and again.state.is_completed() and moved_again == 0
+          and sharing.state.is_completed() and delivered == len(wanted)
           and bool(routed) and routed["state"]["type"] == "COMPLETED" and routed["count"] == 1)
     if args.keep:
         print(f"\neverything is still running: open {ui_url} ; Ctrl-C to stop", flush=True)

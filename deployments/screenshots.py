@@ -5,8 +5,8 @@ Run the demo with ``--keep`` first, then point this at the UI it printed::
     .venv/bin/python -m deployments.demo --keep &
     .venv/bin/python -m deployments.screenshots http://127.0.0.1:PORT docs/screenshots
 
-It captures the deployments page, the collection run's report artifact and the new-study
-run. Chromium comes from Debian (``apt-get install chromium``); the flags keep it headless,
+It captures the deployments page, the sharing deployment's custom-run form, the collection
+run's report artifact and the new-study run. Chromium comes from Debian (``apt-get install chromium``); the flags keep it headless,
 sandbox-free (containers run as root) and off the network except for the given UI.
 """
 
@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                       "key": {"any_": ["collection-report"]}}, "sort": "CREATED_DESC"})
     routed = _first(api, "/flow_runs/filter", {
         "flows": {"name": {"any_": ["route-new-study"]}}, "sort": "EXPECTED_START_TIME_DESC"})
+    sharing = _first(api, "/deployments/filter", {
+        "deployments": {"name": {"any_": ["ad-hoc"]}}})
     shots = [shoot(chromium, f"{ui}/deployments", args.out / "deployments.png"),
+             # the V2 UI: the V1 run page renders its form faded in headless Chromium
+             shoot(chromium, f"{ui}/v2/deployments/deployment/{sharing['id']}/run",
+                   args.out / "sharing-form.png", size="1440,1500"),
              shoot(chromium, f"{ui}/artifacts/artifact/{report['id']}",
                    args.out / "collection-report.png"),
              shoot(chromium, f"{ui}/runs/flow-run/{routed['id']}", args.out / "new-study-run.png",

@@ -145,11 +145,22 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
         return None
     # Every run must get valid parameters: scheduled and ad-hoc runs get the deployment's,
     # triggered runs get them merged with the trigger's (templates are strings until fired).
+    # Flows described by a request model also get its cross-field rules checked (the run
+    # would otherwise fail at its start: "give exactly one of cohort_file and criteria").
+    from flows.parameters import request_from, request_model
+
+    model = request_model(flow)
     for extra in [t.get("parameters") or {} for t in spec.triggers] or [{}]:
         try:
             flow.validate_parameters({**spec.parameters, **extra})
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{where}: parameters do not fit {flow.name}: {exc}")
+            continue
+        if model is not None:
+            try:
+                request_from(model, {**spec.parameters, **extra})
+            except ValueError as exc:
+                problems.append(f"{where}: parameters: {exc}")
     for i, schedule in enumerate(spec.schedules):
         unknown = set(schedule) - _SCHEDULE_KEYS
         if unknown:

@@ -1,6 +1,8 @@
 """What the deployments need on the Prefect server, created from settings, and serving them.
 
-``setup()`` is idempotent: it creates (or updates) the process work pool, one global concurrency
+``setup()`` is idempotent: it checks and creates the site's data directory
+(``PREFECT_ORTHANC_DATA_DIR``, refused inside the checkout: ``flows.site``), creates (or
+updates) the process work pool, one global concurrency
 limit per PACS (``orthanc-modality-<name>``), the ``OrthancCredentials`` block for the research
 Orthanc (from ``ORTHANC_*``) and, when ``PREFECT_ORTHANC_DEID_SECRET`` is set, the Secret block
 holding the de-identification secret. ``serve()`` runs every deployment of prefect.yaml from
@@ -15,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +50,9 @@ class StackSettings(BaseSettings):
     secret_block: str = Field("deid-secret", description="Secret block with the de-id secret.")
     serve_poll_seconds: float = Field(2.0, gt=0, le=60, description="How often `serve` looks "
                                       "for runs to start (new-study latency).")
+    ownership_check_seconds: float = Field(5.0, gt=0, le=300, description="How often `serve` "
+                                           "checks that `prefect deploy` has not given its "
+                                           "deployments to a work pool meanwhile.")
 
     @field_validator("modality_limits")
     @classmethod
@@ -92,9 +100,12 @@ def setup(settings: StackSettings | None = None) -> dict[str, str]:
     from flows.sharing import SECRET_ENV
     from tasks import OrthancCredentials, ensure_limits
 
+    from flows.site import SiteSettings
+
     settings = settings or StackSettings()
-    done: dict[str, str] = {f"work pool {settings.work_pool}":
-                            asyncio.run(_ensure_work_pool(settings.work_pool))}
+    site = SiteSettings.load()  # SiteError before anything is created: outside the checkout
+    done: dict[str, str] = {"data directory": f"{site.ensure()} (PREFECT_ORTHANC_DATA_DIR)"}
+    done[f"work pool {settings.work_pool}"] = asyncio.run(_ensure_work_pool(settings.work_pool))
     for name, what in asyncio.run(ensure_limits(settings.limits)).items():
         done[f"limit {name}"] = what
     OrthancCredentials.register_type_and_schema()
@@ -130,32 +141,68 @@ async def _worker_deployments(names: list[str], delete: bool) -> list[str]:
     return found
 
 
+def _watch_ownership(names: list[str], every: float, taken: list[str],
+                     stop: threading.Event) -> None:
+    """Until ``stop``: every ``every`` seconds, check that no served deployment was taken by a
+    work pool (``prefect deploy`` run while serving updates the same deployment in place, and
+    both this process and a worker would then pick up its runs). On the first one taken,
+    record it and SIGTERM this process: the runner stops gracefully."""
+    while not stop.wait(every):
+        try:
+            found = asyncio.run(_worker_deployments(names, delete=False))
+        except Exception:  # noqa: BLE001 - the server is briefly unreachable: look again later
+            continue
+        if found:
+            taken.extend(found)
+            print("serve: stopping: " + ", ".join(found) + " now belong to a work pool "
+                  "(`prefect deploy` ran while this process served them)", file=sys.stderr,
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 def serve(only: set[str] | None = None, settings: StackSettings | None = None,
           replace: bool = False, path: str | Path | None = None, **runner: Any) -> None:
     """Serve prefect.yaml's deployments (or ``only`` those names) from this process until
     stopped; deployments stay active afterwards (``pause_on_shutdown=False``).
 
-    Deployments of the same names made by ``prefect deploy`` for a worker are not taken over
-    silently (their runs would look for code the worker was meant to fetch): this raises
-    unless ``replace`` deletes them first. ``path`` is a prefect.yaml of your own (default:
-    the shipped one).
+    One runner per deployment, in either order: deployments of the same names made by
+    ``prefect deploy`` for a worker are not taken over silently (their runs would look for
+    code the worker was meant to fetch): this raises unless ``replace`` deletes them first.
+    And when ``prefect deploy`` takes a served deployment for a work pool while this runs,
+    serving stops (within ``ownership_check_seconds``) with ``SystemExit`` naming it, leaving
+    the worker as its only runner. ``path`` is a prefect.yaml of your
+    own (default: the shipped one).
     """
     from prefect import serve as prefect_serve
 
     from .spec import load, runner_deployments
 
     settings = settings or StackSettings()
-    specs = [s for s in (load(path) if path else load()) if not only or s.name in only or s.full_name in only]
+    specs = [s for s in (load(path) if path else load())
+             if not only or s.name in only or s.full_name in only]
     if not specs:
         raise SystemExit(f"no deployment named {sorted(only or [])} in prefect.yaml")
-    taken = asyncio.run(_worker_deployments([s.full_name for s in specs], delete=replace))
+    names = [s.full_name for s in specs]
+    taken = asyncio.run(_worker_deployments(names, delete=replace))
     if taken and not replace:
         raise SystemExit("these deployments were made by `prefect deploy` for a worker: "
                          + ", ".join(taken) + "; run a worker for them instead, or serve "
                          "with --replace to delete and serve them here")
     deployments = runner_deployments(specs)
     runner.setdefault("query_seconds", settings.serve_poll_seconds)
-    prefect_serve(*deployments, pause_on_shutdown=False, **runner)
+    taken_later: list[str] = []
+    stop = threading.Event()
+    threading.Thread(target=_watch_ownership, name="deployment-ownership", daemon=True,
+                     args=(names, settings.ownership_check_seconds, taken_later, stop)).start()
+    try:
+        prefect_serve(*deployments, pause_on_shutdown=False, **runner)
+    finally:
+        stop.set()
+        if taken_later:
+            raise SystemExit("stopped serving: " + ", ".join(taken_later) + " were deployed "
+                             "for a worker while served; run a worker for them, or serve "
+                             "with --replace to take them back")
 
 
 # ------------------------------------------------------------------ watching served deployments

@@ -58,6 +58,8 @@ def _date(value: str) -> dt.date:
 class Criteria(BaseModel):
     """C-FIND criteria for a criteria cohort (no patient identifiers here)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     modalities: list[str] = Field(default_factory=list,
                                   description="Modalities in study, e.g. CT, MR (empty = any).")
     date_from: str = Field("", description="First study date, YYYYMMDD.")
@@ -116,13 +118,24 @@ class Criteria(BaseModel):
 class TimeWindow(BaseModel):
     """Hours during which PACS transfers are allowed, e.g. 19:00-07:00 Europe/Brussels."""
 
+    model_config = ConfigDict(extra="forbid")
+
     start: str = Field("19:00", description="Window opens, HH:MM local time.")
     end: str = Field("07:00", description="Window closes, HH:MM (may be past midnight).")
-    timezone: str = Field("UTC", description="IANA time zone, e.g. Europe/Brussels.")
+    timezone: str = Field(description="IANA time zone of start and end, e.g. Europe/Brussels "
+                                      "or UTC (required: hours mean nothing without it).")
     outside: Literal["wait", "stop"] = Field(
         "stop", description="Outside the window: wait for it to open, or stop cleanly (a re-run "
                             "continues).")
-    max_wait_hours: float = Field(16, gt=0, description="Longest wait when outside='wait'.")
+    max_wait_hours: float = Field(16, gt=0, le=24, description="Longest wait when "
+                                  "outside='wait', in hours.")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TimeWindow:
+        if self.start == self.end:
+            raise ValueError("the window opens and closes at the same time: it would never "
+                             "be open (leave time_window empty to allow any time)")
+        return self
 
     @field_validator("start", "end")
     @classmethod
@@ -163,25 +176,39 @@ class TimeWindow(BaseModel):
 
 
 class CollectionRequest(BaseModel):
-    """Everything the research collection flow needs; rendered as a form in the Prefect UI."""
+    """Everything the research collection flow needs, in the order a user decides it: what to
+    collect (a cohort file or criteria, the project), from where, when, then tuning.
 
+    The collection flow takes these as flat parameters (a run's override of one keeps the
+    deployment's others) and builds this model when it starts, so a bad combination fails
+    before the PACS is touched. Paths are relative to ``PREFECT_ORTHANC_DATA_DIR``
+    (``flows.site``) unless absolute.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cohort_file: str | None = Field(None, description="What to collect: a cohort CSV (columns "
+                                    "accession_number, patient_id, study_instance_uid, "
+                                    "study_date), relative to PREFECT_ORTHANC_DATA_DIR unless "
+                                    "absolute. Either this or criteria.")
+    criteria: Criteria | None = Field(None, description="Or: C-FIND criteria (modalities, "
+                                      "study dates, description) instead of a file.")
+    project: str = Field("research", description="Project recorded on the collected studies; "
+                         "the sharing flow selects studies by it.")
     source_modality: str = Field("pacs", description="The PACS, as a DICOM modality name "
                                                      "configured in the research Orthanc.")
-    cohort_file: str | None = Field(None, description="Path of a cohort CSV (columns "
-                                    "accession_number, patient_id, study_instance_uid, "
-                                    "study_date). Either this or criteria.")
-    criteria: Criteria | None = Field(None, description="C-FIND criteria instead of a file.")
-    project: str = Field("research", description="Project tag recorded on collected studies.")
+    time_window: TimeWindow | None = Field(None, description="Only move studies inside these "
+                                           "hours (empty: any time).")
     concurrency: int = Field(4, ge=1, le=32, description="Studies retrieved at once by this "
                              "run (the PACS's global limit still applies across runs).")
+    dry_run: bool = Field(False, description="Plan only: resolve the cohort, move nothing.")
     find_cap: int = Field(0, ge=0, description="Result cap of the PACS's C-FIND (0 = unknown: "
                           "a criteria query is split whenever it returns exactly this many).")
-    time_window: TimeWindow | None = Field(None, description="Only move studies inside these "
-                                           "hours.")
-    dry_run: bool = Field(False, description="Plan only: resolve the cohort, move nothing.")
-    report_dir: str = Field("reports", description="Where a criteria cohort's CSV report goes "
-                            "(a file cohort's report goes next to the file).")
-    job_timeout: float = Field(3600, gt=0, description="Longest wait for one study's C-MOVE.")
+    job_timeout: float = Field(3600, gt=0, description="Longest wait for one study's C-MOVE, "
+                               "in seconds.")
+    report_dir: str = Field("reports", description="Where a criteria cohort's CSV report goes, "
+                            "relative to PREFECT_ORTHANC_DATA_DIR unless absolute (a file "
+                            "cohort's report goes next to the file).")
 
     @field_validator("project")
     @classmethod
@@ -189,6 +216,23 @@ class CollectionRequest(BaseModel):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
             raise ValueError("project is 1-64 letters, digits, '-' or '_'")
         return value
+
+    @field_validator("cohort_file")
+    @classmethod
+    def _check_file(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        if value is not None and not value.strip().lower().endswith((".csv", ".txt", ".tsv")):
+            raise ValueError("cohort_file is a CSV file (.csv, .tsv or .txt)")
+        return value.strip() if value else value
+
+    @field_validator("source_modality")
+    @classmethod
+    def _check_modality(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("source_modality names the PACS (a DICOM modality of the "
+                             "research Orthanc)")
+        return value.strip()
 
     @model_validator(mode="after")
     def _one_source(self) -> CollectionRequest:

@@ -8,9 +8,8 @@ cohort moves nothing that is already complete, so an interrupted run is finished
 Example:
     ```python
     from flows.collection import collect_cohort
-    from flows.cohort import CollectionRequest
 
-    collect_cohort(CollectionRequest(cohort_file="cohort.csv", project="lung-2026"))
+    collect_cohort(cohort_file="cohorts/lung.csv", project="lung-2026")  # under the data dir
     ```
 """
 
@@ -37,8 +36,10 @@ from pydantic import BaseModel, ConfigDict
 from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc, OrthancUnsupported
 from tasks import OrthancCredentials, modality_slot, orthanc_task, retrieve_study
 
-from .cohort import CohortRow, CollectionRequest, read_cohort
+from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
+from .parameters import described_by, request_from
 from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
+from .site import DATA_DIR_ENV, SiteError, SiteSettings
 
 __all__ = ["collect_cohort", "plan_cohort", "mark_collected", "CollectionReport",
            "COLLECTED_METADATA"]
@@ -199,26 +200,70 @@ def _wait_for_window(request: CollectionRequest) -> bool:
     return True
 
 
-@flow(name="collect-research-cohort", flow_run_name="collect-{request.project}",
+def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, list[CohortRow] | None]:
+    """The request with absolute paths, and the cohort's rows; ``ValueError`` (one line, no
+    cell values) for anything that would only fail later. Touches no server."""
+    request = request_from(CollectionRequest, values)
+    site = SiteSettings.load()
+    updates = {"report_dir": str(site.path(request.report_dir, "report_dir"))}
+    rows = None
+    if request.cohort_file:
+        path = site.path(request.cohort_file, "cohort_file")
+        if not path.is_file():
+            where = ("" if Path(request.cohort_file).expanduser().is_absolute() else
+                     f" (relative to {DATA_DIR_ENV}={site.data_dir})")
+            raise CohortError(f"cohort file not found: {path}: put the cohort there or set "
+                              f"the cohort_file parameter{where}")
+        updates["cohort_file"] = str(path)
+        rows = read_cohort(path)  # a malformed file: every bad row and column named
+    return request.model_copy(update=updates), rows
+
+
+@flow(name="collect-research-cohort", flow_run_name="collect-{project}",
       task_runner=ThreadPoolTaskRunner(max_workers=32), validate_parameters=True)
-def collect_cohort(request: CollectionRequest, credentials_block: str | None = None
-                   ) -> State[CollectionReport]:
+@described_by(CollectionRequest, credentials_block="Name of the OrthancCredentials block of "
+              "the research Orthanc (empty: the ORTHANC_* environment variables).")
+def collect_cohort(
+    cohort_file: str | None = None,
+    criteria: Criteria | None = None,
+    project: str = "research",
+    source_modality: str = "pacs",
+    time_window: TimeWindow | None = None,
+    concurrency: int = 4,
+    dry_run: bool = False,
+    find_cap: int = 0,
+    job_timeout: float = 3600,
+    report_dir: str = "reports",
+    credentials_block: str | None = None,
+) -> State[CollectionReport]:
     """Bring a research cohort from the PACS into the research Orthanc, verified complete.
 
-    ``credentials_block`` names a saved ``OrthancCredentials`` block for the research Orthanc
-    (default: ``ORTHANC_*`` environment variables). Ends Completed only when every study found
-    is complete; Failed (with a summary) when any is not; Cancelled when the time window
-    closed first (re-run to continue).
+    Give a cohort file or criteria; every other parameter has a default, so a deployment
+    run that overrides one (``--param cohort_file=cohorts/lung.csv``) keeps the others. Ends
+    Completed only when every study found is complete; Failed (with a summary) when any is
+    not, or, before the PACS is touched, when the parameters or the cohort file are unusable
+    (a one-line message naming what to fix); Cancelled when the time window closed first
+    (re-run to continue).
 
     Example:
         ```python
-        collect_cohort(CollectionRequest(cohort_file="cohort.csv", project="lung-2026",
-                                         concurrency=4))
+        collect_cohort(cohort_file="cohorts/lung.csv", project="lung-2026", concurrency=4,
+                       time_window=TimeWindow(start="19:00", end="07:00",
+                                              timezone="Europe/Brussels"))
         ```
     """
+    values = dict(locals())
+    try:
+        request, rows = _checked_request(values)
+    except (ValueError, SiteError) as error:  # CohortError too: one line, nothing touched
+        get_run_logger().error("collection not started: %s", error)
+        return Failed(message=f"collection not started: {error}")
+    return _collect(request, rows, credentials_block)
+
+
+def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
+             credentials_block: str | None) -> State[CollectionReport]:
     logger = get_run_logger()
-    # A malformed file fails here, naming rows and columns, before the PACS is touched.
-    rows = read_cohort(request.cohort_file) if request.cohort_file else None
     credentials = load_credentials(credentials_block)
     plan = plan_cohort(credentials, request, rows)
     todo = {s.key: s for row in plan if row.status is RowStatus.FOUND

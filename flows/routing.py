@@ -24,7 +24,7 @@ from tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_
 from tasks.policy import short_id
 
 from .collection import load_credentials
-from .sharing import SharingOptions, SharingRequest, share_studies
+from .sharing import SharingOptions, share_studies
 
 __all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect_study",
            "label_study", "ROUTED_METADATA", "LABELS_METADATA"]
@@ -39,17 +39,21 @@ class RouteRule(BaseModel):
     """One routing rule: when the study matches, do one action."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="Shown in run summaries.")
+    action: Literal["label", "forward", "share"] = Field(
+        description="label: tag the study; forward: send it to a modality or peer; share: "
+                    "de-identify it and deliver it (the sharing flow's checks included).")
     modalities: list[str] = Field(default_factory=list, description="Match studies holding "
                                   "any of these modalities, e.g. CT, MR (empty = any).")
     calling_aets: list[str] = Field(default_factory=list, description="Match studies sent by "
                                     "one of these AETs (empty = any sender).")
-    action: Literal["label", "forward", "share"] = Field(
-        description="label: tag the study; forward: send it to a modality or peer; share: "
-                    "de-identify it and deliver it (the sharing flow's checks included).")
-    labels: list[str] = Field(default_factory=list, description="For label.")
-    target: str = Field("", description="For forward: the modality or peer name.")
-    target_kind: Literal["modality", "peer"] = Field("modality", description="For forward.")
-    share: SharingOptions | None = Field(None, description="For share.")
+    labels: list[str] = Field(default_factory=list, description="For label: the labels to "
+                              "add.")
+    target_kind: Literal["modality", "peer"] = Field("modality", description="For forward: "
+                                                     "a DICOM modality or an Orthanc peer.")
+    target: str = Field("", description="For forward: the modality or peer name, as "
+                        "configured in the research Orthanc.")
+    share: SharingOptions | None = Field(None, description="For share: where the "
+                                         "de-identified copy goes and how it is made.")
 
     @field_validator("modalities")
     @classmethod
@@ -171,8 +175,9 @@ def _apply(rule: RouteRule, credentials: OrthancCredentials, credentials_block: 
         store_to_peer(credentials, rule.target, [study_id])
     else:
         assert rule.share is not None
-        request = SharingRequest(study_ids=[study_id], **rule.share.model_dump())
-        state = share_studies(request, credentials_block, return_state=True)
+        options = {name: getattr(rule.share, name) for name in SharingOptions.model_fields}
+        state = share_studies(study_ids=[study_id], credentials_block=credentials_block,
+                              **options, return_state=True)
         return state.is_completed()
     return True
 
@@ -191,6 +196,13 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
         route_new_study("27f7126f-4f66ab19-6d2fbc77-3b9e1bd4-5cbc3bbf",
                         rules=[RouteRule(name="tag", action="label", labels=["new"])])
         ```
+
+    Args:
+        study_id: Orthanc ID of the new stable study (the event trigger fills it in).
+        rules: The routing rules, applied in order (replaced whole by an override).
+        server: Name of the research Orthanc in the events this flow answers.
+        credentials_block: Name of the OrthancCredentials block of the research Orthanc
+            (empty: the ORTHANC_* environment variables).
     """
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)

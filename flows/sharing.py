@@ -11,11 +11,11 @@ Prefect. The project secret comes from a Prefect Secret block or ``PREFECT_ORTHA
 
 Example:
     ```python
-    from flows.sharing import share_studies, SharingRequest, Destination
+    from flows.sharing import share_studies, Destination
 
-    share_studies(SharingRequest(project="lung-2026",
-                                 destination=Destination(kind="directory", target="/exports"),
-                                 linkage_path="/secure/linkage.csv"))
+    share_studies(project="lung-2026",
+                  destination=Destination(kind="directory", target="/exports"),
+                  linkage_path="/secure/linkage.csv")
     ```
 """
 
@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Sequence
@@ -33,11 +34,11 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orthanc_client import Level
 from tasks import OrthancCredentials, modality_slot, orthanc_task
@@ -45,6 +46,8 @@ from tasks.policy import short_id
 
 from .collection import COLLECTED_METADATA, load_credentials
 from .deid import DeidProfile, build_request, client_kwargs, identifiers_from, scan_zip
+from .parameters import described_by, request_from
+from .site import SiteError, SiteSettings
 
 __all__ = ["Destination", "SharingOptions", "SharingRequest", "SharedStudy", "share_studies", "deidentify_study",
            "deliver_study", "SECRET_ENV"]
@@ -53,29 +56,69 @@ SECRET_ENV = "PREFECT_ORTHANC_DEID_SECRET"
 _FILE_LOCK = threading.Lock()
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+
+
 class Destination(BaseModel):
     """Where verified studies go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["directory", "peer", "modality"] = Field(
         "directory", description="A local directory (ZIP + manifest), an Orthanc peer, or a "
                                  "DICOM modality (C-STORE).")
-    target: str = Field(description="Directory path, or the peer / modality name configured "
+    target: str = Field(description="Directory path (relative to PREFECT_ORTHANC_DATA_DIR "
+                                    "unless absolute), or the peer / modality name configured "
                                     "in the research Orthanc.")
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("target is a directory path or a peer / modality name")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_name(self) -> Destination:
+        if self.kind != "directory" and not _NAME.match(self.target):
+            raise ValueError(f"a {self.kind} target is the {self.kind}'s name in the research "
+                             f"Orthanc (letters, digits, '-', '_')")
+        return self
 
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.target}"
 
 
-class SharingOptions(BaseModel):
-    """How to de-identify and where it goes (the new-study flow's share rules reuse this)."""
+#: the default destination: ``shared/`` under the data directory
+SHARED_DIRECTORY = Destination(kind="directory", target="shared")
 
-    destination: Destination
-    profile: DeidProfile = Field(default_factory=DeidProfile)
+
+def _resolved(path: str, base: Path) -> Path:
+    """``path`` as it will be used: relative ones under ``base`` (the data directory)."""
+    return Path(os.path.normpath(base / Path(path).expanduser()))
+
+
+class SharingOptions(BaseModel):
+    """Where it goes and how to de-identify it (the new-study flow's share rules reuse this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    destination: Destination = Field(SHARED_DIRECTORY, description="Where verified studies go: "
+                                     "a directory (default: 'shared' under "
+                                     "PREFECT_ORTHANC_DATA_DIR), an Orthanc peer or a DICOM "
+                                     "modality.")
+    profile: DeidProfile = Field(default_factory=DeidProfile, description="How studies are "
+                                 "de-identified (defaults: keyed pseudonyms, shifted dates, "
+                                 "descriptions and private tags dropped, risky objects "
+                                 "excluded).")
     secret_block: str | None = Field(None, description=f"Prefect Secret block holding the "
-                                     f"project secret (else the {SECRET_ENV} variable).")
-    linkage_path: str = Field("linkage/linkage.csv", description="Where the source ↔ "
-                              "pseudonym table goes. Keep it apart from the shared data.")
+                                     f"project secret (empty: the {SECRET_ENV} variable). The "
+                                     f"secret itself is never a parameter.")
+    linkage_path: str = Field("linkage/linkage.csv", description="Where the source <-> "
+                              "pseudonym table goes (relative to PREFECT_ORTHANC_DATA_DIR "
+                              "unless absolute). Keep it apart from the shared data.")
     staging_dir: str = Field("sharing/staging", description="Where ZIPs wait for the scan; "
                              "quarantined ones stay in its 'quarantine' folder.")
     ledger_path: str = Field("sharing/ledger.jsonl", description="Record of deliveries, so a "
@@ -84,14 +127,61 @@ class SharingOptions(BaseModel):
                          description="Prefix of package file names.")
     keep_anonymized: bool = Field(False, description="Keep the anonymized copies in Orthanc.")
 
+    @field_validator("linkage_path", "staging_dir", "ledger_path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a path is required")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _apart(self) -> SharingOptions:
+        self.check_paths(Path("/data-dir"))
+        return self
+
+    def check_paths(self, base: Path) -> None:
+        """Refuse a linkage table, ledger or staging area inside the shared directory (it
+        would be shared with the data), and a staging area that is the destination."""
+        if self.destination.kind != "directory":
+            return
+        shared = _resolved(self.destination.target, base)
+        for name in ("linkage_path", "ledger_path", "staging_dir"):
+            path = _resolved(getattr(self, name), base)
+            if path == shared or shared in path.parents:
+                raise ValueError(f"{name} is inside the destination directory: it would be "
+                                 f"shared with the data")
+        staging = _resolved(self.staging_dir, base)
+        if staging in shared.parents:
+            raise ValueError("the destination directory is inside staging_dir")
+
 
 class SharingRequest(SharingOptions):
-    """What to share, how to de-identify it and where it goes (a form in the Prefect UI)."""
+    """What to share, where it goes and how to de-identify it. The sharing flow takes these
+    as flat parameters (what to share first) and builds this model when a run starts."""
 
-    project: str | None = Field(None, description="Share studies the collection flow marked "
-                                                   "with this project.")
-    study_ids: list[str] = Field(default_factory=list,
-                                 description="Or: Orthanc study IDs in the research server.")
+    project: str | None = Field(None, description="What to share: the studies the collection "
+                                "flow collected for this project. Either this or study_ids.")
+    study_ids: list[str] = Field(default_factory=list, description="Or: Orthanc study IDs in "
+                                 "the research server.")
+
+    @field_validator("project")
+    @classmethod
+    def _check_project(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() == "":
+            return None
+        if value is not None and not _NAME.match(value):
+            raise ValueError("project is 1-64 letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("study_ids")
+    @classmethod
+    def _check_ids(cls, value: list[str]) -> list[str]:
+        ids = [v.strip() for v in value if v.strip()]
+        bad = sum(not _ORTHANC_ID.match(v) for v in ids)
+        if bad:
+            raise ValueError(f"{bad} of the study_ids are not Orthanc study IDs "
+                             f"(xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx)")
+        return list(dict.fromkeys(ids))
 
     @model_validator(mode="after")
     def _one_selection(self) -> SharingRequest:
@@ -273,6 +363,18 @@ def _select(credentials: OrthancCredentials, request: SharingRequest) -> list[st
                 == request.project]
 
 
+def _nothing_selected(request: SharingRequest) -> State[list[SharedStudy]]:
+    """A run that selected no study: Completed, with a warning in its message and artifact."""
+    what = (f"project {request.project!r} has no collected study in the research Orthanc "
+            f"(collect it first, or check the project name)" if request.project else
+            "none of the study_ids is in the research Orthanc")
+    warning = f"WARNING: no study selected: {what}; nothing shared"
+    get_run_logger().warning(warning)
+    create_markdown_artifact(key="sharing-report", markdown=f"**{warning}**",
+                             description="Sharing: nothing was selected.")
+    return Completed(message=warning, data=[])
+
+
 def _write_manifest(destination: Destination, profile: DeidProfile,
                     studies: Sequence[SharedStudy]) -> Path | None:
     if destination.kind != "directory" or not studies:
@@ -295,22 +397,61 @@ def _write_manifest(destination: Destination, profile: DeidProfile,
     return path
 
 
-@flow(name="share-deidentified", flow_run_name="share-{request.package}",
+def _checked_request(values: dict[str, object]) -> SharingRequest:
+    """The request with absolute paths; ``ValueError`` (one line) for what would fail later."""
+    request = request_from(SharingRequest, values)
+    site = SiteSettings.load()
+    updates: dict[str, object] = {name: str(site.path(getattr(request, name), name))
+                                  for name in ("linkage_path", "staging_dir", "ledger_path")}
+    if request.destination.kind == "directory":
+        updates["destination"] = request.destination.model_copy(update={
+            "target": str(site.path(request.destination.target, "destination.target"))})
+    request.check_paths(site.data_dir)
+    return request.model_copy(update=updates)
+
+
+@flow(name="share-deidentified", flow_run_name="share-{package}",
       task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True)
-def share_studies(request: SharingRequest, credentials_block: str | None = None
-                  ) -> State[list[SharedStudy]]:
+@described_by(SharingRequest, credentials_block="Name of the OrthancCredentials block of the "
+              "research Orthanc (empty: the ORTHANC_* environment variables).")
+def share_studies(
+    project: str | None = None,
+    study_ids: list[str] | None = None,
+    destination: Destination = SHARED_DIRECTORY,
+    profile: DeidProfile = DeidProfile(),
+    secret_block: str | None = None,
+    linkage_path: str = "linkage/linkage.csv",
+    staging_dir: str = "sharing/staging",
+    ledger_path: str = "sharing/ledger.jsonl",
+    package: str = "share",
+    keep_anonymized: bool = False,
+    credentials_block: str | None = None,
+) -> State[list[SharedStudy]]:
     """Share a de-identified copy of studies, with proof that no identifier leaves.
 
-    Completed when every selected study was verified and delivered (or had been before);
-    Failed when any study was quarantined or failed, with nothing of it delivered.
+    Give what to share (a project or study IDs) and a destination; the rest has defaults, so
+    a deployment run that overrides one parameter (``--param project=lung-2026``) keeps the
+    deployment's others. Completed when every selected study was verified and delivered (or
+    had been before), with a warning in its message and artifact when nothing was selected;
+    Failed when any study was quarantined or failed, with nothing of it delivered, or, before
+    anything is touched, when the parameters are unusable (a one-line message).
 
     Example:
         ```python
-        share_studies(SharingRequest(project="lung-2026",
-                                     destination=Destination(kind="modality",
-                                                             target="partner")))
+        share_studies(project="lung-2026",
+                      destination=Destination(kind="modality", target="partner"))
         ```
     """
+    try:
+        request = _checked_request(dict(locals()))
+    except (ValueError, SiteError) as error:
+        get_run_logger().error("sharing not started: %s", error)
+        return Failed(message=f"sharing not started: {error}")
+    return _share(request, credentials_block)
+
+
+def _share(request: SharingRequest, credentials_block: str | None
+           ) -> State[list[SharedStudy]]:
     logger = get_run_logger()
     secret = project_secret(request.secret_block)
     credentials = load_credentials(credentials_block)
@@ -321,6 +462,8 @@ def share_studies(request: SharingRequest, credentials_block: str | None = None
             if _Ledger.key(s, request.destination, request.profile) not in done_before]
     logger.info("%d studies selected, %d already delivered to this destination",
                 len(selected), len(selected) - len(todo))
+    if not selected:
+        return _nothing_selected(request)
 
     futures = {deidentify_study.submit(credentials, s, request, secret): s for s in todo}
     deliveries = {}

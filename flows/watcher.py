@@ -63,6 +63,14 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
         ```python
         watch_changes(server="research", run_for=3600, poll_interval=2)
         ```
+
+    Args:
+        server: Name of the watched Orthanc in the events' resource IDs and the cursor.
+        run_for: How long this run watches, in seconds (a schedule starts the next run).
+        poll_interval: Seconds between two reads of the change log.
+        start_at: Where a new cursor starts: the end of the change log or its beginning.
+        credentials_block: Name of the OrthancCredentials block of the watched Orthanc
+            (empty: the ORTHANC_* environment variables).
     """
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)

@@ -25,6 +25,9 @@ REJECT_ONCE_LUA = TESTS / "lua" / "reject_once.lua"
 # the session's own, so the PHI scan reads exactly what this session wrote.
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+# The site's data directory (cohorts, reports, linkage, sharing): the session's own, never
+# the user's ~/.local/share/prefect-orthanc nor the checkout.
+os.environ.setdefault("PREFECT_ORTHANC_DATA_DIR", tempfile.mkdtemp(prefix="prefect-orthanc-data-"))
 
 # The project's packages import from the repository root even under a bare ``pytest``.
 if str(REPO) not in sys.path:

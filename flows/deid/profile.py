@@ -72,53 +72,69 @@ MIN_SECRET_BYTES = 16
 
 DEFAULT_EXCLUDED_MODALITIES: tuple[str, ...] = ("SR", "OT", "US", "DOC", "SC")
 
-#: SOP classes whose content is free text, documents, photographs or screenshots: identifying
-#: content the header scan cannot see (burned-in pixels, report text, faces, 3D surfaces).
+#: SOP classes (pydicom's keywords) whose content is free text, documents, photographs or
+#: screenshots: identifying content the header scan cannot see (burned-in pixels, report text,
+#: faces, 3D surfaces).
+def _storage_sop_classes() -> dict[str, str]:
+    """Every storage SOP class pydicom's UID dictionary knows: keyword -> UID."""
+    from pydicom.uid import UID_dictionary
+
+    return {keyword: uid for uid, (name, kind, _, _, keyword) in UID_dictionary.items()
+            if kind == "SOP Class" and "Storage" in name and "Commitment" not in name
+            and keyword}
+
+
+#: keyword (e.g. ``SecondaryCaptureImageStorage``) -> SOP Class UID, from pydicom
+STORAGE_SOP_CLASSES: dict[str, str] = _storage_sop_classes()
+_SOP_KEYWORDS = {uid: keyword for keyword, uid in STORAGE_SOP_CLASSES.items()}
+#: a storage SOP class, named by its DICOM keyword (the UI shows a list of names)
+SopClass = Literal[tuple(sorted(STORAGE_SOP_CLASSES))]  # type: ignore[valid-type]
+
 DEFAULT_EXCLUDED_SOP_CLASSES: tuple[str, ...] = (
     # Secondary capture (screenshots, scanned paper)
-    "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture Image Storage
-    "1.2.840.10008.5.1.4.1.1.7.1",    # Multi-frame Single Bit Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.7.2",    # Multi-frame Grayscale Byte Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.7.3",    # Multi-frame Grayscale Word Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.7.4",    # Multi-frame True Color Secondary Capture
+    "SecondaryCaptureImageStorage",
+    "MultiFrameSingleBitSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage",
+    "MultiFrameTrueColorSecondaryCaptureImageStorage",
     # Encapsulated documents and surfaces
-    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF Storage
-    "1.2.840.10008.5.1.4.1.1.104.2",  # Encapsulated CDA Storage
-    "1.2.840.10008.5.1.4.1.1.104.3",  # Encapsulated STL Storage
-    "1.2.840.10008.5.1.4.1.1.104.4",  # Encapsulated OBJ Storage
-    "1.2.840.10008.5.1.4.1.1.104.5",  # Encapsulated MTL Storage
+    "EncapsulatedPDFStorage",
+    "EncapsulatedCDAStorage",
+    "EncapsulatedSTLStorage",
+    "EncapsulatedOBJStorage",
+    "EncapsulatedMTLStorage",
     # Structured reports (every SR storage class; the SR root below catches later ones)
-    "1.2.840.10008.5.1.4.1.1.88.1",   # Text SR Storage - Trial (retired)
-    "1.2.840.10008.5.1.4.1.1.88.2",   # Audio SR Storage - Trial (retired)
-    "1.2.840.10008.5.1.4.1.1.88.3",   # Detail SR Storage - Trial (retired)
-    "1.2.840.10008.5.1.4.1.1.88.4",   # Comprehensive SR Storage - Trial (retired)
-    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.35",  # Extensible SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.40",  # Procedure Log Storage
-    "1.2.840.10008.5.1.4.1.1.88.50",  # Mammography CAD SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document Storage
-    "1.2.840.10008.5.1.4.1.1.88.65",  # Chest CAD SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.68",  # Radiopharmaceutical Radiation Dose SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.69",  # Colon CAD SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.70",  # Implantation Plan SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.71",  # Acquisition Context SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.72",  # Simplified Adult Echo SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.73",  # Patient Radiation Dose SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.74",  # Planned Imaging Agent Administration SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.75",  # Performed Imaging Agent Administration SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.76",  # Enhanced X-Ray Radiation Dose SR Storage
-    "1.2.840.10008.5.1.4.1.1.88.77",  # Waveform Annotation SR Storage
+    "TextSRStorageTrial",
+    "AudioSRStorageTrial",
+    "DetailSRStorageTrial",
+    "ComprehensiveSRStorageTrial",
+    "BasicTextSRStorage",
+    "EnhancedSRStorage",
+    "ComprehensiveSRStorage",
+    "Comprehensive3DSRStorage",
+    "ExtensibleSRStorage",
+    "ProcedureLogStorage",
+    "MammographyCADSRStorage",
+    "KeyObjectSelectionDocumentStorage",
+    "ChestCADSRStorage",
+    "XRayRadiationDoseSRStorage",
+    "RadiopharmaceuticalRadiationDoseSRStorage",
+    "ColonCADSRStorage",
+    "ImplantationPlanSRStorage",
+    "AcquisitionContextSRStorage",
+    "SimplifiedAdultEchoSRStorage",
+    "PatientRadiationDoseSRStorage",
+    "PlannedImagingAgentAdministrationSRStorage",
+    "PerformedImagingAgentAdministrationSRStorage",
+    "EnhancedXRayRadiationDoseSRStorage",
+    "WaveformAnnotationSRStorage",
     # Photographs and video (faces, skin, labels)
-    "1.2.840.10008.5.1.4.1.1.77.1.4",    # VL Photographic Image Storage
-    "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image Storage
-    "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image Storage
-    "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image Storage
+    "VLPhotographicImageStorage",
+    "VideoPhotographicImageStorage",
+    "VideoEndoscopicImageStorage",
+    "VideoMicroscopicImageStorage",
     # Opaque vendor payloads
-    "1.2.840.10008.5.1.4.1.1.66",     # Raw Data Storage
+    "RawDataStorage",
 )
 
 #: UID roots excluded as a whole: every SR-family storage class lives under this one.
@@ -181,9 +197,6 @@ class DeidProfile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field("research", description="Short profile name (letters, digits, _ . -; "
-                                              "<= 24 chars), recorded in the output.")
-    version: str = Field("1", description="Profile version (<= 8 chars), recorded in the output.")
     dates: Literal["shift", "blank"] = Field(
         "shift", description="'shift': every date of a patient moves by the same number of days "
                              "(keyed per patient, never 0), intervals between studies are kept, "
@@ -207,10 +220,11 @@ class DeidProfile(BaseModel):
     exclude_modalities: tuple[str, ...] = Field(
         DEFAULT_EXCLUDED_MODALITIES,
         description="Modalities never shared (free text, documents, burned-in pixels).")
-    exclude_sop_classes: tuple[str, ...] = Field(
+    exclude_sop_classes: tuple[SopClass, ...] = Field(
         DEFAULT_EXCLUDED_SOP_CLASSES,
-        description="SOP Class UIDs never shared (secondary capture, encapsulated documents, "
-                    "SR, photographs, raw data).")
+        description="SOP classes never shared, by DICOM keyword (secondary capture, "
+                    "encapsulated documents, SR, photographs, raw data); a UID is accepted "
+                    "and named.")
     exclude_sop_class_roots: tuple[str, ...] = Field(
         DEFAULT_EXCLUDED_SOP_CLASS_ROOTS,
         description="SOP Class UID prefixes never shared (default: the SR family).")
@@ -219,6 +233,9 @@ class DeidProfile(BaseModel):
                            "checked for burned-in text: only for data known to be clean.")
     pseudonym_prefix: str = Field(
         "P", description="Prefix of every pseudonym (uppercase letters/digits, <= 8 chars).")
+    name: str = Field("research", description="Short profile name (letters, digits, _ . -; "
+                                              "<= 24 chars), recorded in the output.")
+    version: str = Field("1", description="Profile version (<= 8 chars), recorded in the output.")
 
     @field_validator("name")
     @classmethod
@@ -255,6 +272,31 @@ class DeidProfile(BaseModel):
                                  "(odd group > 0007, element >= 1000)")
             tags.append(f"{group:04x},{element:04x}")
         return tuple(dict.fromkeys(tags))
+
+    @field_validator("exclude_sop_classes", mode="before")
+    @classmethod
+    def _name_sop_classes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            return value
+        named = []
+        for item in value:
+            item = str(item).strip()
+            if item in STORAGE_SOP_CLASSES:
+                named.append(item)
+            elif item in _SOP_KEYWORDS:
+                named.append(_SOP_KEYWORDS[item])
+            else:
+                raise ValueError(f"exclude_sop_classes: {item!r} is not a storage SOP class "
+                                 "keyword or UID pydicom knows (for private classes use "
+                                 "exclude_sop_class_roots)")
+        return tuple(dict.fromkeys(named))
+
+    @property
+    def excluded_sop_class_uids(self) -> frozenset[str]:
+        """The UIDs of ``exclude_sop_classes``."""
+        return frozenset(STORAGE_SOP_CLASSES[k] for k in self.exclude_sop_classes)
 
     @field_validator("exclude_modalities")
     @classmethod
@@ -579,7 +621,7 @@ def is_excluded(profile: DeidProfile, modality: str, sop_class_uid: str, *,
     sop = _normalize(sop_class_uid or "")
     if modality and modality in profile.exclude_modalities:
         return True
-    if sop and (sop in profile.exclude_sop_classes
+    if sop and (sop in profile.excluded_sop_class_uids
                 or any(sop.startswith(root) for root in profile.exclude_sop_class_roots)):
         return True
     return _normalize(burned_in_annotation or "").upper() == "YES"

@@ -17,7 +17,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from pydicom.uid import generate_uid
 
-from flows.cohort import CohortError, CollectionRequest, Criteria
+from flows.cohort import Criteria
 from flows.collection import COLLECTED_METADATA, collect_cohort
 from orthanc_client import Orthanc
 
@@ -67,7 +67,7 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
         [present.accession, "a"], [ambiguous.accession, "b"], ["ACC00000000", "c"],
         [wanted[0].accession, "d"], [wanted[1].accession, "e"], [wanted[0].accession, "f"]])
 
-    state = collect_cohort(CollectionRequest(cohort_file=str(path), project="lung-test"),
+    state = collect_cohort(cohort_file=str(path), project="lung-test",
                            return_state=True)
     assert state.is_completed(), state.message
     report = state.result()
@@ -87,7 +87,7 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
 
     # running the same cohort again moves nothing
     before = _move_jobs(research)
-    again = collect_cohort(CollectionRequest(cohort_file=str(path), project="lung-test"))
+    again = collect_cohort(cohort_file=str(path), project="lung-test")
     assert again.studies_moved == 0 and again.studies_complete == 3
     assert _move_jobs(research) == before
     assert [r.status for r in again.rows][3:5] == ["already_present", "already_present"]
@@ -96,7 +96,7 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
 def test_artifacts_hold_no_identifiers(research_env, research, loaded_pacs, cohort, tmp_path):
     study = cohort.studies[2]
     path = _write(tmp_path / "one.csv", ["accession_number"], [[study.accession]])
-    collect_cohort(CollectionRequest(cohort_file=str(path), project="artifact-test"))
+    collect_cohort(cohort_file=str(path), project="artifact-test")
 
     async def read():
         # raw filter call: prefect 3.8's read_artifacts() sends nulls this server refuses
@@ -120,15 +120,15 @@ def test_criteria_cohort_and_dry_run(research_env, research, loaded_pacs, cohort
     criteria = Criteria(modalities=["CT"], date_from=dates[0], date_to=dates[-1])
     _forget(research, cohort.studies)
 
-    dry = collect_cohort(CollectionRequest(criteria=criteria, dry_run=True,
-                                           report_dir=str(tmp_path)), return_state=True)
+    dry = collect_cohort(criteria=criteria, dry_run=True,
+                                           report_dir=str(tmp_path), return_state=True)
     assert dry.is_completed() and "dry run" in dry.message
     plan = dry.result()
     assert len(plan.rows) == len(ct) and {r.status for r in plan.rows} == {"found"}
     assert all(not research.find("Study", {"StudyInstanceUID": s.study_uid}) for s in ct)
 
-    report = collect_cohort(CollectionRequest(criteria=criteria, project="ct-only",
-                                              report_dir=str(tmp_path)))
+    report = collect_cohort(criteria=criteria, project="ct-only",
+                                              report_dir=str(tmp_path))
     assert Path(report.report_path).parent == tmp_path
     assert report.studies_found == report.studies_complete == len(ct)
     for study in ct:
@@ -143,11 +143,50 @@ def test_malformed_cohort_fails_fast_and_moves_nothing(research_env, research, l
     path = tmp_path / "bad.csv"
     path.write_text("accession_number,study_date\nACC1,2024-13-01\nACC2,20240101\n")
     before = _move_jobs(research)
-    state = collect_cohort(CollectionRequest(cohort_file=str(path)), return_state=True)
+    state = collect_cohort(cohort_file=str(path), return_state=True)
     assert state.is_failed()
-    with pytest.raises(CohortError, match="row 1: study_date is not YYYYMMDD"):
-        state.result()
+    assert state.message.startswith("collection not started: bad.csv: 1 problem(s)")
+    assert "row 1: study_date is not YYYYMMDD" in state.message and "ACC1" not in state.message
     assert _move_jobs(research) == before
+
+
+def _task_runs(flow_run_id) -> list[dict]:
+    with get_client(sync_client=True) as client:
+        return client.request("POST", "/task_runs/filter", json={
+            "flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "limit": 50,
+            "offset": 0}).json()
+
+
+def test_missing_cohort_is_one_clear_line_before_the_pacs(research_env, research, tmp_path):
+    """The nightly default points at cohorts/research.csv under the data directory: when it is
+    not there the run fails at once, naming the path and the setting, with no traceback, no
+    task (nothing asked of the PACS), and nothing written."""
+    data_dir = Path(os.environ["PREFECT_ORTHANC_DATA_DIR"])
+    state = collect_cohort(cohort_file="cohorts/absent.csv", project="absent",
+                           return_state=True)
+    assert state.is_failed()
+    expected = data_dir / "cohorts" / "absent.csv"
+    assert state.message == (
+        f"collection not started: cohort file not found: {expected}: put the cohort there or "
+        f"set the cohort_file parameter (relative to PREFECT_ORTHANC_DATA_DIR={data_dir})")
+    assert "\n" not in state.message and "Traceback" not in state.message
+    assert _task_runs(state.state_details.flow_run_id) == []
+    assert not expected.parent.exists() or not any(expected.parent.iterdir())
+
+
+def test_relative_paths_resolve_in_the_data_directory(research_env, research, loaded_pacs,
+                                                      cohort, tmp_path, monkeypatch):
+    """A relative cohort_file is read from PREFECT_ORTHANC_DATA_DIR, whatever the working
+    directory, and its report is written next to it, never in the checkout."""
+    data_dir = tmp_path / "site-data"
+    monkeypatch.setenv("PREFECT_ORTHANC_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(REPO)
+    (data_dir / "cohorts").mkdir(parents=True)
+    _write(data_dir / "cohorts" / "rel.csv", ["accession_number"], [[cohort.studies[5].accession]])
+    report = collect_cohort(cohort_file="cohorts/rel.csv", project="relative")
+    assert report.studies_complete == 1
+    assert Path(report.report_path) == data_dir / "cohorts" / "rel.report.csv"
+    assert not (REPO / "cohorts" / "rel.report.csv").exists()
 
 
 def test_incomplete_study_fails_the_run(research_env, research, flaky_study_factory,
@@ -157,7 +196,7 @@ def test_incomplete_study_fails_the_run(research_env, research, flaky_study_fact
     bad_uid, expected = flaky_study_factory("REJECT-ALWAYS")
     good_uid, _ = flaky_study_factory("REJECT-ONCE")  # partial at first, completed by re-fetch
     path = _write(tmp_path / "flaky.csv", ["study_instance_uid"], [[bad_uid], [good_uid]])
-    state = collect_cohort(CollectionRequest(cohort_file=str(path), project="flaky"),
+    state = collect_cohort(cohort_file=str(path), project="flaky",
                            return_state=True)
     assert state.is_failed()
     assert "1/2 studies complete" in state.message
@@ -181,9 +220,8 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
            "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
            "PYTHONPATH": str(REPO)}
     code = ("from flows.collection import collect_cohort\n"
-            "from flows.cohort import CollectionRequest\n"
-            f"collect_cohort(CollectionRequest(cohort_file={str(path)!r}, concurrency=1,"
-            " project='resume'))\n")
+            f"collect_cohort(cohort_file={str(path)!r}, concurrency=1,"
+            " project='resume')\n")
     child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -204,7 +242,7 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
     assert 1 <= len(collected) < len(studies), "the run was not interrupted half-way"
 
     jobs_before = _move_jobs(research)
-    report = collect_cohort(CollectionRequest(cohort_file=str(path), project="resume"))
+    report = collect_cohort(cohort_file=str(path), project="resume")
     assert report.studies_complete == len(studies)
     by_uid = {s.study_uid: row for s, row in zip(studies, report.rows)}
     for uid in collected:
@@ -243,11 +281,11 @@ def test_capped_cfind_is_split_by_date(capped_lab, monkeypatch, tmp_path):
             research.query("pacs", "Study", criteria.query())
         assert getattr(capped.value, "dimse_status", None) == "0xFE00"
 
-        state = collect_cohort(CollectionRequest(criteria=criteria, find_cap=3, dry_run=True,
-                                                 report_dir=str(tmp_path)), return_state=True)
+        state = collect_cohort(criteria=criteria, find_cap=3, dry_run=True,
+                                                 report_dir=str(tmp_path), return_state=True)
         plan = state.result()
         assert len(plan.rows) == len(cohort.studies) == 12
-        report = collect_cohort(CollectionRequest(criteria=criteria, find_cap=3,
-                                                  project="capped", report_dir=str(tmp_path)))
+        report = collect_cohort(criteria=criteria, find_cap=3,
+                                                  project="capped", report_dir=str(tmp_path))
         assert report.studies_found == report.studies_complete == 12
         assert len(research.find("Study")) == 12

@@ -20,7 +20,7 @@ def deployed(lab):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PWD": str(REPO),
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
            "ORTHANC_PASSWORD": lab.research.password}
     setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
@@ -61,10 +61,11 @@ def test_nightly_collection_schedule_and_concurrency(deployed):
     assert schedule.schedule.cron == "0 19 * * *" and schedule.schedule.timezone == "UTC"
     assert nightly.global_concurrency_limit.limit == 1
     assert nightly.concurrency_options.collision_strategy.value == "ENQUEUE"
-    assert nightly.parameters["request"]["time_window"] == {
+    assert nightly.parameters["time_window"] == {
         "start": "19:00", "end": "07:00", "timezone": "UTC", "outside": "stop"}
-    assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-        "directory": str(REPO)}}]
+    assert nightly.parameters["cohort_file"] == "cohorts/research.csv"
+    # nothing of the deploy host (its $PWD, its checkout path) is baked into the deployment
+    assert nightly.pull_steps == [{"deployments.pull.set_working_directory": {}}]
 
 
 def test_sharing_is_ad_hoc_with_a_form(deployed):
@@ -72,8 +73,14 @@ def test_sharing_is_ad_hoc_with_a_form(deployed):
     assert sharing.schedules == []
     assert sharing.enforce_parameter_schema
     form = sharing.parameter_openapi_schema
-    assert "request" in form["properties"]
-    assert "SharingRequest" in str(form.get("definitions", form.get("$defs", {})))
+    # flat parameters, what to share first, each described; named SOP classes in the profile
+    order = sorted(form["properties"], key=lambda name: form["properties"][name]["position"])
+    assert order[:4] == ["project", "study_ids", "destination", "profile"]
+    assert all(p.get("description") for p in form["properties"].values())
+    definitions = form.get("definitions", form.get("$defs", {}))
+    sop_classes = definitions["DeidProfile"]["properties"]["exclude_sop_classes"]
+    assert "SecondaryCaptureImageStorage" in sop_classes["items"]["enum"]
+    assert sharing.parameters["project"] == "research"
 
 
 def test_new_study_trigger_became_an_automation(deployed):
@@ -105,3 +112,39 @@ def test_serve_refuses_to_take_over_worker_deployments(deployed):
     assert served.returncode != 0
     assert "made by `prefect deploy` for a worker" in served.stderr
     assert "collect-research-cohort/nightly (work pool orthanc-process)" in served.stderr
+
+
+def test_a_worker_elsewhere_runs_a_partial_override_from_its_own_code(deployed, tmp_path):
+    """A process worker started outside the checkout: the pull step finds the code the
+    worker's Python imports (nothing of the deploy host baked in), the run's one override
+    (project) merges with the deployment's other parameters, relative paths land in the
+    worker's data directory, and selecting nothing ends Completed with a warning."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.sharing import SECRET_ENV
+
+    from .conftest import DEID_SECRET
+
+    run = run_deployment("share-deidentified/ad-hoc", timeout=0,
+                         parameters={"project": "nothing-collected", "secret_block": None})
+    data_dir = tmp_path / "worker-data"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           SECRET_ENV: DEID_SECRET, "PREFECT_ORTHANC_DATA_DIR": str(data_dir)}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    prefect = Path(sys.executable).with_name("prefect")
+    worker = subprocess.run([str(prefect), "worker", "start", "--pool", "orthanc-process",
+                             "--run-once"], cwd=elsewhere, env=env, capture_output=True,
+                            text=True, timeout=240)
+    with get_client(sync_client=True) as client:
+        final = client.read_flow_run(run.id)
+    assert final.state.is_completed(), (final.state.message,
+                                        (worker.stdout + worker.stderr)[-3000:])
+    assert final.state.message.startswith(
+        "WARNING: no study selected: project 'nothing-collected'")
+    assert final.parameters["project"] == "nothing-collected"
+    assert final.parameters["destination"] == {"kind": "directory", "target": "shared"}
+    assert final.parameters["linkage_path"] == "linkage/linkage.csv"
+    assert not (REPO / "shared").exists() and not (elsewhere / "shared").exists()

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from flows.deid import DeidProfile
-from flows.sharing import SECRET_ENV, Destination, SharingRequest, share_studies
+from flows.sharing import SECRET_ENV, Destination, share_studies
 from orthanc_client import Orthanc
 
 from .conftest import DEID_SECRET
@@ -34,11 +34,12 @@ def _patient_studies(research: Orthanc, cohort, patient_index: int = 0) -> tuple
     return patient, ids
 
 
-def _request(tmp_path: Path, ids, destination: Destination, **extra) -> SharingRequest:
-    return SharingRequest(study_ids=ids, destination=destination,
-                          linkage_path=str(tmp_path / "private" / "linkage.csv"),
-                          staging_dir=str(tmp_path / "staging"),
-                          ledger_path=str(tmp_path / "ledger.jsonl"), **extra)
+def _request(tmp_path: Path, ids, destination: Destination, **extra) -> dict:
+    """The flow's parameters (flat, as a deployment run passes them)."""
+    return dict(study_ids=ids, destination=destination,
+                linkage_path=str(tmp_path / "private" / "linkage.csv"),
+                staging_dir=str(tmp_path / "staging"),
+                ledger_path=str(tmp_path / "ledger.jsonl"), **extra)
 
 
 def _datasets(zip_path: Path) -> list[pydicom.Dataset]:
@@ -65,7 +66,7 @@ def test_share_to_directory_consistent_pseudonyms_and_dates(
     patient, ids = _patient_studies(research, cohort, 0)
     out = tmp_path / "out"
     request = _request(tmp_path, ids, Destination(kind="directory", target=str(out)))
-    state = share_studies(request, return_state=True)
+    state = share_studies(**request, return_state=True)
     assert state.is_completed(), state.message
     outcomes = state.result()
     assert len(outcomes) == 2 and all(o.verified and o.delivered for o in outcomes)
@@ -97,11 +98,11 @@ def test_share_to_directory_consistent_pseudonyms_and_dates(
     assert patient.patient_id in linkage and pseudo_ids.pop() in linkage
 
     # a re-run delivers nothing new
-    again = share_studies(request)
+    again = share_studies(**request)
     assert again == [] and sorted(out.glob("*.zip")) == zips
     # another run, elsewhere, with the same secret: the very same pseudonyms
     other = tmp_path / "other"
-    second = share_studies(_request(tmp_path / "second", ids,
+    second = share_studies(**_request(tmp_path / "second", ids,
                                     Destination(kind="directory", target=str(other))))
     assert {o.pseudo_patient for o in second} == {o.pseudo_patient for o in outcomes}
     assert all(not research.exists("Study", o.anonymized_id) for o in outcomes)
@@ -113,7 +114,7 @@ def test_leaky_profile_is_quarantined(research_env, secret_env, research, loaded
     patient, ids = _patient_studies(research, cohort, 1)
     out = tmp_path / "out"
     leaky = DeidProfile(name="leaky", descriptions="keep_if_clean")
-    state = share_studies(_request(tmp_path, ids[:1], Destination(kind="directory",
+    state = share_studies(**_request(tmp_path, ids[:1], Destination(kind="directory",
                                                                   target=str(out)),
                                    profile=leaky), return_state=True)
     assert state.is_failed() and "1 quarantined" in state.message
@@ -131,12 +132,44 @@ def test_share_to_pacs_modality_once(research_env, secret_env, research, pacs, l
                                      cohort, tmp_path):
     patient, ids = _patient_studies(research, cohort, 2)
     request = _request(tmp_path, ids[:1], Destination(kind="modality", target="pacs"))
-    (outcome,) = share_studies(request)
+    (outcome,) = share_studies(**request)
     assert outcome.delivered == "modality:pacs"
     found = pacs.find("Study", {"PatientID": outcome.pseudo_patient})
     assert len(found) == 1
     assert pacs.count_instances("Study", found[0]) == outcome.instances_out
     jobs_before = research.request("GET", "/jobs", safe=True)
-    assert share_studies(request) == []  # the ledger: no second C-STORE
+    assert share_studies(**request) == []  # the ledger: no second C-STORE
     assert research.request("GET", "/jobs", safe=True) == jobs_before
     pacs.delete("Study", found[0])
+
+
+def test_nothing_selected_is_a_warning_in_the_summary_and_artifact(
+        research_env, secret_env, research, tmp_path):
+    """A project nothing was collected for: the run completes, but says so loudly."""
+    from prefect.client.orchestration import get_client
+
+    state = share_studies(project="never-collected",
+                          destination=Destination(kind="directory", target=str(tmp_path / "o")),
+                          ledger_path=str(tmp_path / "ledger.jsonl"), return_state=True)
+    assert state.is_completed() and state.result() == []
+    assert state.message.startswith("WARNING: no study selected: project 'never-collected'")
+    with get_client(sync_client=True) as client:
+        artifacts = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}},
+            "limit": 10, "offset": 0}).json()
+    (artifact,) = [a for a in artifacts if a["key"] == "sharing-report"]
+    assert "WARNING: no study selected" in artifact["data"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_unusable_parameters_fail_before_anything_is_touched(research_env, secret_env,
+                                                             tmp_path):
+    """The linkage table inside the shared directory would be shared with the data."""
+    out = tmp_path / "out"
+    state = share_studies(project="research",
+                          destination=Destination(kind="directory", target=str(out)),
+                          linkage_path=str(out / "linkage.csv"), return_state=True)
+    assert state.is_failed()
+    assert state.message == ("sharing not started: linkage_path is inside the destination "
+                             "directory: it would be shared with the data")
+    assert not out.exists()

@@ -23,8 +23,11 @@ def test_the_project_file_is_valid(specs):
     assert nightly.schedules == [{"cron": "0 19 * * *", "timezone": "UTC", "active": True}]
     assert nightly.prefect_concurrency().limit == 1
     assert nightly.prefect_concurrency().collision_strategy.value == "ENQUEUE"
-    assert nightly.parameters["request"]["time_window"]["outside"] == "stop"
-    assert not specs["share-deidentified/ad-hoc"].schedules
+    assert nightly.parameters["time_window"]["outside"] == "stop"
+    sharing = specs["share-deidentified/ad-hoc"]
+    assert not sharing.schedules
+    # the shipped defaults agree: sharing shares what the nightly collection collects
+    assert sharing.parameters["project"] == nightly.parameters["project"]
     route = specs["route-new-study/on-stable-study"]
     trigger = route.prefect_triggers()[0]
     assert trigger.expect == {"orthanc.study.stable"}
@@ -51,8 +54,28 @@ def _first(data, name):
      "schedules.0"),
     (lambda d: _first(d, "nightly")["schedules"][0].update(cron="every night"),
      "schedules"),
-    (lambda d: _first(d, "nightly")["parameters"]["request"].update(concurrency=0),
+    (lambda d: _first(d, "nightly")["parameters"].update(concurrency=0),
+     "concurrency: Input should be greater than or equal to 1"),
+    (lambda d: _first(d, "nightly")["parameters"].update(concurrency="many"),
      "parameters do not fit collect-research-cohort"),
+    (lambda d: _first(d, "nightly")["parameters"].update(request={"project": "x"}),
+     "parameters do not fit collect-research-cohort"),
+    (lambda d: _first(d, "nightly")["parameters"].update(criteria={"last_days": 1}),
+     "give exactly one of cohort_file and criteria"),
+    (lambda d: _first(d, "nightly")["parameters"]["time_window"].pop("timezone"),
+     "time_window.timezone: Field required"),
+    (lambda d: _first(d, "nightly")["parameters"]["time_window"].update(end="19:00"),
+     "would never be open"),
+    (lambda d: _first(d, "ad-hoc")["parameters"].update(linkage_path="shared/linkage.csv"),
+     "linkage_path is inside the destination directory"),
+    (lambda d: _first(d, "ad-hoc")["parameters"].update(study_ids=["not-an-id"]),
+     "1 of the study_ids are not Orthanc study IDs"),
+    (lambda d: _first(d, "ad-hoc")["parameters"].update(
+        study_ids=["27f7126f-4f66ab19-6d2fbc77-3b9e1bd4-5cbc3bbf"]),
+     "give exactly one of project and study_ids"),
+    (lambda d: _first(d, "ad-hoc")["parameters"].update(
+        profile={"exclude_sop_classes": ["NotAStorageClass"]}),
+     "parameters do not fit share-deidentified"),
     (lambda d: _first(d, "nightly").update(entrypoint="flows/collection.py:nope"),
      "does not load"),
     (lambda d: _first(d, "nightly")["concurrency_limit"].update(collision_strategy="DROP"),
@@ -69,3 +92,22 @@ def test_mistakes_prefect_would_accept_are_errors(tmp_path, edit, message):
     with pytest.raises(SpecError) as caught:
         load(_broken(tmp_path, edit))
     assert message in str(caught.value)
+
+
+def test_the_pull_step_bakes_nothing_from_the_deploy_host():
+    """``prefect deploy`` fills ``{{ $VAR }}`` in pull steps from the deploy host's
+    environment: the shipped pull step has no template and no path at all."""
+    data = yaml.safe_load(PREFECT_YAML.read_text())
+    assert data["pull"] == [{"deployments.pull.set_working_directory": {}}]
+    assert "{{" not in yaml.safe_dump(data["pull"])
+
+
+def test_the_pull_step_changes_to_the_code_that_is_imported(tmp_path, monkeypatch):
+    import os
+
+    from deployments.pull import set_working_directory
+    from flows.site import CODE_DIR
+
+    monkeypatch.chdir(tmp_path)
+    assert set_working_directory() == {"directory": str(CODE_DIR)}
+    assert Path(os.getcwd()) == CODE_DIR and (CODE_DIR / "flows" / "collection.py").is_file()
