@@ -17,7 +17,10 @@
    research, de-identified into ``demo-output/data/shared`` (keyed pseudonyms, shifted dates,
    every instance scanned before delivery);
 6. C-STOREs a new study into research and waits for the served new-study deployment to run
-   once for it (Lua emitter -> Prefect event -> trigger), and prints a summary.
+   once for it (Lua emitter -> Prefect event -> trigger);
+7. waits for a run the server's scheduler made (the changes watcher, its interval shortened to
+   20 s for the demo) to complete, checks the Prefect server's log for tracebacks from its
+   services, and prints a summary.
 
     scripts/demo            # or: .venv/bin/python -m deployments.demo --keep  (UI stays up)
 """
@@ -105,9 +108,14 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
             print(f"{what}: {outcome}")
 
         _banner("serving prefect.yaml's deployments (python -m deployments serve)")
+        spec = _demo_prefect_yaml(out)
+        print(f"as shipped, except the changes watcher: every {WATCHER_DEMO_INTERVAL} s for "
+              f"{WATCHER_DEMO_RUN_FOR} s (shipped: 600 s for 590 s), so that a run made by "
+              f"the schedule completes during the demo ({spec})")
         serve_log = out / "serve.log"
         with serve_log.open("wb") as log:
-            served = subprocess.Popen([sys.executable, "-m", "deployments", "serve"], cwd=ROOT,
+            served = subprocess.Popen([sys.executable, "-m", "deployments", "serve",
+                                       "--file", str(spec)], cwd=ROOT,
                                       env={**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"},
                                       stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
@@ -124,6 +132,32 @@ def _deployment_parameters(name: str) -> dict:
 
     data = yaml.safe_load(PREFECT_YAML.read_text())
     return next(d for d in data["deployments"] if d["name"] == name)["parameters"]
+
+
+WATCHER = "watch-orthanc-changes/research-changes"
+WATCHER_DEMO_INTERVAL, WATCHER_DEMO_RUN_FOR = 20, 10
+
+
+def _demo_prefect_yaml(out: Path) -> Path:
+    """The shipped prefect.yaml with the changes watcher's schedule brought forward."""
+    import yaml
+
+    from deployments.spec import PREFECT_YAML
+
+    data = yaml.safe_load(PREFECT_YAML.read_text())
+    for deployment in data["deployments"]:
+        if f"watch-orthanc-changes/{deployment['name']}" == WATCHER:
+            deployment["schedules"] = [{"interval": WATCHER_DEMO_INTERVAL, "active": True}]
+            deployment["parameters"]["run_for"] = WATCHER_DEMO_RUN_FOR
+    path = out / "prefect.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _server_tracebacks() -> int:
+    """Tracebacks in the Prefect server's log (its services: scheduler, triggers, ...)."""
+    log = Path(os.environ["PREFECT_HOME"]) / "server.log"
+    return log.read_text(errors="replace").count("Traceback (most recent call last)")
 
 
 NIGHTLY = "collect-research-cohort/nightly"
@@ -245,6 +279,20 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     else:
         print(f"no new-study run within 60 s: see {serve_log}")
 
+    _banner(f"a run made by a schedule: {WATCHER} (every {WATCHER_DEMO_INTERVAL} s here)")
+    from deployments.stack import wait_for_scheduled_run
+
+    try:
+        scheduled = wait_for_scheduled_run(WATCHER, timeout=3 * WATCHER_DEMO_INTERVAL + 60)
+        print(f"scheduled run '{scheduled['name']}' (expected start "
+              f"{scheduled['expected_start_time'][11:19]} UTC) {scheduled['state']['type']} — "
+              f"{scheduled['state']['message']}")
+    except (RuntimeError, TimeoutError) as error:
+        scheduled = None
+        print(f"{error}: see {serve_log}")
+    tracebacks = _server_tracebacks()
+    print(f"Prefect server log: {tracebacks} traceback(s) from its services")
+
     _banner("summary")
     complete = [r for r in rows if r["result_status"] in ("collected", "already_present")]
     print(f"{NIGHTLY}: {first.state.type.value} in {first_seconds:.1f} s, "
@@ -257,13 +305,16 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     print(f"linkage table (re-identification key, keep private): "
           f"{site.path(SHARING_PARAMETERS['linkage_path'])}")
     print(f"new-study flow: {'1 run, ' + routed['state']['type'] if routed else 'no run'}")
+    print(f"{WATCHER}: {'a scheduled run completed' if scheduled else 'no scheduled run'}; "
+          f"server log: {tracebacks} traceback(s)")
     print(f"site data directory (PREFECT_ORTHANC_DATA_DIR): {site.data_dir}")
     print(f"Prefect UI: {ui_url}   served deployments' log: {serve_log}")
     print(f"demo data, lab storage and Prefect database: {out}")
     print(f"total {time.monotonic() - started:.1f} s")
     ok = (first.state.is_completed() and again.state.is_completed() and moved_again == 0
           and sharing.state.is_completed() and delivered == len(wanted)
-          and bool(routed) and routed["state"]["type"] == "COMPLETED" and routed["count"] == 1)
+          and bool(routed) and routed["state"]["type"] == "COMPLETED" and routed["count"] == 1
+          and scheduled is not None and tracebacks == 0)
     if args.keep:
         print(f"\neverything is still running: open {ui_url} ; Ctrl-C to stop", flush=True)
         # a background job may have inherited SIGINT ignored; SIGTERM stops cleanly too

@@ -29,7 +29,8 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["StackSettings", "setup", "serve", "wait_until_served", "new_study_runs",
+__all__ = ["StackSettings", "setup", "serve", "wait_until_served", "deployment_runs",
+           "new_study_runs", "wait_for_scheduled_run",
            "wait_until_final", "ROUTE_DEPLOYMENT"]
 
 #: the deployment the ``orthanc.study.stable`` trigger runs (prefect.yaml)
@@ -239,16 +240,42 @@ def wait_until_served(names: Sequence[str], process: subprocess.Popen[bytes], lo
                        f"{_tail(log)}")
 
 
-def new_study_runs(study_id: str, deployment: str = ROUTE_DEPLOYMENT) -> list[dict[str, Any]]:
-    """The flow runs (API JSON, newest first) the new-study deployment made for one study."""
+def deployment_runs(deployment: str) -> list[dict[str, Any]]:
+    """The flow runs (API JSON, newest first, at most 200) of one deployment."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         deployment_id = client.read_deployment_by_name(deployment).id
-        runs = client.request("POST", "/flow_runs/filter", json={
+        return list(client.request("POST", "/flow_runs/filter", json={
             "deployments": {"id": {"any_": [str(deployment_id)]}},
-            "sort": "EXPECTED_START_TIME_DESC", "limit": 200, "offset": 0}).json()
-    return [run for run in runs if run["parameters"].get("study_id") == study_id]
+            "sort": "EXPECTED_START_TIME_DESC", "limit": 200, "offset": 0}).json())
+
+
+def new_study_runs(study_id: str, deployment: str = ROUTE_DEPLOYMENT) -> list[dict[str, Any]]:
+    """The flow runs (API JSON, newest first) the new-study deployment made for one study."""
+    return [run for run in deployment_runs(deployment)
+            if run["parameters"].get("study_id") == study_id]
+
+
+def wait_for_scheduled_run(deployment: str, timeout: float) -> dict[str, Any]:
+    """The first run of ``deployment`` that the server's scheduler created and that completed
+    (API JSON); ``RuntimeError`` if a scheduled run failed, ``TimeoutError`` if none completed
+    within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        scheduled = [r for r in deployment_runs(deployment) if r["auto_scheduled"]]
+        for run in reversed(scheduled):  # oldest first
+            if run["state"]["type"] == "COMPLETED":
+                return run
+            if run["state"]["type"] in {"FAILED", "CRASHED"}:
+                raise RuntimeError(f"scheduled run {run['name']} of {deployment} ended "
+                                   f"{run['state']['type']}: {run['state'].get('message')}")
+        if time.monotonic() > deadline:
+            states = sorted({r["state"]["type"] for r in scheduled})
+            raise TimeoutError(f"no scheduled run of {deployment} completed within "
+                               f"{timeout:.0f} s ({len(scheduled)} scheduled runs, states "
+                               f"{states})")
+        time.sleep(0.5)
 
 
 def wait_until_final(run_id: str, timeout: float = 60) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import copy
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 from deployments.lab.processes import stop_group
-from deployments.stack import wait_until_served
+from deployments.stack import deployment_runs, wait_until_served
 
 REPO = Path(__file__).resolve().parents[2]
 WATCHER = "watch-orthanc-changes"
@@ -78,35 +77,16 @@ def set_up(lab) -> dict[str, str]:
     return env
 
 
-def _runs(deployment: str) -> list[dict[str, Any]]:
-    from prefect.client.orchestration import get_client
+def _wait(deployment: str, process: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    """The first scheduled run of ``deployment`` that completed; the runner's log on failure."""
+    from deployments.stack import wait_for_scheduled_run
 
-    with get_client(sync_client=True) as client:
-        deployment_id = client.read_deployment_by_name(deployment).id
-        return client.request("POST", "/flow_runs/filter", json={
-            "deployments": {"id": {"any_": [str(deployment_id)]}},
-            "sort": "EXPECTED_START_TIME_ASC", "limit": 200, "offset": 0}).json()
-
-
-def _wait_for_completed_scheduled_run(deployment: str, process: subprocess.Popen[bytes],
-                                      log: Path) -> dict[str, Any]:
-    """The first run of ``deployment`` that the scheduler made and that completed."""
-    deadline = time.monotonic() + RUN_BOUND
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the runner exited:\n{log.read_text(errors='replace')[-3000:]}")
-        for run in _runs(deployment):
-            if run["auto_scheduled"] and run["state"]["type"] == "COMPLETED":
-                return run
-            if run["state"]["type"] in {"FAILED", "CRASHED"}:
-                pytest.fail(f"scheduled run of {deployment} ended {run['state']['type']}: "
-                            f"{run['state'].get('message')}\n"
-                            f"{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.5)
-    made = [(r["auto_scheduled"], r["state"]["type"]) for r in _runs(deployment)]
-    pytest.fail(f"no scheduled run of {deployment} completed within {RUN_BOUND} s; "
-                f"runs (auto_scheduled, state): {made}\n"
-                f"{log.read_text(errors='replace')[-3000:]}")
+    if process.poll() is not None:
+        pytest.fail(f"the runner exited:\n{log.read_text(errors='replace')[-3000:]}")
+    try:
+        return wait_for_scheduled_run(deployment, RUN_BOUND)
+    except (RuntimeError, TimeoutError) as error:
+        pytest.fail(f"{error}\n{log.read_text(errors='replace')[-3000:]}")
 
 
 def _delete(names: list[str]) -> None:
@@ -162,7 +142,7 @@ def worker(set_up, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], 
 @pytest.mark.parametrize("kind", ["cron", "interval"])
 def test_a_served_deployment_runs_on_its_schedule(served, kind):
     process, log = served
-    run = _wait_for_completed_scheduled_run(f"{WATCHER}/served-{kind}", process, log)
+    run = _wait(f"{WATCHER}/served-{kind}", process, log)
     assert run["parameters"]["run_for"] == 1
     assert run["parameters"]["server"] == "schedserved"
 
@@ -170,7 +150,7 @@ def test_a_served_deployment_runs_on_its_schedule(served, kind):
 @pytest.mark.parametrize("kind", ["cron", "interval"])
 def test_a_worker_runs_a_deployed_schedule(worker, kind):
     process, log = worker
-    run = _wait_for_completed_scheduled_run(f"{WATCHER}/worker-{kind}", process, log)
+    run = _wait(f"{WATCHER}/worker-{kind}", process, log)
     assert run["work_pool_name"] == "orthanc-process"
     assert run["parameters"]["server"] == "schedworker"
 
@@ -180,7 +160,7 @@ def test_cron_schedule_fires_at_its_seconds(served):
     import datetime as dt
 
     starts = [dt.datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00"))
-              for r in _runs(f"{WATCHER}/served-cron") if r["auto_scheduled"]]
+              for r in deployment_runs(f"{WATCHER}/served-cron") if r["auto_scheduled"]]
     assert len(starts) >= 3
     assert all(start.second % 5 == 0 and start.microsecond == 0 for start in starts)
 
