@@ -24,6 +24,13 @@ from .profile import (
     pseudonym,
     shift_date,
 )
+import pydicom.config as _pydicom_config
+
+# pydicom's reading/writing validation logs the offending VALUE ("Invalid value for VR UI:
+# '1.2...'"): source values must never reach a log, so values are taken as they are, silently.
+_pydicom_config.settings.reading_validation_mode = _pydicom_config.IGNORE
+_pydicom_config.settings.writing_validation_mode = _pydicom_config.IGNORE
+
 from .dates import shift_da, shift_dt, shift_value, typed_forms
 from .rewrite import Rewriter
 from .risk import risk_reason

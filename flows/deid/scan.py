@@ -291,10 +291,24 @@ def _decodings(raw: bytes) -> list[str]:
     return texts
 
 
+#: Equipment attributes the Basic Profile keeps: an institution named like its scanner's
+#: vendor ("TOSHIBA") is not searched for (it would match every Manufacturer).
+_EQUIPMENT = ("Manufacturer", "ManufacturerModelName")
+
+
 class _Collector:
     def __init__(self, identifiers: Identifiers, dates: bool) -> None:
         self.ids = identifiers
         self.dates = dates
+        self.equipment: set[str] = set()
+
+    def prune(self) -> None:
+        """Drop institution terms that are also words of the equipment's vendor or model."""
+        for text, term in list(self.ids._terms.items()):
+            if term.kind.startswith("Institution") and any(
+                    _Term(text, term.kind, True, 0).found_in(equipment)
+                    for equipment in self.equipment):
+                del self.ids._terms[text]
 
     def value(self, tag: int | None, keyword: str, vr: str, value: Any, parent: str) -> None:
         """One element's value(s), by VR first (any depth, private tags of known VR too),
@@ -303,6 +317,8 @@ class _Collector:
         if not values:
             return
         kind = keyword or "private"
+        if keyword in _EQUIPMENT:
+            self.equipment.update(normalize(v) for v in values)
         if parent == "OtherPatientIDsSequence" and keyword == "PatientID":
             kind = "OtherPatientIDs"
         rank = _KIND_RANK.get(kind, 900)
@@ -401,6 +417,7 @@ def identifiers_from(sources: Source | Iterable[Source], *, dates: bool = True) 
             collector.dataset(dcmread(io.BytesIO(source), stop_before_pixels=True, force=True))
         else:
             collector.dataset(dcmread(source, stop_before_pixels=True, force=True))
+    collector.prune()
     return identifiers
 
 
