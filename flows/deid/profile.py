@@ -303,8 +303,8 @@ class DeidProfile(BaseModel):
         values = [f"prefect-orthanc profile {self.name} v{self.version}",
                   f"PS3.15-{DICOM_VERSION} Basic Profile (Orthanc)",
                   "keyed pseudonyms and UIDs at every depth"]
-        values.append("all dates shifted per patient, times kept" if self.dates == "shift"
-                      else "dates and times removed")
+        values.append("every date shifted per patient (date shift), times kept" if self.dates == "shift"
+                      else "dates blanked, times removed")
         if self.descriptions == "keep_if_clean":
             values.append("descriptions kept, scanned")
         if self.private_tags == "allowlist" and self.private_allowlist:
