@@ -29,7 +29,8 @@ DATE_VRS = frozenset({"DA", "DT"})
 STRING_VRS = frozenset({"SH", "LO", "UC", "ST", "LT", "UT", "CS"})
 #: Identifier-like keywords: "…ID", "…IDs", "…Identifier", "…Number(s)" (order numbers,
 #: accession, serial numbers, container and specimen identifiers, admission IDs...).
-_IDENTIFIER_KEYWORD = re.compile(r"(?:ID|IDs|Identifier|Number|Numbers)$")
+_IDENTIFIER_KEYWORD = re.compile(r"(?:ID|IDs|Identifier|Number|Numbers)(?=[A-Z]|$)")
+_ID_VRS = STRING_VRS - {"CS"}
 #: …except coded-value machinery, whose values are code meanings, not people or visits.
 _CODED = re.compile(r"^(?:Context|Template|Mapping|CodingScheme|Code)")
 #: Dates written in a calendar the DA/DT VRs cannot hold: removed, never shifted.
@@ -65,7 +66,7 @@ def is_identifier(tag: int, vr: str | None = None) -> bool:
         vr = vr or dictionary_VR(tag)
     except KeyError:
         return False
-    return vr in STRING_VRS - {"CS"} and _IDENTIFIER_KEYWORD.search(keyword) is not None
+    return vr in _ID_VRS and _IDENTIFIER_KEYWORD.search(keyword) is not None
 
 
 def is_date_like(keyword: str) -> bool:

@@ -113,7 +113,7 @@ class Rewriter:
         elif vr == "UI":
             _set(elem, [self._uid(v) for v in self._source_values(elem, source)])
         elif keyword == "PatientName":
-            same = [_normalize(v) == self._source_name
+            same = [_normalize(v).split("=")[0] == self._source_name.split("=")[0]
                     for v in self._source_values(elem, source) if _normalize(v)]
             elem.value = self.link.patient_name if depth == 0 or (same and all(same)) else ""
         elif vr == "PN":
