@@ -209,6 +209,12 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
             sources[instance] = dcmread(path, stop_before_pixels=True, force=True)
         identifiers = identifiers_from(list(sources.values()))
         body, linkage = build_request(profile, secret, sources[instance_ids[0]])
+        patients = {build_request(profile, secret, ds)[1].patient_id for ds in sources.values()}
+        if len(patients) > 1:  # one Orthanc study, two identities (issuers): never merged
+            return SharedStudy(source_id=source_id, instances_in=len(instance_ids),
+                               findings=(f"refused: the study's instances belong to "
+                                         f"{len(patients)} patients (PatientID with "
+                                         f"different IssuerOfPatientID)",))
         reasons = {i: risk_reason(profile, ds) for i, ds in sources.items()}
         kept = [i for i in instance_ids if reasons[i] is None]
         excluded = dict(Counter(r for r in reasons.values() if r))
