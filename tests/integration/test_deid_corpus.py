@@ -122,6 +122,8 @@ def check_delivered(zip_path: Path, sources) -> list[str]:
             for source in src_study_dates:
                 offsets.add((moved - date(int(source[:4]), int(source[4:6]),
                                           int(source[6:8]))).days)
+    if 0 in offsets:
+        problems.append("StudyDate not moved")
     allowed = {(date(int(d[:4]), int(d[4:6]), int(d[6:8])) + timedelta(days=o)).strftime(
         "%Y%m%d") for d in dates for o in offsets if _valid(d)}
     for out in outputs:
@@ -243,3 +245,15 @@ def test_corpus_delivered_clean_or_held_back_with_a_reason(research, research_cr
     assert not failures, failures
     assert not leaked, "a source value reached a log, a finding or a reason"
     assert delivered >= 0.9 * eligible, (delivered, eligible, dict(quarantined))
+
+
+def test_the_checker_sees_an_untouched_study(tmp_path):
+    """The checker is only worth its silence if it speaks: the sources themselves fail it."""
+    pydicom_data = Path(pydicom.__file__).parent / "data" / "test_files"
+    sources = [pydicom.dcmread(pydicom_data / name) for name in ("CT_small.dcm",)]
+    path = tmp_path / "untouched.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.write(pydicom_data / "CT_small.dcm", "a.dcm")
+    problems = " ".join(check_delivered(path, sources))
+    assert "source UID" in problems and "source identifier" in problems
+    assert "PatientIdentityRemoved" in problems and "StudyDate not moved" in problems
