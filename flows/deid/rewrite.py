@@ -200,6 +200,8 @@ class Rewriter:
         meta = getattr(anonymized, "file_meta", None)
         if meta is not None and "SOPInstanceUID" in anonymized:
             meta.MediaStorageSOPInstanceUID = anonymized.SOPInstanceUID
+        if meta is not None and "SOPClassUID" in anonymized:  # a private class is remapped
+            meta.MediaStorageSOPClassUID = anonymized.SOPClassUID
         return anonymized
 
     @staticmethod
