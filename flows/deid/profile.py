@@ -206,8 +206,10 @@ class DeidProfile(BaseModel):
         DEFAULT_EXCLUDED_SOP_CLASS_ROOTS,
         description="SOP Class UID prefixes never shared (default: the SR family).")
     include_risky: bool = Field(
-        False, description="Lift the modality/SOP class/burned-in exclusions. Pixels are never "
-                           "checked for burned-in text: only for data known to be clean.")
+        False, description="Share risky content too: excluded modalities and SOP classes, "
+                           "video, photographs, label/overview images, burned-in annotation, "
+                           "overlays. Pixels are never checked for burned-in text: only for "
+                           "data known to be clean.")
     pseudonym_prefix: str = Field(
         "P", description="Prefix of every pseudonym (uppercase letters/digits, <= 8 chars).")
 
@@ -281,7 +283,8 @@ class DeidProfile(BaseModel):
         DeidentificationMethodCodeSequence (0012,0064).
 
         Always 113100 (Basic Profile: Orthanc applies PS3.15 Table E.1-1). Plus 113107 when
-        dates are shifted (intervals kept, absolute dates modified), 113105 when descriptions
+        dates are shifted: ``rewrite.Rewriter`` moves every DA and DT at every depth by the
+        patient's offset (or removes it), which is what the option requires; 113105 when descriptions
         are kept (their "cleaning" here is the output scan against the source identifiers,
         which blocks delivery on any hit: it cannot catch an identifier it was not given), and
         113111 when private tags are allowlisted (the user vouches that they are safe).

@@ -205,3 +205,16 @@ def test_one_id_two_issuers_and_one_study_uid_two_patients(research, research_cr
     # Orthanc puts one PatientID + StudyInstanceUID under two issuers in one study: refused
     refused = _share(research, research_creds, merged, tmp_path / "merged")
     assert not refused.verified and "2 patients" in refused.findings[0]
+
+
+def test_a_study_without_patient_id_is_keyed_on_its_study(research, research_creds, store,
+                                                          tmp_path):
+    source = _instance(1, patient_id="CASE-0010", study=ROOT + "77")
+    del source.PatientID
+    (study,) = store(source)
+    outcome = _share(research, research_creds, study, tmp_path)
+    assert outcome.verified, outcome.findings
+    assert check_delivered(Path(outcome.file), [source]) == []
+    linkage = (tmp_path / "private" / "linkage.csv").read_text()
+    assert "StudyInstanceUID" in linkage.splitlines()[1]  # patient_key_from, said in the row
+    assert _outputs(outcome.file)[0].PatientID == outcome.pseudo_patient
