@@ -28,7 +28,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -199,14 +198,10 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
     profile = request.profile
     staging = Path(request.staging_dir)
     findings: list[str] = []
-    with credentials.get_client() as orthanc, \
-            tempfile.TemporaryDirectory(prefix="deid-source-") as tmp:
+    with credentials.get_client() as orthanc:
         instance_ids = orthanc.instances(Level.STUDY, source_id)
-        sources = {}
-        for index, instance in enumerate(instance_ids):
-            path = Path(tmp) / f"{index}.dcm"
-            path.write_bytes(orthanc.instance_file(instance))
-            sources[instance] = dcmread(path, stop_before_pixels=True, force=True)
+        sources = {i: dcmread(io.BytesIO(orthanc.instance_file(i)), stop_before_pixels=True,
+                              force=True) for i in instance_ids}  # headers only in memory
         identifiers = identifiers_from(list(sources.values()))
         body, linkage = build_request(profile, secret, sources[instance_ids[0]])
         patients = {build_request(profile, secret, ds)[1].patient_id for ds in sources.values()}
