@@ -314,3 +314,20 @@ def test_overlay_and_video_transfer_syntax_are_risky():
     video.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264
     assert risk_reason(DeidProfile(exclude_sop_classes=()), video) == "video"
     assert risk_reason(DeidProfile(), dcmread(get_testdata_file("MR_small.dcm"))) is None
+
+
+def test_long_multi_valued_names_are_targets_and_found_in_unknown_sequences():
+    """Eight operators (> 256 bytes, which Orthanc's simplified tags drop): one of them in a
+    SegmentDescription deep in a sequence is found."""
+    source = _source()
+    operators = [f"Surname{letter}ovich^Given{letter}ina^Middle{letter}ova^Dr"
+                 for letter in "ABCDEFGH"]
+    source.OperatorsName = operators
+    assert len("\\".join(operators)) > 256
+    out, _ = _rewrite(source)
+    assert out.OperatorsName == ""
+    out.SegmentSequence = Sequence([_item(SegmentNumber=1, SegmentLabel="liver",
+                                          SegmentDescription="drawn by SurnameFovich")])
+    findings = scan_dataset(out, identifiers_from(source))
+    assert [(f.path, f.kind) for f in findings] == [
+        ("(0062,0002)[0].(0062,0006)", "OperatorsName part")]
