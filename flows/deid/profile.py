@@ -30,7 +30,6 @@ import hmac
 import re
 import unicodedata
 from collections.abc import Mapping
-from datetime import date, timedelta
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -135,7 +134,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,7}$")
 _DA = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LO_MAX = 64
 
 
 class DeidError(ValueError):
@@ -406,14 +404,10 @@ def date_shift_days(secret: bytes, patient_id: str, max_days: int = 365) -> int:
 def shift_date(value: str | None, days: int) -> str:
     """``value`` (DICOM DA, ``YYYYMMDD``) moved by ``days``; ``""`` (blank) when the value is
     empty, not a valid date, or would leave years 0001-9999."""
+    from .dates import shift_da
+
     text = _normalize(value or "")
-    if not _DA.match(text):
-        return ""
-    try:
-        moved = date(int(text[:4]), int(text[4:6]), int(text[6:])) + timedelta(days=days)
-    except (ValueError, OverflowError):
-        return ""
-    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}"
+    return shift_da(text, days) if _DA.match(text) else ""
 
 
 # ------------------------------------------------------------------ the request

@@ -116,7 +116,6 @@ _UTF16_RUN = re.compile(rb"(?:[\x20-\x7e]\x00){3,}")
 _UNSPACED = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
                        r"\uf900-\ufaff\uff66-\uff9f]")
 _ALPHA_PREFIX = re.compile(r"^[^\W\d_]+[-_ /:.]*(?=\d)")
-_WORDS_MODE, _ANY_MODE = True, False
 
 
 def normalize(value: Any) -> str:
