@@ -5,8 +5,9 @@ The studies are collected into research once; then, alternating, each path runs 
 process (so its peak RSS is its own), ``--concurrency`` studies at a time:
 
 * raw:  POST /studies/{id}/anonymize (job, pseudonyms in Replace) → wait → GET archive to disk
-* flow: ``share_studies`` to a directory (source tags read, keyed pseudonyms and date shift,
-  job, excluded objects, streamed ZIP, full PHI scan, manifest, ledger, cleanup)
+* flow: ``share_studies`` to a directory (source files read, risky instances held back, per
+  instance Orthanc's Basic Profile + the keyed pydicom rewrite + upload, streamed ZIP, full
+  PHI scan, manifest, ledger, cleanup)
 
     .venv/bin/python bench/sharing_flow.py --studies 20 --rounds 2
 """

@@ -24,11 +24,13 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -39,13 +41,15 @@ from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydicom import dcmread
 
 from orthanc_client import Level
 from tasks import OrthancCredentials, modality_slot, orthanc_task
 from tasks.policy import short_id
 
 from .collection import COLLECTED_METADATA, load_credentials
-from .deid import DeidProfile, build_request, client_kwargs, identifiers_from, scan_zip
+from .deid import (DeidProfile, Rewriter, build_request, identifiers_from, risk_reason,
+                   scan_zip)
 from .parameters import described_by, request_from
 from .site import SiteError, SiteSettings
 
@@ -201,6 +205,9 @@ class SharedStudy(BaseModel):
     instances_in: int = 0
     instances_out: int = 0
     excluded: int = 0
+    excluded_reasons: dict[str, int] = Field(
+        default_factory=dict, description="Instances held back, by reason (e.g. "
+                                          "'modality US', 'burned-in annotation').")
     file: str = ""
     size: int = 0
     sha256: str = ""
@@ -262,10 +269,15 @@ def _append_linkage(path: Path, row: dict[str, object]) -> None:
 @orthanc_task(name="deidentify_study", run_name=lambda p: f"deid-{short_id(p['source_id'])}")
 def deidentify_study(credentials: OrthancCredentials, source_id: str,
                      request: SharingRequest, secret: bytes) -> SharedStudy:
-    """Anonymize one study with the profile, drop excluded objects, ZIP it, scan the ZIP.
+    """De-identify one study, instance by instance, ZIP it, scan the ZIP.
 
-    Returns the outcome (verified or not) with pseudonyms, counts and checksum; the linkage
-    row is appended to ``request.linkage_path``.
+    Each source file is read (``GET /instances/{id}/file``); risky ones are held back and
+    counted by reason (``flows.deid.risk_reason``); the others go through Orthanc's Basic
+    Profile (``POST /instances/{id}/anonymize``, not stored), then ``flows.deid.Rewriter``
+    (keyed pseudonyms and UIDs, shifted dates, at every depth) and are stored back as a new
+    study. Its ZIP is scanned against the identifiers of the source files. Returns the
+    outcome (verified or not) with pseudonyms, counts and checksum; the linkage row is
+    appended to ``request.linkage_path`` only for a verified study.
 
     Example:
         ```python
@@ -274,49 +286,76 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         ```
     """
     profile = request.profile
+    staging = Path(request.staging_dir)
+    findings: list[str] = []
     with credentials.get_client() as orthanc:
         instance_ids = orthanc.instances(Level.STUDY, source_id)
-        source_tags = [orthanc.tags(Level.INSTANCE, i) for i in instance_ids]
-        identifiers = identifiers_from(source_tags)
-        shared = orthanc.tags(Level.STUDY, source_id, shared=True)
-        body, linkage = build_request(profile, secret, shared)
-        excluded = [t for t in source_tags if profile.excludes(
-            str(t.get("Modality", "")), str(t.get("SOPClassUID", "")))]
+        sources = {i: dcmread(io.BytesIO(orthanc.instance_file(i)), stop_before_pixels=True,
+                              force=True) for i in instance_ids}  # headers only in memory
+        identifiers = identifiers_from(list(sources.values()))
+        body, linkage = build_request(profile, secret, sources[instance_ids[0]])
+        patients = {build_request(profile, secret, ds)[1].patient_id for ds in sources.values()}
+        if len(patients) > 1:  # one Orthanc study, two identities (issuers): never merged
+            return SharedStudy(source_id=source_id, instances_in=len(instance_ids),
+                               findings=(f"refused: the study's instances belong to "
+                                         f"{len(patients)} patients (PatientID with "
+                                         f"different IssuerOfPatientID)",))
+        reasons = {i: risk_reason(profile, ds) for i, ds in sources.items()}
+        kept = [i for i in instance_ids if reasons[i] is None]
+        excluded = dict(Counter(r for r in reasons.values() if r))
         for stale in orthanc.find(Level.STUDY, {"StudyInstanceUID": linkage.study_uid}):
             orthanc.delete(Level.STUDY, stale, missing_ok=True)  # a crashed run's copy
-        job = orthanc.wait_for_job(str(orthanc.anonymize(Level.STUDY, source_id,
-                                                         **client_kwargs(body))))
-        new_id = orthanc.modified_resource(job).id
+        if not kept:
+            return SharedStudy(source_id=source_id, pseudo_patient=linkage.patient_id,
+                               instances_in=len(instance_ids), excluded=len(instance_ids),
+                               excluded_reasons=excluded,
+                               findings=(f"every instance held back: {excluded}",))
+        rewriter = Rewriter(profile, secret, linkage)
+        parents: set[str] = set()
+        for index, instance in enumerate(kept):
+            data = orthanc.request("POST", f"/instances/{instance}/anonymize", json=body,
+                                   expect="bytes", long=True)
+            try:
+                out = rewriter.rewrite(dcmread(io.BytesIO(data)), sources[instance])
+                data = Rewriter.to_bytes(out)
+            except Exception as error:  # unwritable: never shared, said without values
+                findings.append(f"instance {index}: could not be rewritten "
+                                f"({type(error).__name__})")
+                continue
+            parents.update(r.parent_study for r in orthanc.upload(data) if r.parent_study)
+        if not parents:
+            return SharedStudy(source_id=source_id, pseudo_patient=linkage.patient_id,
+                               instances_in=len(instance_ids), excluded=len(instance_ids)
+                               - len(kept), excluded_reasons=excluded,
+                               findings=tuple(findings))
+        if len(parents) > 1:
+            findings.append(f"the rewritten instances landed in {len(parents)} studies")
+        new_id = sorted(parents)[0]
+        out_count = orthanc.count_instances(Level.STUDY, new_id)
+        name = f"{request.package}-{linkage.patient_id}-{linkage.study_id}"
+        archive = orthanc.download_archive(Level.STUDY, new_id, staging / f"{name}.zip")
+    report = scan_zip(archive.path, identifiers)
+    findings = [*(str(f) for f in report.findings), *findings]
+    counts_ok = out_count == len(kept) and report.instances == out_count
+    if not counts_ok:
+        findings.append(f"instance count: {len(instance_ids)} in, "
+                        f"{len(instance_ids) - len(kept)} excluded, {out_count} out, "
+                        f"{report.instances} in the ZIP")
+    verified = report.clean and counts_ok and not findings
+    path = archive.path
+    if verified:
         _append_linkage(Path(request.linkage_path), {
             **linkage.model_dump(), "source_orthanc_id": source_id,
             "anonymized_at": dt.datetime.now(dt.UTC).isoformat()})
-        if excluded:  # the copy has new series UIDs: judge each series by what it holds
-            for series in orthanc.children(Level.STUDY, new_id):
-                first = orthanc.tags(Level.INSTANCE, series.children_ids[0])
-                if profile.excludes(str(first.get("Modality", "")),
-                                    str(first.get("SOPClassUID", ""))):
-                    orthanc.delete(Level.SERIES, series.id)
-        out = orthanc.count_instances(Level.STUDY, new_id)
-        staging = Path(request.staging_dir)
-        name = f"{request.package}-{linkage.patient_id}-{linkage.accession or short_id(new_id)}"
-        archive = orthanc.download_archive(Level.STUDY, new_id, staging / f"{name}.zip")
-    report = scan_zip(archive.path, identifiers)
-    counts_ok = out == len(instance_ids) - len(excluded) and report.instances == out
-    findings = tuple(str(f) for f in report.findings)
-    if not counts_ok:
-        findings += (f"instance count: {len(instance_ids)} in, {len(excluded)} excluded, "
-                     f"{out} out, {report.instances} in the ZIP",)
-    verified = report.clean and counts_ok and out > 0
-    path = archive.path
-    if not verified:  # quarantine: never delivered, kept for the data owner to inspect
+    else:  # quarantine: never delivered, kept for the data owner to inspect
         quarantine = staging / "quarantine"
         quarantine.mkdir(parents=True, exist_ok=True)
         path = Path(shutil.move(str(archive.path), quarantine / archive.path.name))
     return SharedStudy(source_id=source_id, anonymized_id=new_id,
                        pseudo_patient=linkage.patient_id, instances_in=len(instance_ids),
-                       instances_out=out, excluded=len(excluded), file=str(path),
-                       size=archive.size, sha256=archive.sha256, verified=verified,
-                       findings=findings)
+                       instances_out=out_count, excluded=len(instance_ids) - len(kept),
+                       excluded_reasons=excluded, file=str(path), size=archive.size,
+                       sha256=archive.sha256, verified=verified, findings=tuple(findings))
 
 
 @orthanc_task(name="deliver_study",

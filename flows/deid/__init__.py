@@ -1,9 +1,11 @@
 """De-identification core for the sharing flow: what to ask Orthanc, and proof of the result.
 
-``profile`` turns a ``DeidProfile`` and a project secret into the body of Orthanc's
-``POST /studies/{id}/anonymize`` (keyed deterministic pseudonyms, a per-patient date shift) and a
-``LinkageEntry`` the user keeps apart. ``scan`` checks every string of the anonymized ZIP against
-the source study's identifiers before anything leaves. Pure logic: no Prefect, no HTTP.
+``profile`` turns a ``DeidProfile`` and a project secret into Orthanc's Basic Profile request
+(``POST /instances/{id}/anonymize``) and a ``LinkageEntry`` the user keeps apart; ``rewrite``
+then writes keyed pseudonyms, keyed UIDs and shifted dates at every depth with pydicom
+(``dates``, ``dictionary`` say what is a date, an identifier, a well-known UID); ``risk`` holds
+back content a header rewrite cannot clean; ``scan`` checks every string of the ZIP about to
+leave against the identifiers of the SOURCE files. Pure logic: no Prefect, no HTTP.
 """
 
 from .profile import (
@@ -15,12 +17,23 @@ from .profile import (
     MethodCode,
     build_request,
     client_kwargs,
+    patient_key,
     date_shift_days,
     is_excluded,
     pseudo_uid,
     pseudonym,
     shift_date,
 )
+import pydicom.config as _pydicom_config
+
+# pydicom's reading/writing validation logs the offending VALUE ("Invalid value for VR UI:
+# '1.2...'"): source values must never reach a log, so values are taken as they are, silently.
+_pydicom_config.settings.reading_validation_mode = _pydicom_config.IGNORE
+_pydicom_config.settings.writing_validation_mode = _pydicom_config.IGNORE
+
+from .dates import shift_da, shift_dt, shift_value, typed_forms
+from .rewrite import Rewriter
+from .risk import risk_reason
 from .scan import Finding, Identifiers, ScanReport, identifiers_from, scan_dataset, scan_zip
 
 __all__ = [
@@ -33,7 +46,14 @@ __all__ = [
     "LinkageEntry",
     "MethodCode",
     "ScanReport",
+    "Rewriter",
     "build_request",
+    "patient_key",
+    "risk_reason",
+    "shift_da",
+    "shift_dt",
+    "shift_value",
+    "typed_forms",
     "client_kwargs",
     "date_shift_days",
     "identifiers_from",

@@ -1,31 +1,23 @@
 """De-identification profiles, keyed pseudonyms and the Orthanc anonymize request.
 
 Orthanc's ``/anonymize`` applies the DICOM PS3.15 Basic Profile (Table E.1-1) but gives random,
-per-job pseudonyms and blanks dates. Longitudinal research needs the same patient to get the
-same pseudonym in every share, and intervals between a patient's studies kept. So
-``build_request`` adds, through ``Replace`` + ``Force``:
+per-job pseudonyms and blanks dates; and as soon as a request ``Replace``s PatientID, the
+accession or a date at the top level, Orthanc 1.10.1 stops cleaning their copies inside
+sequences (its ``Replace`` itself only reaches the top level). So de-identification is split:
 
-* keyed pseudonyms: HMAC-SHA256 under a project secret (``pseudonym``, ``pseudo_uid``), the same
-  in every run for the same source value, useless without the secret;
-* a per-patient date shift (``date_shift_days``, never 0) applied to the study and birth dates.
+* Orthanc applies the Basic Profile alone to each instance (``build_request``: no ``Replace``;
+  ``POST /instances/{id}/anonymize`` returns the file without storing it);
+* ``rewrite.Rewriter`` then writes, with pydicom, at every depth and keyed on the values of the
+  SOURCE file at the same place: keyed pseudonyms (HMAC-SHA256 under a project secret,
+  ``pseudonym``, ``pseudo_uid``: the same in every run, useless without the secret), every
+  DA/DT shifted by the patient's ``date_shift_days`` (never 0) or removed, every non-standard
+  UID remapped.
 
-The secret and the ``LinkageEntry`` (source identifiers next to their pseudonyms) stay with the
-data owner; neither is ever part of what is shared.
-
-Documented limitations of a study-level Orthanc request:
-
-* ``Replace`` sets one value for every instance of the study, so StudyDate, SeriesDate,
-  AcquisitionDate and ContentDate all become the *shifted study date*: differences between
-  dates inside one study (a study spanning midnight) collapse to the study day. Times are kept
-  (``Keep``) in shift mode, so ordering within a study survives through them.
-  AcquisitionDateTime and other dates the Basic Profile removes stay removed.
-* SeriesInstanceUID / SOPInstanceUID stay Orthanc's random UIDs (new at every anonymization,
-  internally consistent within one job); only StudyInstanceUID is deterministic.
-* Anonymizing the same study twice into the same Orthanc lands both copies in one Orthanc study
-  (same pseudonymous PatientID + StudyInstanceUID) with different series UIDs: delete the
-  previous copy first.
-* Pixel data is not touched: burned-in text is why risky modalities/SOP classes are excluded
-  (``is_excluded``) unless ``include_risky`` is set.
+Identity is keyed on IssuerOfPatientID + PatientID (``patient_key``): two people sharing an ID
+under two issuers get two pseudonyms, two shifts and two sets of UIDs. The secret and the
+``LinkageEntry`` (source identifiers next to their pseudonyms) stay with the data owner;
+neither is ever part of what is shared. Pixel data is not touched: risky content is held back
+(``risk.risk_reason``) unless ``include_risky`` is set.
 
 Nothing here raises or logs with a source value in the message.
 """
@@ -38,7 +30,6 @@ import hmac
 import re
 import unicodedata
 from collections.abc import Mapping
-from datetime import date, timedelta
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -53,7 +44,6 @@ __all__ = [
     "DeidProfile",
     "LinkageEntry",
     "MethodCode",
-    "TIME_TAGS",
     "build_request",
     "client_kwargs",
     "date_shift_days",
@@ -148,11 +138,11 @@ DEFAULT_DESCRIPTION_TAGS: tuple[str, ...] = (
     "PerformedProcedureStepDescription",
 )
 
-#: Times the Basic Profile blanks or removes; kept when dates are shifted (whole days).
-TIME_TAGS: tuple[str, ...] = ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime")
-
-#: The dates set to the shifted study date (or blanked) in every instance of the study.
-STUDY_DATE_TAGS: tuple[str, ...] = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+#: What a descriptor is: a free-text description of the study, series, protocol or step
+#: (keyword ending in "Description", or ProtocolName), in a text VR. Names, IDs, comments,
+#: station and device names, ages are not descriptors.
+_DESCRIPTOR_KEYWORD = re.compile(r"^(?:\w*Description|ProtocolName)$")
+_DESCRIPTOR_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
 
 _PRIVATE_TAG = re.compile(r"^([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})$")
 _PREFIX = re.compile(r"^[A-Z0-9]{0,8}$")
@@ -160,7 +150,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,7}$")
 _DA = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LO_MAX = 64
 
 
 class DeidError(ValueError):
@@ -229,8 +218,10 @@ class DeidProfile(BaseModel):
         DEFAULT_EXCLUDED_SOP_CLASS_ROOTS,
         description="SOP Class UID prefixes never shared (default: the SR family).")
     include_risky: bool = Field(
-        False, description="Lift the modality/SOP class/burned-in exclusions. Pixels are never "
-                           "checked for burned-in text: only for data known to be clean.")
+        False, description="Share risky content too: excluded modalities and SOP classes, "
+                           "video, photographs, label/overview images, burned-in annotation, "
+                           "overlays. Pixels are never checked for burned-in text: only for "
+                           "data known to be clean.")
     pseudonym_prefix: str = Field(
         "P", description="Prefix of every pseudonym (uppercase letters/digits, <= 8 chars).")
     name: str = Field("research", description="Short profile name (letters, digits, _ . -; "
@@ -306,14 +297,17 @@ class DeidProfile(BaseModel):
     @field_validator("description_tags")
     @classmethod
     def _check_descriptions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from pydicom.datadict import tag_for_keyword
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
 
         for keyword in value:
-            if tag_for_keyword(keyword) is None:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
                 raise ValueError(f"description_tags: {keyword!r} is not a DICOM keyword")
-            if keyword in _IDENTITY_KEYWORDS:
-                raise ValueError(f"description_tags: {keyword!r} is an identifier, "
-                                 "not a description")
+            if not (_DESCRIPTOR_KEYWORD.match(keyword)
+                    and dictionary_VR(tag) in _DESCRIPTOR_VRS):
+                raise ValueError(f"description_tags: {keyword!r} is not a descriptor (only "
+                                 "free-text descriptions such as StudyDescription, "
+                                 "SeriesDescription, ProtocolName may be kept)")
         return value
 
     @model_validator(mode="after")
@@ -329,7 +323,8 @@ class DeidProfile(BaseModel):
         DeidentificationMethodCodeSequence (0012,0064).
 
         Always 113100 (Basic Profile: Orthanc applies PS3.15 Table E.1-1). Plus 113107 when
-        dates are shifted (intervals kept, absolute dates modified), 113105 when descriptions
+        dates are shifted: ``rewrite.Rewriter`` moves every DA and DT at every depth by the
+        patient's offset (or removes it), which is what the option requires; 113105 when descriptions
         are kept (their "cleaning" here is the output scan against the source identifiers,
         which blocks delivery on any hit: it cannot catch an identifier it was not given), and
         113111 when private tags are allowlisted (the user vouches that they are safe).
@@ -349,9 +344,10 @@ class DeidProfile(BaseModel):
         """DeidentificationMethod (0012,0063, LO, VM 1-n) as separate values, each <= 64
         characters."""
         values = [f"prefect-orthanc profile {self.name} v{self.version}",
-                  f"PS3.15-{DICOM_VERSION} Basic Profile (Orthanc)", "keyed pseudonyms"]
-        values.append("date shift per patient, times kept" if self.dates == "shift"
-                      else "dates blanked")
+                  f"PS3.15-{DICOM_VERSION} Basic Profile (Orthanc)",
+                  "keyed pseudonyms and UIDs at every depth"]
+        values.append("every date shifted per patient (date shift), times kept" if self.dates == "shift"
+                      else "dates blanked, times removed")
         if self.descriptions == "keep_if_clean":
             values.append("descriptions kept, scanned")
         if self.private_tags == "allowlist" and self.private_allowlist:
@@ -370,16 +366,6 @@ class DeidProfile(BaseModel):
         """Same as ``is_excluded(self, ...)``."""
         return is_excluded(self, modality, sop_class_uid,
                            burned_in_annotation=burned_in_annotation)
-
-
-#: Keywords that identify a person, visit or study: never "descriptions".
-_IDENTITY_KEYWORDS = frozenset({
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
-    "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber", "StudyID",
-    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord",
-    "InstitutionName", "InstitutionAddress", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID",
-})
 
 
 # ------------------------------------------------------------------ keyed values
@@ -427,23 +413,28 @@ def pseudonym(secret: bytes, kind: str, value: str, prefix: str = "P",
     return prefix + body[:length - len(prefix)]
 
 
-def pseudo_uid(secret: bytes, uid: str) -> str:
+def pseudo_uid(secret: bytes, uid: str, scope: str = "") -> str:
     """A keyed, deterministic UID ``2.25.<decimal>`` (<= 44 characters) for a source UID.
+
+    ``scope`` (the patient key): the same source UID under two patients gives two UIDs, so
+    a receiving PACS never merges two patients' studies that happened to share a UID.
 
     The 128-bit integer is the HMAC truncated to 16 bytes, with the RFC 9562 version-8
     ("custom") and variant bits set, so it is a well-formed UUID as PS3.5 B.2 expects.
     """
     if not _normalize(uid):
         raise DeidError("nothing to pseudonymize for a UID (empty value)")
-    number = int.from_bytes(_mac(secret, "UID", uid)[:16], "big")
+    value = f"{_normalize(scope)}\x00{_normalize(uid)}" if _normalize(scope) else uid
+    number = int.from_bytes(_mac(secret, "UID", value)[:16], "big")
     number = (number & ~(0xF << 76)) | (0x8 << 76)   # version 8
     number = (number & ~(0x3 << 62)) | (0x2 << 62)   # variant 10xx
     return f"2.25.{number}"
 
 
 def date_shift_days(secret: bytes, patient_id: str, max_days: int = 365) -> int:
-    """The patient's date shift in days: keyed by the source PatientID, the same in every run,
-    in [-max_days, -1] U [1, max_days], never 0."""
+    """The patient's date shift in days: keyed by the patient key (``patient_key``: the
+    source PatientID, with its issuer when there is one), the same in every run, in
+    [-max_days, -1] U [1, max_days], never 0."""
     if max_days < 1:
         raise DeidError("max_days must be >= 1")
     if not _normalize(patient_id):
@@ -455,14 +446,10 @@ def date_shift_days(secret: bytes, patient_id: str, max_days: int = 365) -> int:
 def shift_date(value: str | None, days: int) -> str:
     """``value`` (DICOM DA, ``YYYYMMDD``) moved by ``days``; ``""`` (blank) when the value is
     empty, not a valid date, or would leave years 0001-9999."""
+    from .dates import shift_da
+
     text = _normalize(value or "")
-    if not _DA.match(text):
-        return ""
-    try:
-        moved = date(int(text[:4]), int(text[4:6]), int(text[6:])) + timedelta(days=days)
-    except (ValueError, OverflowError):
-        return ""
-    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}"
+    return shift_da(text, days) if _DA.match(text) else ""
 
 
 # ------------------------------------------------------------------ the request
@@ -490,6 +477,10 @@ class LinkageEntry(BaseModel):
     study_id: str
     study_uid: str
     date_shift_days: int | None = Field(None, repr=False)
+    patient_key_from: str = Field("PatientID", description="What the pseudonyms are keyed "
+                                  "on: PatientID, IssuerOfPatientID+PatientID, or "
+                                  "StudyInstanceUID for a study without PatientID.")
+    patient_key: str = Field("", repr=False, exclude=True)
 
 
 def _text(source: Mapping[str, Any], keyword: str) -> str:
@@ -508,89 +499,87 @@ def _private_creator(tag: str) -> str:
     return f"{group},{int(element, 16) >> 8:04x}"
 
 
+def patient_key(patient_id: str, issuer: str = "", study_uid: str = "") -> tuple[str, str]:
+    """The source identity a patient's pseudonyms and date shift are keyed on, and what it
+    was built from: ``(key, "PatientID")`` (the ID alone, when there is no issuer),
+    ``(key, "IssuerOfPatientID+PatientID")``, or, for a study without PatientID,
+    ``(key, "StudyInstanceUID")`` (the study then stands alone: its pseudonymous patient is
+    not linked to any other study). Raises ``DeidError`` when neither exists."""
+    patient_id, issuer, study_uid = (_normalize(v or "") for v in (patient_id, issuer,
+                                                                    study_uid))
+    if patient_id and issuer:
+        return f"{issuer}\x00{patient_id}", "IssuerOfPatientID+PatientID"
+    if patient_id:
+        return patient_id, "PatientID"
+    if study_uid:
+        return f"\x00study\x00{study_uid}", "StudyInstanceUID"
+    raise DeidError("the source study has neither PatientID nor StudyInstanceUID")
+
+
 def build_request(profile: DeidProfile, secret: bytes,
-                  source: Mapping[str, Any]) -> tuple[dict[str, Any], LinkageEntry]:
-    """The body of ``POST /studies/{id}/anonymize`` for one source study, and its linkage.
+                  source: Mapping[str, Any] | Any) -> tuple[dict[str, Any], LinkageEntry]:
+    """Orthanc's part of one study's de-identification, and the study's linkage.
 
-    ``source``: the study's simplified shared tags (``/studies/{id}/shared-tags?simplify``):
-    PatientID and StudyInstanceUID are required; PatientName, PatientBirthDate,
-    AccessionNumber, StudyDate are used when present.
+    ``source``: one source instance of the study, a pydicom Dataset or tags keyed by keyword
+    (PatientID, IssuerOfPatientID, StudyInstanceUID, PatientName, AccessionNumber are read).
 
-    The body has ``Replace`` (pseudonyms, the pseudo StudyInstanceUID, a StudyID pseudonym,
-    shifted or blank dates, the de-identification provenance), ``Keep`` (times when shifting,
-    descriptions with ``keep_if_clean``, allowlisted private tags with their creators),
-    ``Remove`` (empty: the Basic Profile does it), ``Force`` (needed for IDs and UIDs),
-    ``KeepPrivateTags`` (always false: an allowlist goes through ``Keep``) and ``DicomVersion``.
-    Add ``Asynchronous``/``KeepSource``/``Priority`` when sending it (see ``client_kwargs``).
-    No source value appears anywhere in the body.
+    The body is for ``POST /instances/{id}/anonymize`` (the Basic Profile, PS3.15 Table
+    E.1-1, applied by Orthanc): ``Keep`` (descriptions with ``keep_if_clean``, allowlisted
+    private tags with their creators), no ``Replace`` (setting identifiers or dates at the
+    top level stops Orthanc cleaning their nested copies), ``KeepPrivateTags`` false,
+    ``DicomVersion``. Pseudonyms, shifted dates and keyed UIDs are written afterwards, at
+    every depth, by ``rewrite.Rewriter``. No source value appears in the body.
     """
-    patient_id = _text(source, "PatientID")
-    study_uid = _text(source, "StudyInstanceUID")
-    if not patient_id:
-        raise DeidError("the source study has no PatientID: no stable pseudonym possible")
+    def text(keyword: str) -> str:
+        if isinstance(source, Mapping):
+            return _text(source, keyword)
+        try:
+            value = source.get(keyword, "")
+        except Exception:
+            return ""
+        return _normalize(str(value or ""))
+
+    study_uid = text("StudyInstanceUID")
     if not study_uid or not _UID.match(study_uid):
         raise DeidError("the source study has no valid StudyInstanceUID")
-    accession = _text(source, "AccessionNumber")
+    patient_id = text("PatientID")
+    key, key_source = patient_key(patient_id, text("IssuerOfPatientID"), study_uid)
+    accession = text("AccessionNumber")
     prefix = profile.pseudonym_prefix
 
-    pseudo_patient = pseudonym(secret, "PatientID", patient_id, prefix)
-    # The name pseudonym is keyed by the patient ID too: one person, one pseudonym, whatever
+    pseudo_patient = pseudonym(secret, "PatientID", key, prefix)
+    # The name pseudonym is keyed by the patient too: one person, one pseudonym, whatever
     # spelling of the name a study carries.
-    pseudo_name = pseudonym(secret, "PatientName", patient_id, prefix)
+    pseudo_name = pseudonym(secret, "PatientName", key, prefix)
     pseudo_accession = pseudonym(secret, "AccessionNumber", accession, prefix) if accession \
         else ""
     # StudyID is keyed by the study UID: source StudyIDs ("1", "2") repeat across patients.
-    pseudo_study_id = pseudonym(secret, "StudyID", study_uid, prefix)
-    new_study_uid = pseudo_uid(secret, study_uid)
-
-    shift: int | None = None
-    if profile.dates == "shift":
-        shift = date_shift_days(secret, patient_id, profile.max_shift_days)
-        study_date = shift_date(_text(source, "StudyDate"), shift)
-        birth_date = shift_date(_text(source, "PatientBirthDate"), shift)
-    else:
-        study_date = birth_date = ""
-
-    replace: dict[str, Any] = {
-        "PatientID": pseudo_patient,
-        "PatientName": pseudo_name,
-        "AccessionNumber": pseudo_accession,
-        "StudyID": pseudo_study_id,
-        "StudyInstanceUID": new_study_uid,
-        "PatientBirthDate": birth_date,
-        **{keyword: study_date for keyword in STUDY_DATE_TAGS},
-        "PatientIdentityRemoved": "YES",
-        "LongitudinalTemporalInformationModified":
-            "MODIFIED" if profile.dates == "shift" else "REMOVED",
-        "DeidentificationMethod": profile.deidentification_method,
-        "DeidentificationMethodCodeSequence": [code.as_item()
-                                               for code in profile.method_codes()],
-    }
+    pseudo_study_id = pseudonym(secret, "StudyID", f"{key}\x00{study_uid}", prefix)
+    new_study_uid = pseudo_uid(secret, study_uid, scope=key)
+    shift = date_shift_days(secret, key, profile.max_shift_days) \
+        if profile.dates == "shift" else None
 
     keep: list[str] = []
-    if profile.dates == "shift":
-        keep += TIME_TAGS
     if profile.descriptions == "keep_if_clean":
         keep += profile.description_tags
     if profile.private_tags == "allowlist":
         for tag in profile.private_allowlist:
             keep += [_private_creator(tag), tag]
-    keep = list(dict.fromkeys(k for k in keep if k not in replace))
-
     body: dict[str, Any] = {
-        "Replace": replace,
-        "Keep": keep,
+        "Replace": {},
+        "Keep": list(dict.fromkeys(keep)),
         "Remove": [],
-        "Force": True,
+        "Force": False,
         "KeepPrivateTags": False,
         "DicomVersion": DICOM_VERSION,
     }
     linkage = LinkageEntry(
         profile=profile.name, profile_version=profile.version,
-        source_patient_id=patient_id, source_patient_name=_text(source, "PatientName"),
+        source_patient_id=patient_id, source_patient_name=text("PatientName"),
         source_accession=accession, source_study_uid=study_uid,
         patient_id=pseudo_patient, patient_name=pseudo_name, accession=pseudo_accession,
         study_id=pseudo_study_id, study_uid=new_study_uid, date_shift_days=shift,
+        patient_key_from=key_source, patient_key=key,
     )
     return body, linkage
 
@@ -608,20 +597,15 @@ def client_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def is_excluded(profile: DeidProfile, modality: str, sop_class_uid: str, *,
                 burned_in_annotation: str = "") -> bool:
-    """Whether instances of this modality / SOP class must not be shared under ``profile``.
+    """Whether instances of this modality / SOP class (and BurnedInAnnotation) are held back
+    under ``profile``: ``risk.risk_reason`` on just these attributes. Use ``risk_reason`` on
+    the source instance itself to see every reason (overlays, label images, video...)."""
+    from pydicom.dataset import Dataset
 
-    Excluded: a modality of ``exclude_modalities``, a SOP class of ``exclude_sop_classes`` or
-    under one of ``exclude_sop_class_roots``, or BurnedInAnnotation (0028,0301) "YES". Pixel
-    data is never inspected, so these are the content kinds likely to carry identifiers the
-    header scan cannot see. ``include_risky`` lifts every exclusion.
-    """
-    if profile.include_risky:
-        return False
-    modality = _normalize(modality or "").upper()
-    sop = _normalize(sop_class_uid or "")
-    if modality and modality in profile.exclude_modalities:
-        return True
-    if sop and (sop in profile.excluded_sop_class_uids
-                or any(sop.startswith(root) for root in profile.exclude_sop_class_roots)):
-        return True
-    return _normalize(burned_in_annotation or "").upper() == "YES"
+    from .risk import risk_reason
+
+    ds = Dataset()
+    ds.Modality = _normalize(modality or "")
+    ds.SOPClassUID = _normalize(sop_class_uid or "")
+    ds.BurnedInAnnotation = _normalize(burned_in_annotation or "").upper()
+    return risk_reason(profile, ds) is not None

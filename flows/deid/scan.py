@@ -12,10 +12,13 @@ What this cannot do:
 * **Pixels are not checked.** Burned-in text (ultrasound, secondary capture, scanned documents,
   screenshots) and faces are invisible to a header scan: that is why ``DeidProfile`` excludes
   risky modalities and SOP classes by default.
-* It finds the identifiers it was given, as they were written: a name spelled differently, a
-  relative's name in free text, a date in another format, a phone number with other spacing, or
-  text in an encoding other than the dataset's character set, Latin-1, UTF-8 or UTF-16LE
-  (binary values) is not found. A clean report is evidence, not proof of anonymity.
+* It finds the identifiers the SOURCE files hold (``identifiers_from`` parses them: names in
+  every component group, identifier-type attributes, dates in the forms people type, UIDs),
+  as they were written: a name spelled differently, a relative's name in free text, a phone
+  number with other spacing, or text in an encoding other than the dataset's character set,
+  Latin-1, UTF-8 or UTF-16LE (binary values) is not found. One-character name components
+  (initials, a one-ideograph family name) are only found inside the whole name. A clean report
+  is evidence, not proof of anonymity.
 
 Findings name the place (tag path, ZIP member index) and the KIND of identifier matched,
 never the value, so reports and logs can be kept and shown.
@@ -35,10 +38,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from pydicom import dcmread
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
+
+from .dates import typed_forms
+from .dictionary import is_identifier, is_well_known_uid
 
 __all__ = [
     "Finding",
@@ -55,63 +61,33 @@ __all__ = [
 TEXT_VRS = frozenset({"AE", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 #: Byte VRs searched for embedded text (private blobs, unknown VR).
 BYTE_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN", "ox", "xs", "ob_or_ow"})
-#: Bulk data never searched: pixels, waveforms, overlays and padding hold no text to find.
+#: Bulk data never searched: pixel, waveform and overlay samples and padding hold no text to
+#: find (the waveform's channel labels and annotations around them are searched).
 SKIPPED_TAGS = frozenset({0x7FE00001, 0x7FE00002, 0x7FE00008, 0x7FE00009, 0x7FE00010,
-                          0x54000100, 0x54001010, 0xFFFCFFFC})
+                          0x54001010, 0xFFFCFFFC})
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 #: Members up to this size are parsed in memory; larger ones from a temporary file, with
 #: large values read only when scanned (pixel data never is).
 IN_MEMORY_LIMIT = 64 * 1024 * 1024
 DEFER_SIZE = 1024 * 1024
 
-# How each identifying keyword is collected:
-#   person: the whole name and each component of >= 3 characters, matched as whole words
-#   words:  the whole value, matched as whole words
-#   text:   the whole value, matched anywhere (IDs, dates, phone numbers)
-_PERSON, _WORDS, _TEXT = "person", "words", "text"
+# How the identifying keywords that are neither names nor identifier-type are collected:
+#   words: the whole value, matched as whole words (addresses, institutions)
+#   text:  the whole value, matched as an ID (phone numbers, birth date)
+_WORDS, _TEXT = "words", "text"
 _COLLECT: dict[str, str] = {
-    "PatientName": _PERSON,
-    "PatientID": _TEXT,
-    "OtherPatientIDs": _TEXT,
-    "OtherPatientNames": _PERSON,
-    "PatientBirthName": _PERSON,
-    "PatientMotherBirthName": _PERSON,
-    "PatientBirthDate": _TEXT,
     "PatientAddress": _WORDS,
     "PatientTelephoneNumbers": _TEXT,
-    "AccessionNumber": _TEXT,
-    "StudyID": _TEXT,
-    "RequestedProcedureID": _TEXT,
-    "AdmissionID": _TEXT,
+    "PatientBirthDate": _TEXT,
     "InstitutionName": _WORDS,
     "InstitutionAddress": _WORDS,
     "InstitutionalDepartmentName": _WORDS,
-    "IssuerOfPatientID": _WORDS,
-    "ReferringPhysicianName": _PERSON,
-    "PerformingPhysicianName": _PERSON,
-    "OperatorsName": _PERSON,
-    "PhysiciansOfRecord": _PERSON,
-    "NameOfPhysiciansReadingStudy": _PERSON,
-    "RequestingPhysician": _PERSON,
-    "ScheduledPerformingPhysicianName": _PERSON,
 }
-#: Study dates: the shifted output must not still carry the originals.
-_DATE_KEYWORDS = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
-#: Source UIDs that must all be replaced (kind reported = the keyword, meta UID folded in).
-_UID_KEYWORDS: dict[str, str] = {
-    "StudyInstanceUID": "StudyInstanceUID",
-    "SeriesInstanceUID": "SeriesInstanceUID",
-    "SOPInstanceUID": "SOPInstanceUID",
-    "MediaStorageSOPInstanceUID": "SOPInstanceUID",
-    "FrameOfReferenceUID": "FrameOfReferenceUID",
-    "ReferencedSOPInstanceUID": "ReferencedSOPInstanceUID",
-    "SynchronizationFrameOfReferenceUID": "FrameOfReferenceUID",
-    "IrradiationEventUID": "IrradiationEventUID",
-    "ConcatenationUID": "ConcatenationUID",
-    "DimensionOrganizationUID": "DimensionOrganizationUID",
-}
-_UID_RANK = {kind: rank for rank, kind in enumerate(dict.fromkeys(_UID_KEYWORDS.values()))}
-_KIND_RANK = {keyword: rank for rank, keyword in enumerate([*_COLLECT, *_DATE_KEYWORDS])}
+#: Kinds reported first when one value is several (a PatientID copied as OtherPatientIDs).
+_RANKED = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+           "AccessionNumber", "StudyID")
+_KIND_RANK = {keyword: rank for rank, keyword in enumerate(_RANKED)}
+_UID_KIND = {"MediaStorageSOPInstanceUID": "SOPInstanceUID"}
 
 #: Values that say nothing about a person, and name particles/titles that are not names.
 GENERIC_VALUES = frozenset({
@@ -121,17 +97,25 @@ GENERIC_VALUES = frozenset({
 NAME_NOISE = frozenset({
     "mr", "mrs", "ms", "miss", "dr", "prof", "md", "phd", "jr", "sr", "iii", "rev", "sir",
     "van", "von", "der", "den", "del", "della", "des", "dos", "das", "mac", "bin", "ibn", "ben",
-    "the",
+    "the", "de", "da", "di", "du", "la", "le", "el", "al", "st", "ii", "iv", "mx",
 })
+#: The shortest ID or free value kept as a target (shorter ones match everywhere).
 MIN_LENGTH = 3
+#: The shortest name component matched alone; shorter ones (initials, one ideograph) are
+#: matched only inside the whole name.
+MIN_NAME_PART = 2
 
 _SPACES = re.compile(r"\s+")
-_NAME_SPLIT = re.compile(r"[\^=\s,]+")
 _TAG_KEY = re.compile(r"^([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})$")
 _UID_TOKEN = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+){2,}(?![0-9])")
 _ALNUM = re.compile(r"[^\W_]")
 _LATIN_RUN = re.compile(rb"[\x20-\x7e\xa0-\xff]{3,}")
 _UTF16_RUN = re.compile(rb"(?:[\x20-\x7e]\x00){3,}")
+#: Scripts written without spaces between words (CJK ideographs, kana, hangul, Thai):
+#: their names are matched anywhere, not as whole words.
+_UNSPACED = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+                       r"\uf900-\ufaff\uff66-\uff9f]")
+_ALPHA_PREFIX = re.compile(r"^[^\W\d_]+[-_ /:.]*(?=\d)")
 
 
 def normalize(value: Any) -> str:
@@ -160,8 +144,9 @@ class _Term:
 class Identifiers:
     """The identifying strings and UIDs of a set of source instances, normalized.
 
-    Built by ``identifiers_from`` (add more with ``add`` / ``add_uid``). Its ``repr`` shows
-    counts only: the values never leave this object except through ``kinds_in``.
+    Built by ``identifiers_from`` (add more with ``add`` / ``add_person`` / ``add_id`` /
+    ``add_date`` / ``add_uid``). Its ``repr`` shows counts only: the values never leave this
+    object except through ``kinds_in``.
     """
 
     __slots__ = ("_terms", "_uids")
@@ -170,12 +155,16 @@ class Identifiers:
         self._terms: dict[str, _Term] = {}
         self._uids: dict[str, str] = {}
 
-    def add(self, kind: str, value: Any, *, words: bool = False, rank: int = 1_000) -> bool:
-        """Add one identifying value (normalized). Empty, short (< 3 characters) and generic
-        values are ignored; returns whether it was kept. ``words``: match whole words only."""
+    def add(self, kind: str, value: Any, *, words: bool = False, rank: int = 1_000,
+            min_length: int = MIN_LENGTH) -> bool:
+        """Add one identifying value (normalized). Empty, short (< ``min_length``) and
+        generic values are ignored; returns whether it was kept. ``words``: match whole
+        words only (text in a script written without spaces always matches anywhere)."""
         text = normalize(value)
-        if len(text) < MIN_LENGTH or text in GENERIC_VALUES or not _ALNUM.search(text):
+        if len(text) < min_length or text in GENERIC_VALUES or not _ALNUM.search(text):
             return False
+        if words and _UNSPACED.search(text):
+            words = False
         known = self._terms.get(text)
         if known is None:
             self._terms[text] = _Term(text, kind, words, rank)
@@ -187,20 +176,54 @@ class Identifiers:
         return True
 
     def add_person(self, kind: str, value: Any, rank: int = 1_000) -> None:
-        """A person name: the whole name and each component of >= 3 characters (split on
-        ``^``, ``=``, spaces and commas; titles and particles such as "Dr", "van" skipped)."""
-        self.add(kind, value, words=True, rank=rank)
-        for part in _NAME_SPLIT.split(normalize(value).replace(".", " ")):
-            if part not in NAME_NOISE:
-                self.add(f"{kind} part", part, words=True, rank=rank + 500)
+        """A person name (PN): for each component group (alphabetic, ideographic, phonetic,
+        split on ``=``), the whole name in both orders, with and without spaces, and each
+        component (split on ``^``, spaces, commas) of >= 2 characters, titles and particles
+        such as "Dr", "van" skipped. Shorter components (initials, a one-ideograph family
+        name) are matched only inside the whole name."""
+        for group in str(value).split("="):
+            parts = [normalize(p) for p in group.split("^")[:3]]
+            parts = [p for p in parts if p]
+            if not parts:
+                continue
+            whole = " ".join(parts)
+            self.add(kind, whole, words=True, rank=rank, min_length=2)
+            if len(parts) >= 2:
+                family, given = parts[0], parts[1]
+                for form in (f"{given} {family}", f"{family}{given}", f"{given}{family}",
+                             f"{family}, {given}"):
+                    self.add(kind, form, words=True, rank=rank, min_length=2)
+            for part in re.split(r"[\s,.]+", whole):
+                if part not in NAME_NOISE:
+                    self.add(f"{kind} part", part, words=True, rank=rank + 500,
+                             min_length=MIN_NAME_PART)
 
-    def add_uid(self, kind: str, uid: Any) -> None:
-        """A source UID that must not survive (compared whole, and found inside text)."""
-        text = str(uid).strip(" \x00")
+    def add_id(self, kind: str, value: Any, rank: int = 1_000) -> None:
+        """An identifier: matched anywhere when it has a letter and >= 6 characters, else as
+        a whole word; with an alphabetic prefix ("MRN-0012345"), its number alone too."""
+        text = normalize(value)
         if not text:
             return
+        long_alnum = len(text) >= 6 and re.search(r"[^\W\d_]", text) is not None
+        self.add(kind, text, words=not long_alnum, rank=rank)
+        prefix = _ALPHA_PREFIX.match(text)
+        if prefix:
+            self.add(kind, text[prefix.end():], words=True, rank=rank, min_length=4)
+
+    def add_date(self, kind: str, value: Any, rank: int = 1_000) -> None:
+        """A DA (or a DT's date part) in every form people type it (``dates.typed_forms``),
+        each matched as a whole word."""
+        for form in typed_forms(str(value)):
+            self.add(kind, form, words=True, rank=rank)
+
+    def add_uid(self, kind: str, uid: Any) -> None:
+        """A source UID that must not survive (compared whole, and found inside text).
+        Well-known UIDs (pydicom's UID dictionary) are never targets."""
+        text = str(uid).strip(" \x00")
+        if not text or is_well_known_uid(text):
+            return
         known = self._uids.get(text)
-        if known is None or _UID_RANK.get(kind, 99) < _UID_RANK.get(known, 99):
+        if known is None or _KIND_RANK.get(kind, 99) < _KIND_RANK.get(known, 99):
             self._uids[text] = kind
 
     def uid_kind(self, uid: Any) -> str | None:
@@ -256,45 +279,91 @@ def _values(value: Any) -> list[Any]:
     return [value]
 
 
+def _decodings(raw: bytes) -> list[str]:
+    """The bytes of a value as UTF-8 (when valid) and as Latin-1."""
+    texts = []
+    try:
+        texts.append(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        pass
+    texts.append(raw.decode("latin-1"))
+    return texts
+
+
+#: Equipment attributes the Basic Profile keeps: an institution named like its scanner's
+#: vendor ("TOSHIBA") is not searched for (it would match every Manufacturer).
+_EQUIPMENT = ("Manufacturer", "ManufacturerModelName")
+
+
 class _Collector:
     def __init__(self, identifiers: Identifiers, dates: bool) -> None:
         self.ids = identifiers
         self.dates = dates
+        self.equipment: set[str] = set()
 
-    def keyword_value(self, keyword: str, value: Any, parent: str) -> None:
-        if keyword in _UID_KEYWORDS:
-            for uid in _values(value):
-                self.ids.add_uid(_UID_KEYWORDS[keyword], uid)
+    def prune(self) -> None:
+        """Drop institution terms that are also words of the equipment's vendor or model."""
+        for text, term in list(self.ids._terms.items()):
+            if term.kind.startswith("Institution") and any(
+                    _Term(text, term.kind, True, 0).found_in(equipment)
+                    for equipment in self.equipment):
+                del self.ids._terms[text]
+
+    def value(self, tag: int | None, keyword: str, vr: str, value: Any, parent: str) -> None:
+        """One element's value(s), by VR first (any depth, private tags of known VR too),
+        then by keyword."""
+        values = _values(value)
+        if not values:
             return
-        mode = _COLLECT.get(keyword)
-        if mode is None and self.dates and keyword in _DATE_KEYWORDS:
-            mode = _TEXT
-        if mode is None:
-            return
-        kind = keyword
+        kind = keyword or "private"
+        if keyword in _EQUIPMENT:
+            self.equipment.update(normalize(v) for v in values)
         if parent == "OtherPatientIDsSequence" and keyword == "PatientID":
             kind = "OtherPatientIDs"
         rank = _KIND_RANK.get(kind, 900)
-        for item in _values(value):
-            if mode == _PERSON:
-                self.ids.add_person(kind, item, rank)
-            else:
-                self.ids.add(kind, item, words=mode == _WORDS, rank=rank)
+        if vr == "UI":
+            for uid in values:
+                self.ids.add_uid(_UID_KIND.get(keyword, keyword or "UID"), uid)
+        elif vr == "PN":
+            for item in values:
+                self.ids.add_person(kind if keyword else "person name", item, rank)
+        elif vr in ("DA", "DT"):
+            if self.dates or keyword == "PatientBirthDate":
+                for item in values:
+                    self.ids.add_date(kind, str(item)[:8], rank)
+        elif keyword in _COLLECT:
+            for item in values:
+                if _COLLECT[keyword] == _WORDS:
+                    self.ids.add(kind, item, words=True, rank=rank)
+                else:
+                    self.ids.add_id(kind, item, rank)
+        elif tag is not None and is_identifier(tag, vr):
+            for item in values:
+                self.ids.add_id(kind, item, rank)
 
     def dataset(self, ds: Dataset, parent: str = "") -> None:
         meta = getattr(ds, "file_meta", None)
-        if meta is not None:
-            self.dataset(meta, parent)
+        if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+            self.value(None, "MediaStorageSOPInstanceUID", "UI",
+                       meta.MediaStorageSOPInstanceUID, "")
         for tag in ds.keys():
+            raw = ds.get_item(tag)
             try:
                 elem = ds[tag]
-            except Exception:  # an element pydicom cannot convert: no keyword to use anyway
-                continue
-            if elem.VR == "SQ":
+            except Exception:  # an element pydicom cannot convert: its raw text below
+                elem = None
+            if elem is not None and elem.VR == "SQ":
                 for item in elem.value or ():
                     self.dataset(item, elem.keyword)
-            elif elem.keyword:
-                self.keyword_value(elem.keyword, elem.value, parent)
+                continue
+            vr = elem.VR if elem is not None else ""
+            keyword = elem.keyword if elem is not None else ""
+            if elem is not None:
+                self.value(int(tag), keyword, vr, elem.value, parent)
+            raw_bytes = getattr(raw, "value", None)
+            if vr == "PN" and isinstance(raw_bytes, bytes):  # the bytes in other charsets
+                for text in _decodings(raw_bytes):
+                    self.value(int(tag), keyword, vr, text, parent)
 
     def tags(self, tags: Mapping[str, Any], parent: str = "") -> None:
         """Orthanc's JSON tags: simplified (keyword: value), short ("0010,0020": value) or
@@ -306,31 +375,35 @@ class _Collector:
                 keyword = str(value.get("Name") or keyword)
                 value = value.get("Value")
                 match = _TAG_KEY.match(keyword)
+            tag = int(match[1] + match[2], 16) if match else tag_for_keyword(keyword)
             if match:
-                keyword = keyword_for_tag(int(match[1] + match[2], 16)) or keyword
+                keyword = keyword_for_tag(tag) or keyword
             if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
                 for item in value:
                     self.tags(item, keyword)
-            else:
-                self.keyword_value(keyword, value, parent)
+                continue
+            try:
+                vr = dictionary_VR(tag) if tag is not None else ""
+            except KeyError:
+                vr = ""
+            self.value(tag, keyword, vr, value, parent)
 
 
-Source = Dataset | Mapping[str, Any] | str | os.PathLike[str]
+Source = Dataset | Mapping[str, Any] | str | os.PathLike[str] | bytes
 
 
 def identifiers_from(sources: Source | Iterable[Source], *, dates: bool = True) -> Identifiers:
-    """Every identifying string of the SOURCE instances: pydicom Datasets, Orthanc tag dicts
-    (``/instances/{id}/tags``, ``?simplify`` or ``?short``), or paths of DICOM files.
+    """Every identifying string of the SOURCE instances: pydicom Datasets, DICOM files (paths
+    or bytes, e.g. ``GET /instances/{id}/file``), or Orthanc tag dicts (which miss values
+    over 256 bytes and unknown sequences: prefer the files).
 
-    Collected wherever they appear (top level and any sequence depth): person names (whole and
-    parts >= 3 characters), patient IDs and other IDs, birth date, addresses, phone numbers,
-    accession numbers, study/procedure/admission IDs, institutions and physicians, and with
-    ``dates`` the study/series/acquisition/content dates (a date shift must change them all).
-    UIDs of studies, series, instances and frames of reference are kept for UID checks.
-    Private tags are not read here (their meaning is unknown); the scan searches them for the
-    values collected from standard tags.
+    Collected at any depth, private elements of known VR included: every person name (PN)
+    in all its component groups, every identifier-type attribute (``dictionary.is_identifier``:
+    IDs, accession and order numbers...) with and without its alphabetic prefix, addresses,
+    phone numbers and institutions, the birth date and, with ``dates``, every DA/DT in the
+    forms people type; and every UID that is not well-known.
     """
-    if isinstance(sources, (Dataset, Mapping, str, os.PathLike)):
+    if isinstance(sources, (Dataset, Mapping, str, os.PathLike, bytes)):
         sources = [sources]
     identifiers = Identifiers()
     collector = _Collector(identifiers, dates)
@@ -339,8 +412,11 @@ def identifiers_from(sources: Source | Iterable[Source], *, dates: bool = True) 
             collector.dataset(source)
         elif isinstance(source, Mapping):
             collector.tags(source)
+        elif isinstance(source, bytes):
+            collector.dataset(dcmread(io.BytesIO(source), stop_before_pixels=True, force=True))
         else:
-            collector.dataset(dcmread(source, stop_before_pixels=True))
+            collector.dataset(dcmread(source, stop_before_pixels=True, force=True))
+    collector.prune()
     return identifiers
 
 
@@ -412,6 +488,7 @@ class _Scanner:
                 continue
             path = prefix + _tag_text(tag)
             label = _element_label(tag)
+            raw = getattr(ds.get_item(tag), "value", None)
             try:
                 elem = ds[tag]
                 vr, value = elem.VR, elem.value
@@ -432,6 +509,9 @@ class _Scanner:
                 self.texts(path, label, _byte_texts(bytes(value)))
             elif vr in TEXT_VRS or vr in BYTE_VRS:
                 self.texts(path, label, _values(value))
+                if isinstance(raw, bytes) and any(b >= 0x80 for b in raw):
+                    # what a recipient reading the bytes in another charset would see
+                    self.texts(path, label, _decodings(raw))
 
 
 def scan_dataset(ds: Dataset, identifiers: Identifiers, *,

@@ -114,9 +114,10 @@ def test_generic_and_short_values_are_ignored():
     ids = identifiers_from({"PatientName": "Dr^Li^Yes", "PatientID": "42",
                             "OtherPatientIDs": "UNKNOWN\\NONE", "PatientSex": "F",
                             "InstitutionName": "N/A"})
-    assert len(ids) == 1  # only the whole name "dr li yes" is long enough to keep
     assert ids.kinds_in("report by dr li yes") == ["PatientName"]
+    assert ids.kinds_in("Li's scan") == ["PatientName part"]  # two-letter names count
     assert ids.kinds_in("yes") == [] and ids.kinds_in("42") == []
+    assert ids.kinds_in("unknown none n/a f") == []
 
 
 def test_orthanc_json_tags_are_accepted():
@@ -134,7 +135,8 @@ def test_orthanc_json_tags_are_accepted():
     ids = identifiers_from([simplified, expanded, short])
     assert ids.kinds_in("OPX99999999") == ["OtherPatientIDs"]
     assert ids.kinds_in("see ACC12345678") == ["AccessionNumber"]
-    assert ids.kinds_in("QUILLFEATHER, Amadea") == ["PatientName part"]
+    assert ids.kinds_in("QUILLFEATHER, Amadea") == ["PatientName"]  # "family, given"
+    assert ids.kinds_in("Amadea's scan") == ["PatientName part"]
     assert ids.uid_kind("1.2.3.4.5") == "StudyInstanceUID"
 
 
