@@ -19,8 +19,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orthanc_client import Level, Orthanc, OrthancNotFound, OrthancUnsupported
+from orthanc_client import Level, OrthancNotFound
 from tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
+from tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
+from tasks.origin import was_retrieved
 from tasks.policy import short_id
 
 from .collection import load_credentials
@@ -31,8 +33,6 @@ __all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect
 
 #: LastUpdate of the study when its rules last all succeeded (declare in UserMetadata)
 ROUTED_METADATA = "PrefectOrthancRouted"
-#: labels on Orthanc < 1.12, comma-separated (declare in UserMetadata)
-LABELS_METADATA = "PrefectOrthancLabels"
 
 
 class RouteRule(BaseModel):
@@ -59,7 +59,7 @@ class RouteRule(BaseModel):
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, value: list[str]) -> list[str]:
-        if any(not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) for v in value):
+        if any(not re.fullmatch(LABEL_PATTERN, v) for v in value):
             raise ValueError("labels are 1-64 letters, digits, '-' or '_'")
         return value
 
@@ -91,6 +91,7 @@ class StudyFacts(BaseModel):
     modalities: tuple[str, ...] = Field((), repr=False)
     calling_aet: str | None = Field(None, repr=False)
     routed_at: str | None = None
+    retrieved: bool = False
 
 
 class RouteReport(BaseModel):
@@ -117,6 +118,7 @@ def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts 
             study = orthanc.resource(Level.STUDY, study_id)
         except OrthancNotFound:
             return None
+        metadata = orthanc.all_metadata(Level.STUDY, study_id)
         series = orthanc.children(Level.STUDY, study_id)
         instances = orthanc.instances(Level.STUDY, study_id)
         sender = orthanc.metadata(Level.INSTANCE, instances[0], "RemoteAET") if instances else None
@@ -124,26 +126,14 @@ def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts 
             study_id=study_id, last_update=study.last_update or "", instances=len(instances),
             modalities=tuple(sorted({s.main_dicom_tags.get("Modality", "") for s in series}
                                     - {""})),
-            calling_aet=sender, routed_at=orthanc.metadata(Level.STUDY, study_id,
-                                                           ROUTED_METADATA))
-
-
-def _add_labels(orthanc: Orthanc, study_id: str, labels: Sequence[str]) -> str:
-    try:
-        for label in labels:
-            orthanc.add_label(Level.STUDY, study_id, label)
-        return "label"
-    except OrthancUnsupported:
-        current = orthanc.metadata(Level.STUDY, study_id, LABELS_METADATA) or ""
-        merged = sorted(set(filter(None, current.split(","))) | set(labels))
-        orthanc.set_metadata(Level.STUDY, study_id, LABELS_METADATA, ",".join(merged))
-        return "metadata"
+            calling_aet=sender, routed_at=metadata.get(ROUTED_METADATA),
+            retrieved=was_retrieved(metadata, study.main_dicom_tags.get("StudyInstanceUID")))
 
 
 @orthanc_task(name="label_study", run_name=lambda p: f"label-{short_id(p['study_id'])}")
 def label_study(credentials: OrthancCredentials, study_id: str, labels: Sequence[str]) -> str:
-    """Label a study: Orthanc labels from 1.12, else the ``PrefectOrthancLabels`` metadata
-    (comma-separated, merged). Returns which one was used.
+    """Label a study, keeping its other labels: Orthanc labels from 1.12, else the
+    ``PrefectOrthancLabels`` metadata set (``tasks.labels``). Returns which one was used.
 
     Example:
         ```python
@@ -151,7 +141,7 @@ def label_study(credentials: OrthancCredentials, study_id: str, labels: Sequence
         ```
     """
     with credentials.get_client() as orthanc:
-        return _add_labels(orthanc, study_id, labels)
+        return attach_labels(orthanc, Level.STUDY, study_id, labels)
 
 
 @orthanc_task(name="mark_routed", run_name=lambda p: f"routed-{short_id(p['study_id'])}")
@@ -179,8 +169,12 @@ def _apply(rule: RouteRule, credentials: OrthancCredentials, credentials_block: 
 
 @flow(name="route-new-study", flow_run_name="new-study-{study_id}", validate_parameters=True)
 def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server: str = "research",
-                    credentials_block: str | None = None) -> State[RouteReport]:
+                    credentials_block: str | None = None, include_retrieved: bool = False
+                    ) -> State[RouteReport]:
     """Apply the routing rules to one new stable study (the trigger passes its Orthanc ID).
+
+    Studies this package retrieved itself (the collection flow's C-MOVEs, ``tasks.origin``)
+    are not new: they are skipped unless ``include_retrieved`` is true.
 
     Rules run in order; a failing rule does not stop the others, but the study is then not
     marked routed and the run fails, so a re-run retries (labels and forwards are idempotent,
@@ -197,6 +191,10 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
     facts = inspect_study(credentials, study_id)
     if facts is None:
         return Completed(message="study no longer in Orthanc: nothing to do",
+                         data=RouteReport(study_id=study_id, skipped=True))
+    if facts.retrieved and not include_retrieved:
+        return Completed(message="retrieved by this package (e.g. the collection flow), not a "
+                                 "new study: skipped (set include_retrieved to route it)",
                          data=RouteReport(study_id=study_id, skipped=True))
     if facts.routed_at and facts.routed_at == facts.last_update:
         return Completed(message="already routed at this LastUpdate: nothing to do",

@@ -43,7 +43,9 @@ from orthanc_client import Level
 from tasks import OrthancCredentials, modality_slot, orthanc_task
 from tasks.policy import short_id
 
-from .collection import COLLECTED_METADATA, load_credentials
+from tasks.labels import project_studies
+
+from .collection import load_credentials
 from .deid import DeidProfile, build_request, client_kwargs, identifiers_from, scan_zip
 
 __all__ = ["Destination", "SharingOptions", "SharingRequest", "SharedStudy", "share_studies", "deidentify_study",
@@ -268,9 +270,7 @@ def _select(credentials: OrthancCredentials, request: SharingRequest) -> list[st
     if request.study_ids:
         return list(request.study_ids)
     with credentials.get_client() as orthanc:
-        return [study_id for study_id in orthanc.find(Level.STUDY)
-                if orthanc.metadata(Level.STUDY, study_id, COLLECTED_METADATA)
-                == request.project]
+        return project_studies(orthanc, request.project)
 
 
 def _write_manifest(destination: Destination, profile: DeidProfile,
