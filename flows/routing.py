@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from orthanc_client import Level, OrthancNotFound
 from tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
 from tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
-from tasks.origin import was_retrieved
+from tasks.origin import Origin, study_origin
 from tasks.policy import short_id
 
 from .collection import load_credentials
@@ -91,7 +91,7 @@ class StudyFacts(BaseModel):
     modalities: tuple[str, ...] = Field((), repr=False)
     calling_aet: str | None = Field(None, repr=False)
     routed_at: str | None = None
-    retrieved: bool = False
+    origin: Origin = "received"
 
 
 class RouteReport(BaseModel):
@@ -127,7 +127,7 @@ def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts 
             modalities=tuple(sorted({s.main_dicom_tags.get("Modality", "") for s in series}
                                     - {""})),
             calling_aet=sender, routed_at=metadata.get(ROUTED_METADATA),
-            retrieved=was_retrieved(metadata, study.main_dicom_tags.get("StudyInstanceUID")))
+            origin=study_origin(metadata, study.main_dicom_tags.get("StudyInstanceUID")))
 
 
 @orthanc_task(name="label_study", run_name=lambda p: f"label-{short_id(p['study_id'])}")
@@ -169,12 +169,14 @@ def _apply(rule: RouteRule, credentials: OrthancCredentials, credentials_block: 
 
 @flow(name="route-new-study", flow_run_name="new-study-{study_id}", validate_parameters=True)
 def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server: str = "research",
-                    credentials_block: str | None = None, include_retrieved: bool = False
-                    ) -> State[RouteReport]:
+                    credentials_block: str | None = None, include_retrieved: bool = False,
+                    include_copies: bool = False) -> State[RouteReport]:
     """Apply the routing rules to one new stable study (the trigger passes its Orthanc ID).
 
-    Studies this package retrieved itself (the collection flow's C-MOVEs, ``tasks.origin``)
-    are not new: they are skipped unless ``include_retrieved`` is true.
+    Not every stable study is new (``tasks.origin``): studies this package retrieved itself
+    (the collection flow's C-MOVEs) are skipped unless ``include_retrieved``, and copies made
+    inside Orthanc by anonymize/modify (the sharing flow's de-identified copies) unless
+    ``include_copies``. A skipped study ends the run Completed, no rule applied.
 
     Rules run in order; a failing rule does not stop the others, but the study is then not
     marked routed and the run fails, so a re-run retries (labels and forwards are idempotent,
@@ -192,9 +194,13 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
     if facts is None:
         return Completed(message="study no longer in Orthanc: nothing to do",
                          data=RouteReport(study_id=study_id, skipped=True))
-    if facts.retrieved and not include_retrieved:
+    if facts.origin == "retrieved" and not include_retrieved:
         return Completed(message="retrieved by this package (e.g. the collection flow), not a "
                                  "new study: skipped (set include_retrieved to route it)",
+                         data=RouteReport(study_id=study_id, skipped=True))
+    if facts.origin == "copy" and not include_copies:
+        return Completed(message="an anonymized or modified copy made in Orthanc, not a new "
+                                 "study: skipped (set include_copies to route it)",
                          data=RouteReport(study_id=study_id, skipped=True))
     if facts.routed_at and facts.routed_at == facts.last_update:
         return Completed(message="already routed at this LastUpdate: nothing to do",

@@ -1,4 +1,13 @@
-"""Where a study came from: retrieved from a modality by this package, or received.
+"""Where a study came from: retrieved by this package, copied inside Orthanc, or received.
+
+``study_origin`` tells the new-study flow which stable studies are really new:
+
+- ``"retrieved"``: brought in by this package's ``retrieve_study`` (the collection flow);
+- ``"copy"``: made inside this Orthanc by anonymize or modify (the sharing flow's
+  de-identified copies, which live through packaging and delivery, often longer than
+  ``StableAge``): Orthanc writes ``AnonymizedFrom`` / ``ModifiedFrom`` on them as it creates
+  them, so they are known before they can become stable;
+- ``"received"``: anything else (a modality or a user sent it): a new study.
 
 Studies that ``retrieve_study`` C-MOVEs into Orthanc become stable like any other study and
 fire the same ``orthanc.study.stable`` event, but they are not *new* studies: the new-study
@@ -15,13 +24,14 @@ the move, so nothing can be written on it in advance). So a retrieval leaves two
   was retrieved from (declare it in Orthanc's ``UserMetadata``). It stays: a study that grows
   later by another retrieval is still not new.
 
-``was_retrieved`` checks both, so the answer is right whichever comes first.
+``study_origin`` checks both, so the answer is right whichever comes first.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 from prefect.variables import Variable
 
@@ -29,13 +39,18 @@ from orthanc_client import Level, Orthanc
 
 from .policy import uid_key
 
-__all__ = ["RETRIEVED_METADATA", "IN_FLIGHT_HOURS", "retrieval_variable",
-           "register_retrieval", "end_retrieval", "mark_retrieved", "was_retrieved"]
+__all__ = ["RETRIEVED_METADATA", "COPY_METADATA", "IN_FLIGHT_HOURS", "Origin",
+           "retrieval_variable", "register_retrieval", "end_retrieval", "mark_retrieved",
+           "study_origin"]
 
 #: on a study: the modality it was retrieved from by ``retrieve_study``
 RETRIEVED_METADATA = "PrefectOrthancSource"
+#: Orthanc's own metadata on a resource made by ``/anonymize`` or ``/modify``
+COPY_METADATA = ("AnonymizedFrom", "ModifiedFrom")
 #: an in-flight record older than this is a crashed run's leftover, not a retrieval
 IN_FLIGHT_HOURS = 6.0
+
+Origin = Literal["retrieved", "copy", "received"]
 
 
 def retrieval_variable(study_uid: str) -> str:
@@ -72,13 +87,17 @@ def _in_flight(study_uid: str, now: dt.datetime) -> bool:
     return now - since < dt.timedelta(hours=IN_FLIGHT_HOURS)
 
 
-def was_retrieved(metadata: Mapping[str, str], study_uid: str | None) -> bool:
-    """True when a study arrived through ``retrieve_study``: its metadata (``all_metadata``)
-    holds the mark, or its retrieval is in flight (the mark not written yet).
+def study_origin(metadata: Mapping[str, str], study_uid: str | None) -> Origin:
+    """Where a study came from, from its metadata (``Orthanc.all_metadata``) and its
+    StudyInstanceUID (for a retrieval not marked yet): see the module docstring.
 
-    >>> was_retrieved(orthanc.all_metadata("Study", study_id), study_uid)
-    False
+    >>> study_origin(orthanc.all_metadata("Study", study_id), study_uid)
+    'received'
     """
     if metadata.get(RETRIEVED_METADATA):
-        return True
-    return bool(study_uid) and _in_flight(str(study_uid), dt.datetime.now(dt.UTC))
+        return "retrieved"
+    if any(metadata.get(name) for name in COPY_METADATA):
+        return "copy"
+    if study_uid and _in_flight(str(study_uid), dt.datetime.now(dt.UTC)):
+        return "retrieved"
+    return "received"

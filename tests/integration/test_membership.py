@@ -141,3 +141,22 @@ def test_a_study_still_being_retrieved_is_not_new(research_env, research, pacs, 
     # no record left, no mark: the same study pushed by a modality is a new study
     state = route_new_study(study_id, rules=rules, return_state=True)
     assert state.result().done == ("tag",), state.message
+
+
+def test_anonymized_copies_are_not_new_studies(research_env, research, loaded_pacs, cohort):
+    """The sharing flow's de-identified copies live in research through packaging and
+    delivery and fire the stable event too: skipped unless include_copies."""
+    rules = [RouteRule(name="tag", action="label", labels=["arrived"])]
+    study = cohort.studies[3]
+    research.collect("pacs", study.study_uid)
+    (source,) = _ids(research, [study])
+    copy = research.modified_resource(research.wait_for_job(str(
+        research.anonymize(Level.STUDY, source, asynchronous=True)))).id
+    try:
+        state = route_new_study(copy, rules=rules, return_state=True)
+        assert state.is_completed() and state.result().skipped, state.message
+        assert "anonymized or modified copy" in state.message
+        state = route_new_study(copy, rules=rules, include_copies=True, return_state=True)
+        assert state.result().done == ("tag",), state.message
+    finally:
+        research.delete(Level.STUDY, copy, missing_ok=True)
