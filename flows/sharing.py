@@ -41,9 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orthanc_client import Level
 from tasks import OrthancCredentials, modality_slot, orthanc_task
-from tasks.policy import short_id
-
 from tasks.labels import project_studies
+from tasks.policy import short_id
 
 from .collection import load_credentials
 from .deid import DeidProfile, build_request, client_kwargs, identifiers_from, scan_zip

@@ -83,7 +83,7 @@ def labels_of(orthanc: Orthanc, level: Level | str, resource_id: str) -> frozens
 
 
 def attach_labels(orthanc: Orthanc, level: Level | str, resource_id: str,
-               labels: Iterable[str]) -> str:
+                  labels: Iterable[str]) -> str:
     """Add labels to a resource, keeping the ones it has; returns how they are stored:
     ``"label"`` (Orthanc labels) or ``"metadata"`` (the ``PrefectOrthancLabels`` set).
 
