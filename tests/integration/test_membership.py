@@ -160,3 +160,53 @@ def test_anonymized_copies_are_not_new_studies(research_env, research, loaded_pa
         assert state.result().done == ("tag",), state.message
     finally:
         research.delete(Level.STUDY, copy, missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def revisions_research(tmp_path_factory):
+    """A research server with ``CheckRevisions: true`` (a lab of its own)."""
+    from deployments.lab.servers import OrthancLab
+
+    lab = OrthancLab.start(tmp_path_factory.mktemp("revisions-lab"),
+                           research_overrides={"CheckRevisions": True})
+    try:
+        with Orthanc(url=lab.research.url, username=lab.research.username,
+                     password=lab.research.password) as client:
+            assert client.system_info().check_revisions is True
+            yield client
+    finally:
+        lab.stop()
+
+
+def test_check_revisions_makes_even_the_first_write_safe(revisions_research, cohort):
+    """With CheckRevisions, Orthanc refuses a second creator, so eight writers racing to
+    create a study's label set all keep their label; plain overwrites still work."""
+    from deployments.lab.synthetic import zip_bytes
+
+    research = revisions_research
+    for round_ in range(3):
+        research.delete_many(research.find("Study", {}))
+        stored = research.upload(zip_bytes(cohort.studies[round_].files))
+        study_id = next(item.parent_study for item in stored if item.parent_study)
+        wanted = {f"writer-{i}" for i in range(8)}
+        barrier = threading.Barrier(len(wanted))
+        errors: list[BaseException] = []
+
+        def write(label: str) -> None:
+            with Orthanc(research.settings) as own:
+                barrier.wait()
+                try:
+                    attach_labels(own, Level.STUDY, study_id, [label])
+                except BaseException as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+
+        threads = [threading.Thread(target=write, args=(label,)) for label in sorted(wanted)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors
+        assert labels_of(research, Level.STUDY, study_id) == wanted
+    research.set_metadata(Level.STUDY, study_id, "PrefectOrthancRouted", "a")
+    research.set_metadata(Level.STUDY, study_id, "PrefectOrthancRouted", "b")  # overwrite
+    assert research.metadata(Level.STUDY, study_id, "PrefectOrthancRouted") == "b"
