@@ -33,18 +33,16 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
-from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc, OrthancUnsupported
+from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc
 from tasks import OrthancCredentials, modality_slot, orthanc_task, retrieve_study
+from tasks.labels import attach_labels
 
 from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
 from .parameters import described_by, request_from
 from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
 from .site import DATA_DIR_ENV, SiteError, SiteSettings
 
-__all__ = ["collect_cohort", "plan_cohort", "mark_collected", "CollectionReport",
-           "COLLECTED_METADATA"]
-
-COLLECTED_METADATA = "PrefectOrthancCollected"
+__all__ = ["collect_cohort", "plan_cohort", "mark_collected", "CollectionReport"]
 
 
 def load_credentials(block: str | None) -> OrthancCredentials:
@@ -73,19 +71,15 @@ def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest,
 
 
 def _mark(orthanc: Orthanc, study_id: str, project: str) -> str:
-    try:
-        orthanc.add_label(Level.STUDY, study_id, project)
-        return "label"
-    except OrthancUnsupported:
-        orthanc.set_metadata(Level.STUDY, study_id, COLLECTED_METADATA, project)
-        return "metadata"
+    return attach_labels(orthanc, Level.STUDY, study_id, [project])
 
 
 @orthanc_task(name="mark_collected", run_name=lambda p: f"mark-{len(p['study_ids'])}")
 def mark_collected(credentials: OrthancCredentials, study_ids: Sequence[str],
                    project: str) -> str:
-    """Record that complete studies belong to ``project``: a label on Orthanc >= 1.12, else the
-    ``PrefectOrthancCollected`` metadata (declare it in Orthanc's ``UserMetadata``).
+    """Add ``project`` to the projects of complete studies (a study keeps the others): an
+    Orthanc label from 1.12, else the ``PrefectOrthancLabels`` metadata set (declare it in
+    Orthanc's ``UserMetadata``); see ``tasks.labels``. Returns "label" or "metadata".
 
     Example:
         ```python

@@ -19,8 +19,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orthanc_client import Level, Orthanc, OrthancNotFound, OrthancUnsupported
+from orthanc_client import Level, OrthancNotFound
 from tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
+from tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
+from tasks.origin import Origin, study_origin
 from tasks.policy import short_id
 
 from .collection import load_credentials
@@ -31,8 +33,6 @@ __all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect
 
 #: LastUpdate of the study when its rules last all succeeded (declare in UserMetadata)
 ROUTED_METADATA = "PrefectOrthancRouted"
-#: labels on Orthanc < 1.12, comma-separated (declare in UserMetadata)
-LABELS_METADATA = "PrefectOrthancLabels"
 
 
 class RouteRule(BaseModel):
@@ -63,7 +63,7 @@ class RouteRule(BaseModel):
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, value: list[str]) -> list[str]:
-        if any(not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) for v in value):
+        if any(not re.fullmatch(LABEL_PATTERN, v) for v in value):
             raise ValueError("labels are 1-64 letters, digits, '-' or '_'")
         return value
 
@@ -95,6 +95,7 @@ class StudyFacts(BaseModel):
     modalities: tuple[str, ...] = Field((), repr=False)
     calling_aet: str | None = Field(None, repr=False)
     routed_at: str | None = None
+    origin: Origin = "received"
 
 
 class RouteReport(BaseModel):
@@ -121,6 +122,7 @@ def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts 
             study = orthanc.resource(Level.STUDY, study_id)
         except OrthancNotFound:
             return None
+        metadata = orthanc.all_metadata(Level.STUDY, study_id)
         series = orthanc.children(Level.STUDY, study_id)
         instances = orthanc.instances(Level.STUDY, study_id)
         sender = orthanc.metadata(Level.INSTANCE, instances[0], "RemoteAET") if instances else None
@@ -128,26 +130,14 @@ def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts 
             study_id=study_id, last_update=study.last_update or "", instances=len(instances),
             modalities=tuple(sorted({s.main_dicom_tags.get("Modality", "") for s in series}
                                     - {""})),
-            calling_aet=sender, routed_at=orthanc.metadata(Level.STUDY, study_id,
-                                                           ROUTED_METADATA))
-
-
-def _add_labels(orthanc: Orthanc, study_id: str, labels: Sequence[str]) -> str:
-    try:
-        for label in labels:
-            orthanc.add_label(Level.STUDY, study_id, label)
-        return "label"
-    except OrthancUnsupported:
-        current = orthanc.metadata(Level.STUDY, study_id, LABELS_METADATA) or ""
-        merged = sorted(set(filter(None, current.split(","))) | set(labels))
-        orthanc.set_metadata(Level.STUDY, study_id, LABELS_METADATA, ",".join(merged))
-        return "metadata"
+            calling_aet=sender, routed_at=metadata.get(ROUTED_METADATA),
+            origin=study_origin(metadata, study.main_dicom_tags.get("StudyInstanceUID")))
 
 
 @orthanc_task(name="label_study", run_name=lambda p: f"label-{short_id(p['study_id'])}")
 def label_study(credentials: OrthancCredentials, study_id: str, labels: Sequence[str]) -> str:
-    """Label a study: Orthanc labels from 1.12, else the ``PrefectOrthancLabels`` metadata
-    (comma-separated, merged). Returns which one was used.
+    """Label a study, keeping its other labels: Orthanc labels from 1.12, else the
+    ``PrefectOrthancLabels`` metadata set (``tasks.labels``). Returns which one was used.
 
     Example:
         ```python
@@ -155,7 +145,7 @@ def label_study(credentials: OrthancCredentials, study_id: str, labels: Sequence
         ```
     """
     with credentials.get_client() as orthanc:
-        return _add_labels(orthanc, study_id, labels)
+        return attach_labels(orthanc, Level.STUDY, study_id, labels)
 
 
 @orthanc_task(name="mark_routed", run_name=lambda p: f"routed-{short_id(p['study_id'])}")
@@ -184,8 +174,14 @@ def _apply(rule: RouteRule, credentials: OrthancCredentials, credentials_block: 
 
 @flow(name="route-new-study", flow_run_name="new-study-{study_id}", validate_parameters=True)
 def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server: str = "research",
-                    credentials_block: str | None = None) -> State[RouteReport]:
+                    credentials_block: str | None = None, include_retrieved: bool = False,
+                    include_copies: bool = False) -> State[RouteReport]:
     """Apply the routing rules to one new stable study (the trigger passes its Orthanc ID).
+
+    Not every stable study is new (``tasks.origin``): studies this package retrieved itself
+    (the collection flow's C-MOVEs) are skipped unless ``include_retrieved``, and copies made
+    inside Orthanc by anonymize/modify (the sharing flow's de-identified copies) unless
+    ``include_copies``. A skipped study ends the run Completed, no rule applied.
 
     Rules run in order; a failing rule does not stop the others, but the study is then not
     marked routed and the run fails, so a re-run retries (labels and forwards are idempotent,
@@ -203,12 +199,24 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
         server: Name of the research Orthanc in the events this flow answers.
         credentials_block: Name of the OrthancCredentials block of the research Orthanc
             (empty: the ORTHANC_* environment variables).
+        include_retrieved: Also route studies this package retrieved itself (the collection
+            flow's C-MOVEs); off by default, since they are not new studies.
+        include_copies: Also route copies made inside Orthanc by anonymize/modify (e.g. the
+            sharing flow's de-identified copies); off by default.
     """
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)
     facts = inspect_study(credentials, study_id)
     if facts is None:
         return Completed(message="study no longer in Orthanc: nothing to do",
+                         data=RouteReport(study_id=study_id, skipped=True))
+    if facts.origin == "retrieved" and not include_retrieved:
+        return Completed(message="retrieved by this package (e.g. the collection flow), not a "
+                                 "new study: skipped (set include_retrieved to route it)",
+                         data=RouteReport(study_id=study_id, skipped=True))
+    if facts.origin == "copy" and not include_copies:
+        return Completed(message="an anonymized or modified copy made in Orthanc, not a new "
+                                 "study: skipped (set include_copies to route it)",
                          data=RouteReport(study_id=study_id, skipped=True))
     if facts.routed_at and facts.routed_at == facts.last_update:
         return Completed(message="already routed at this LastUpdate: nothing to do",

@@ -45,9 +45,10 @@ from pydicom import dcmread
 
 from orthanc_client import Level
 from tasks import OrthancCredentials, modality_slot, orthanc_task
+from tasks.labels import project_studies
 from tasks.policy import short_id
 
-from .collection import COLLECTED_METADATA, load_credentials
+from .collection import load_credentials
 from .deid import (DeidProfile, Rewriter, build_request, identifiers_from, risk_reason,
                    scan_zip)
 from .parameters import described_by, request_from
@@ -397,9 +398,7 @@ def _select(credentials: OrthancCredentials, request: SharingRequest) -> list[st
     if request.study_ids:
         return list(request.study_ids)
     with credentials.get_client() as orthanc:
-        return [study_id for study_id in orthanc.find(Level.STUDY)
-                if orthanc.metadata(Level.STUDY, study_id, COLLECTED_METADATA)
-                == request.project]
+        return project_studies(orthanc, request.project)
 
 
 def _nothing_selected(request: SharingRequest) -> State[list[SharedStudy]]:

@@ -10,6 +10,7 @@ from .client import AsyncOrthanc, Orthanc
 from .errors import (
     OrthancArchiveError,
     OrthancBadRequest,
+    OrthancConflict,
     OrthancDimseError,
     OrthancError,
     OrthancHTTPError,
@@ -44,7 +45,7 @@ from .settings import OrthancSettings
 __all__ = [
     "Orthanc", "AsyncOrthanc", "OrthancSettings",
     "OrthancError", "OrthancHTTPError", "OrthancBadRequest", "OrthancUnauthorized",
-    "OrthancNotFound", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
+    "OrthancNotFound", "OrthancConflict", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
     "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",
     "OrthancArchiveError", "OrthancUsageError",
     "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",

@@ -23,6 +23,7 @@ import httpx
 from .errors import (
     OrthancArchiveError,
     OrthancBadRequest,
+    OrthancConflict,
     OrthancDimseError,
     OrthancError,
     OrthancHTTPError,
@@ -36,7 +37,8 @@ from .models import ArchiveResult
 
 R = TypeVar("R")
 
-Expect = Literal["json", "bytes", "text", "none"]
+#: "etag": the body as text with the response's ``ETag`` header, as ``(text, etag or None)``
+Expect = Literal["json", "bytes", "text", "etag", "none"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,7 @@ _BY_STATUS: dict[int, type[OrthancHTTPError]] = {
     401: OrthancUnauthorized,
     403: OrthancUnauthorized,
     404: OrthancNotFound,
+    409: OrthancConflict,
     415: OrthancBadRequest,
 }
 _TRANSIENT_STATUS = {429, 502, 503, 504}
@@ -192,6 +195,8 @@ def decode(call: Call, response: httpx.Response) -> Any:
         return response.content
     if call.expect == "text":
         return response.text
+    if call.expect == "etag":
+        return response.text, response.headers.get("ETag")
     if not response.content:
         return None
     try:

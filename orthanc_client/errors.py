@@ -19,6 +19,7 @@ __all__ = [
     "OrthancBadRequest",
     "OrthancUnauthorized",
     "OrthancNotFound",
+    "OrthancConflict",
     "OrthancUnavailable",
     "OrthancDimseError",
     "OrthancJobError",
@@ -93,6 +94,12 @@ class OrthancUnauthorized(OrthancHTTPError):
 
 class OrthancNotFound(OrthancHTTPError):
     """The route or the resource does not exist (HTTP 404)."""
+
+
+class OrthancConflict(OrthancHTTPError):
+    """Orthanc refused a conditional write (HTTP 409): the value changed since it was read
+    (a stale ``If-Match``), or the server checks revisions (``CheckRevisions``) and the write
+    named none. Read the value again and retry."""
 
 
 class OrthancUnavailable(OrthancError):

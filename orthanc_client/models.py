@@ -84,6 +84,10 @@ class SystemInfo(_Model):
     http_port: int = Field(alias="HttpPort")
     database_version: int | None = Field(None, alias="DatabaseVersion")
     plugins_enabled: bool | None = Field(None, alias="PluginsEnabled")
+    #: the ``CheckRevisions`` option (reported from 1.9.2)
+    check_revisions: bool | None = Field(None, alias="CheckRevisions")
+    #: whether the database back-end supports labels (reported from 1.12.0)
+    has_labels: bool | None = Field(None, alias="HasLabels")
 
     @property
     def version_tuple(self) -> tuple[int, int, int]:
@@ -92,6 +96,11 @@ class SystemInfo(_Model):
         if match is None:
             return (999, 0, 0)
         return (int(match[1]), int(match[2]), int(match[3]))
+
+    @property
+    def supports_labels(self) -> bool:
+        """Orthanc >= 1.12.0 with a database back-end that has labels (``HasLabels``)."""
+        return self.at_least("1.12.0") and self.has_labels is not False
 
     def at_least(self, version: str) -> bool:
         wanted = tuple(int(part) for part in version.split("."))
@@ -108,6 +117,8 @@ class Resource(_Model):
     is_stable: bool | None = Field(None, alias="IsStable")
     last_update: str | None = Field(None, alias="LastUpdate")
     labels: tuple[str, ...] = Field((), alias="Labels")
+    #: only in answers that carry it (``/tools/bulk-content`` with ``Metadata``)
+    metadata: dict[str, str] = Field(default_factory=dict, alias="Metadata", repr=False)
     main_dicom_tags: dict[str, str] = Field(default_factory=dict, alias="MainDicomTags", repr=False)
     patient_main_dicom_tags: dict[str, str] = Field(
         default_factory=dict, alias="PatientMainDicomTags", repr=False

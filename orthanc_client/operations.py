@@ -17,6 +17,7 @@ from urllib.parse import quote
 from . import core
 from .core import Call, Steps
 from .errors import (
+    OrthancConflict,
     OrthancJobFailed,
     OrthancJobLost,
     OrthancJobTimeout,
@@ -50,6 +51,7 @@ R = TypeVar("R")
 
 LABELS_SINCE = "1.12.0"
 _UNKNOWN_RESOURCE = 17  # Orthanc's error code for a missing resource (vs a missing item in it)
+_OVERWRITE_ATTEMPTS = 5
 
 
 class operation(Generic[P, R]):
@@ -135,6 +137,12 @@ class Operations:
         return (yield from self._system_info())
 
     @operation
+    def system_info(self) -> Steps[SystemInfo]:
+        """``GET /system`` read once per client (``system()`` reads it again): for feature
+        detection, e.g. ``orthanc.system_info().supports_labels``."""
+        return (yield from self._system_info())
+
+    @operation
     def statistics(self) -> Steps[dict[str, Any]]:
         """``GET /statistics``: server-wide counts and disk usage."""
         return (yield from self._get("/statistics", "/statistics"))
@@ -195,6 +203,24 @@ class Operations:
         pages = yield from self._find_pages(level, query or {}, True, case_sensitive, labels,
                                             page_size, limit)
         return [Resource.from_orthanc(item) for item in pages]
+
+    @operation
+    def bulk_resources(self, level: Level | str, resource_ids: Sequence[str], *,
+                       metadata: bool = False, page_size: int = 500) -> Steps[list[Resource]]:
+        """Summaries of many resources of one level, ``page_size`` per request
+        (``POST /tools/bulk-content``, Orthanc >= 1.9.4), with their metadata when asked
+        (``Resource.metadata``): one request per page instead of one per resource. IDs
+        unknown to the server are left out of the answer."""
+        level = Level(level)
+        ids = list(resource_ids)
+        found: list[Resource] = []
+        for start in range(0, len(ids), page_size):
+            page = yield from self._post("/tools/bulk-content", "/tools/bulk-content",
+                                         {"Resources": ids[start:start + page_size],
+                                          "Level": level.value, "Metadata": metadata},
+                                         safe=True)
+            found.extend(Resource.from_orthanc(item) for item in page or ())
+        return found
 
     @operation
     def resource(self, level: Level | str, resource_id: str) -> Steps[Resource]:
@@ -339,13 +365,58 @@ class Operations:
             return None
 
     @operation
-    def set_metadata(self, level: Level | str, resource_id: str, name: str,
-                     value: str) -> Steps[None]:
-        """Set one metadata value (idempotent)."""
+    def metadata_entry(self, level: Level | str, resource_id: str,
+                       name: str) -> Steps[tuple[str, str | None] | None]:
+        """One metadata value with its ``ETag`` (for a conditional ``set_metadata``), or None
+        if unset. Orthanc >= 1.9.2 sends the ETag (revision and MD5 of the value)."""
         path, route = self._resource_path(level, resource_id)
-        yield from self._call(Call("PUT", f"{path}/metadata/{_seg(name)}",
-                                   f"{route}/metadata/{{name}}", content=value.encode(),
-                                   safe=True, expect="none"))
+        try:
+            return (yield from self._get(f"{path}/metadata/{_seg(name)}",
+                                         f"{route}/metadata/{{name}}", expect="etag"))
+        except OrthancNotFound as error:
+            if error.orthanc_status == _UNKNOWN_RESOURCE:
+                raise
+            return None
+
+    @operation
+    def all_metadata(self, level: Level | str, resource_id: str) -> Steps[dict[str, str]]:
+        """Every metadata value of a resource, by name (``GET .../metadata?expand``)."""
+        path, route = self._resource_path(level, resource_id)
+        return dict((yield from self._get(f"{path}/metadata", f"{route}/metadata",
+                                          params={"expand": ""})) or {})
+
+    @operation
+    def set_metadata(self, level: Level | str, resource_id: str, name: str, value: str, *,
+                     if_match: str | None = None, if_absent: bool = False) -> Steps[None]:
+        """Set one metadata value.
+
+        Without ``if_match`` the value is overwritten (idempotent), also on servers that
+        check revisions (``CheckRevisions: true`` refuses a write to an existing value that
+        names no revision: the current ETag is read and the write repeated). With
+        ``if_match`` (an ETag from ``metadata_entry``) the write happens only if the value
+        is still the one read, else ``OrthancConflict``: a compare-and-set, which Orthanc
+        1.10.1 honours whatever ``CheckRevisions`` says. ``if_absent`` writes a value read as
+        unset: a server with ``CheckRevisions: true`` answers ``OrthancConflict`` when another
+        writer set it meanwhile; other servers overwrite (read back to be sure).
+        """
+        path, route = self._resource_path(level, resource_id)
+        url, template = f"{path}/metadata/{_seg(name)}", f"{route}/metadata/{{name}}"
+        etag = if_match
+        for _ in range(_OVERWRITE_ATTEMPTS):
+            try:
+                yield from self._call(Call("PUT", url, template, content=value.encode(),
+                                           headers={"If-Match": etag} if etag else None,
+                                           safe=True, expect="none"))
+                return
+            except OrthancConflict:
+                if if_match is not None or if_absent:
+                    raise
+            current = yield from self.metadata_entry.steps(level, resource_id, name)
+            etag = current[1] if current else None
+        raise OrthancConflict(f"PUT {template} failed: the value kept changing while it was "
+                              f"overwritten ({_OVERWRITE_ATTEMPTS} attempts)", method="PUT",
+                              route=template, status_code=409, orthanc_status=None,
+                              orthanc_error=None, details=None)
 
     @operation
     def delete_metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[None]:

@@ -12,6 +12,7 @@ from orthanc_client import CollectResult, JobInfo, Level, QueryResult
 
 from .credentials import OrthancCredentials
 from .limits import modality_slot
+from .origin import end_retrieval, mark_retrieved, register_retrieval
 from .policy import orthanc_task, uid_key
 
 __all__ = ["echo_modality", "query_modality", "retrieve_study", "store_to_modality",
@@ -64,7 +65,8 @@ def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: st
     wait), recount, re-fetch incomplete series up to ``refetch_rounds`` times. Returns the
     honest outcome (already_present / complete / partial / failed / not_found) with counts and
     Orthanc IDs. Transient errors (PACS unreachable) are retried by Prefect; a re-run moves
-    only what is still missing.
+    only what is still missing. What arrived is marked as retrieved (``tasks.origin``), so
+    the new-study flow does not take it for a new study.
 
     Example:
         ```python
@@ -73,8 +75,13 @@ def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: st
         ```
     """
     with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
-        return orthanc.collect(modality, study_uid, job_timeout=job_timeout,
-                               refetch_rounds=refetch_rounds)
+        register_retrieval(study_uid, modality)  # before the move: see tasks.origin
+        result = orthanc.collect(modality, study_uid, job_timeout=job_timeout,
+                                 refetch_rounds=refetch_rounds)
+        if result.moved:
+            mark_retrieved(orthanc, result.study_ids, modality)
+        end_retrieval(study_uid)
+        return result
 
 
 @orthanc_task(name="store_to_modality",

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from orthanc_client import Level
 
 from .credentials import OrthancCredentials
+from .labels import attach_labels, labels_of
 from .policy import orthanc_task, short_id
 
 __all__ = ["find_resources", "delete_resources", "set_metadata", "add_labels"]
@@ -60,7 +61,9 @@ def set_metadata(credentials: OrthancCredentials, level: Level | str, resource_i
 @orthanc_task(name="add_labels", run_name=lambda p: f"label-{short_id(p['resource_id'])}")
 def add_labels(credentials: OrthancCredentials, level: Level | str, resource_id: str,
                labels: Sequence[str]) -> list[str]:
-    """Attach labels to a resource (Orthanc >= 1.12; older servers raise OrthancUnsupported).
+    """Attach labels to a resource, on any Orthanc version (labels from 1.12, the
+    ``PrefectOrthancLabels`` metadata set before: see ``tasks.labels``); returns its labels,
+    sorted.
 
     Example:
         ```python
@@ -68,6 +71,5 @@ def add_labels(credentials: OrthancCredentials, level: Level | str, resource_id:
         ```
     """
     with credentials.get_client() as orthanc:
-        for label in labels:
-            orthanc.add_label(level, resource_id, label)
-        return orthanc.labels(level, resource_id)
+        attach_labels(orthanc, level, resource_id, labels)
+        return sorted(labels_of(orthanc, level, resource_id))

@@ -18,8 +18,9 @@ from prefect.client.orchestration import get_client
 from pydicom.uid import generate_uid
 
 from flows.cohort import Criteria
-from flows.collection import COLLECTED_METADATA, collect_cohort
+from flows.collection import collect_cohort
 from orthanc_client import Orthanc
+from tasks.labels import labels_of
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
     for row, study in zip(report.rows[3:5], wanted):
         assert row.expected_instances == row.received_instances == len(study.files)
         (study_id,) = row.study_ids
-        assert research.metadata("Study", study_id, COLLECTED_METADATA) == "lung-test"
+        assert "lung-test" in labels_of(research, "Study", study_id)
 
     written = list(csv.DictReader(Path(report.report_path).open()))
     assert Path(report.report_path) == tmp_path / "cohort.report.csv"
@@ -205,7 +206,7 @@ def test_incomplete_study_fails_the_run(research_env, research, flaky_study_fact
     assert bad.status == "partial" and 0 < bad.received_instances < expected
     assert good.status == "collected"
     (bad_id,) = bad.study_ids
-    assert research.metadata("Study", bad_id, COLLECTED_METADATA) is None
+    assert "flaky" not in labels_of(research, "Study", bad_id)
 
 
 def test_interrupted_run_resumes_without_moving_twice(research_env, research, loaded_pacs,
@@ -230,7 +231,7 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
     try:
         while time.monotonic() < deadline and child.poll() is None:
             collected = [s.study_uid for s in studies
-                         if any(research.metadata("Study", i, COLLECTED_METADATA) == "resume"
+                         if any("resume" in labels_of(research, "Study", i)
                                 for i in research.find("Study",
                                                        {"StudyInstanceUID": s.study_uid}))]
             if collected:

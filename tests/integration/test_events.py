@@ -156,6 +156,51 @@ def test_lua_emitter_starts_exactly_one_run(served, events_lab, events_research,
     assert len(new_study_runs(study_id)) == 1
 
 
+def test_collected_studies_start_runs_that_do_nothing(served, events_lab, events_research,
+                                                     monkeypatch, tmp_path):
+    """Studies the collection flow C-MOVEs in become stable and fire the event like any study;
+    the new-study runs skip them (no rule acts), and ``include_retrieved`` (a partial
+    parameter override of the deployment) routes one on request."""
+    import csv
+
+    from prefect.deployments import run_deployment
+
+    from deployments.lab.synthetic import make_cohort, zip_bytes
+    from flows.collection import collect_cohort
+    from tasks.labels import labels_of
+
+    cohort = make_cohort(tmp_path / "collected", patients=1, studies_per_patient=2,
+                         series_per_study=1, instances_per_series=2, seed=next(_seeds))
+    with Orthanc(url=events_lab.pacs.url) as pacs:
+        pacs.upload(zip_bytes(cohort.files))
+    path = tmp_path / "cohort.csv"
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["study_instance_uid"],
+                                      *[[s.study_uid] for s in cohort.studies]])
+    for key in ("url", "username", "password"):
+        monkeypatch.setenv(f"ORTHANC_{key.upper()}", getattr(events_lab.research, key))
+    state = collect_cohort(cohort_file=str(path), project="events", return_state=True)
+    assert state.is_completed(), state.message
+    collected_at = time.monotonic()
+    ids = [i for s in cohort.studies
+           for i in events_research.find("Study", {"StudyInstanceUID": s.study_uid})]
+    assert len(ids) == 2
+    for study_id in ids:
+        run = _wait_for_run(study_id, collected_at + STABLE_AGE + 20)
+        final = _wait_final(run["id"])
+        assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
+        assert "not a new study: skipped" in final["state"]["message"]
+        print(f"skipping run: {final['total_run_time']:.2f} s of run time")
+        assert labels_of(events_research, Level.STUDY, study_id) == {"events"}  # the project
+        assert events_research.metadata(Level.STUDY, study_id, ROUTED_METADATA) is None
+
+    run = run_deployment(ROUTE, parameters={"study_id": ids[0], "include_retrieved": True},
+                         timeout=0)
+    final = _wait_final(str(run.id))
+    assert "1/1 rules matched, 1 done" in final["state"]["message"], final["state"]["message"]
+    assert labels_of(events_research, Level.STUDY, ids[0]) == {"events", "new"}
+
+
 def test_changes_watcher_starts_exactly_one_run(served, events_lab, events_research, tmp_path):
     from prefect.deployments import run_deployment
     from prefect.variables import Variable
