@@ -102,8 +102,13 @@ def store(research):
         research.delete("Study", study, missing_ok=True)
 
 
+#: the request's selection is not used by deidentify_study (it is given the study to share)
+UNUSED_STUDY_ID = "00000000-00000000-00000000-00000000-00000000"
+
+
 def _request(tmp_path: Path, profile: DeidProfile | None = None) -> SharingRequest:
-    return SharingRequest(study_ids=["x"], destination=Destination(target=str(tmp_path / "o")),
+    return SharingRequest(study_ids=[UNUSED_STUDY_ID],
+                          destination=Destination(target=str(tmp_path / "o")),
                           linkage_path=str(tmp_path / "private" / "linkage.csv"),
                           staging_dir=str(tmp_path / "staging"),
                           ledger_path=str(tmp_path / "ledger.jsonl"),
