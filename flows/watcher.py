@@ -14,11 +14,11 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
-from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict
 
 from orthanc_client import Level, OrthancError
 from tasks.changes import cursor_position, cursor_variable
+from tasks.variables import put_variable
 
 from .collection import load_credentials
 from .events import post_events, study_event
@@ -97,7 +97,7 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
                 events += post_events(batch)
                 since = page.last
                 if since != saved and time.monotonic() - saved_at >= SAVE_EVERY:
-                    Variable.set(name, since, overwrite=True)
+                    put_variable(name, since)
                     saved, saved_at = since, time.monotonic()
                 last_error = None
             except (OrthancError, OSError) as exc:  # sanitized: type and route only
@@ -118,7 +118,7 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
             if page is None or page.done:
                 time.sleep(min(poll_interval if page else max(poll_interval, 5.0), remaining))
         if since != saved:
-            Variable.set(name, since, overwrite=True)
+            put_variable(name, since)
     report = WatchReport(server=server, cursor=since, polls=polls, events=events, errors=errors)
     summary = f"{events} events in {polls} polls, {errors} errors; cursor at {since}"
     logger.info(summary)

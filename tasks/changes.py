@@ -16,6 +16,7 @@ from orthanc_client import Change, Orthanc
 
 from .credentials import OrthancCredentials
 from .policy import orthanc_task
+from .variables import put_variable
 
 __all__ = ["ChangesBatch", "read_changes", "advance_changes_cursor", "cursor_variable",
            "cursor_position"]
@@ -44,7 +45,7 @@ def cursor_position(orthanc: Orthanc, cursor: str, start: int | None = None) -> 
     since = Variable.get(name, default=None)
     if since is None:
         since = orthanc.changes(0, 0).last if start is None else start
-        Variable.set(name, int(since), overwrite=True)
+        put_variable(name, int(since))
     return int(since)
 
 
@@ -84,5 +85,5 @@ def advance_changes_cursor(cursor: str, next_since: int) -> int:
     name = cursor_variable(cursor)
     current = Variable.get(name, default=0) or 0
     position = max(int(current), int(next_since))
-    Variable.set(name, position, overwrite=True)
+    put_variable(name, position)
     return position

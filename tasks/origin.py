@@ -38,6 +38,7 @@ from prefect.variables import Variable
 from orthanc_client import Level, Orthanc
 
 from .policy import uid_key
+from .variables import put_variable
 
 __all__ = ["RETRIEVED_METADATA", "COPY_METADATA", "IN_FLIGHT_HOURS", "Origin",
            "retrieval_variable", "register_retrieval", "end_retrieval", "mark_retrieved",
@@ -60,9 +61,9 @@ def retrieval_variable(study_uid: str) -> str:
 
 def register_retrieval(study_uid: str, modality: str) -> None:
     """Record, before moving anything, that ``study_uid`` is being retrieved."""
-    Variable.set(retrieval_variable(study_uid),
+    put_variable(retrieval_variable(study_uid),
                  {"modality": modality, "since": dt.datetime.now(dt.UTC).isoformat()},
-                 tags=["prefect-orthanc", "retrieving"], overwrite=True)
+                 tags=["prefect-orthanc", "retrieving"])
 
 
 def end_retrieval(study_uid: str) -> None:
