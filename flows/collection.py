@@ -29,7 +29,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Cancelled, Completed, Failed, State
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
@@ -38,6 +38,7 @@ from tasks import OrthancCredentials, modality_slot, orthanc_task, retrieve_stud
 from tasks.labels import attach_labels
 
 from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
+from .states import cancelled, failed
 from .parameters import described_by, request_from
 from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
 from .site import DATA_DIR_ENV, SiteError, SiteSettings
@@ -251,7 +252,7 @@ def collect_cohort(
         request, rows = _checked_request(values)
     except (ValueError, SiteError) as error:  # CohortError too: one line, nothing touched
         get_run_logger().error("collection not started: %s", error)
-        return Failed(message=f"collection not started: {error}")
+        return failed(f"collection not started: {error}")
     return _collect(request, rows, credentials_block)
 
 
@@ -305,10 +306,9 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
     if request.dry_run:
         return Completed(message=f"dry run: {summary}", data=report)
     if deferred:
-        return Cancelled(message=f"time window closed: {summary}; re-run to continue",
-                         data=report)
+        return cancelled(f"time window closed: {summary}; re-run to continue", report)
     if complete < found:
-        return Failed(message=summary, data=report)
+        return failed(summary, report)
     return Completed(message=summary, data=report)
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orthanc_client import Level, OrthancNotFound
@@ -26,6 +26,7 @@ from tasks.origin import Origin, study_origin
 from tasks.policy import short_id
 
 from .collection import load_credentials
+from .states import failed
 from .sharing import SharingOptions, share_studies
 
 __all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect_study",
@@ -244,6 +245,6 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
         description="Routing of a new stable study (rule names only).")
     logger.info(summary)
     if failed:
-        return Failed(message=summary, data=report)
+        return failed(summary, report)
     mark_routed(credentials, study_id, facts.last_update)
     return Completed(message=summary, data=report)

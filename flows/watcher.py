@@ -13,7 +13,7 @@ import time
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict
 
 from orthanc_client import Level, OrthancError
@@ -22,6 +22,7 @@ from tasks.variables import put_variable
 
 from .collection import load_credentials
 from .events import post_events, study_event
+from .states import failed
 
 __all__ = ["watch_changes", "WatchReport"]
 
@@ -123,5 +124,5 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
     summary = f"{events} events in {polls} polls, {errors} errors; cursor at {since}"
     logger.info(summary)
     if last_error:
-        return Failed(message=f"last poll failed ({last_error}): {summary}", data=report)
+        return failed(f"last poll failed ({last_error}): {summary}", report)
     return Completed(message=summary, data=report)

@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from flows.cohort import Criteria
 from flows.collection import collect_cohort
+from flows.states import report_of
 from orthanc_client import Orthanc
 from tasks.labels import labels_of
 
@@ -201,7 +202,7 @@ def test_incomplete_study_fails_the_run(research_env, research, flaky_study_fact
                            return_state=True)
     assert state.is_failed()
     assert "1/2 studies complete" in state.message
-    report = state.result(raise_on_failure=False)
+    report = report_of(state)
     bad, good = report.rows
     assert bad.status == "partial" and 0 < bad.received_instances < expected
     assert good.status == "collected"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.routing import LABELS_METADATA, ROUTED_METADATA, RouteRule, route_new_study
+from flows.states import report_of
 from flows.sharing import SECRET_ENV, Destination, SharingOptions
 from orthanc_client import Level
 
@@ -69,7 +70,7 @@ def test_a_failing_rule_fails_the_run_but_not_the_others(research_env, research,
              RouteRule(name="tag", action="label", labels=["seen"])]
     state = route_new_study(new_study, rules=rules, return_state=True)
     assert state.is_failed()
-    report = state.result(raise_on_failure=False)
+    report = report_of(state)
     assert report.failed == ("nowhere",) and report.done == ("tag",)
     assert research.metadata(Level.STUDY, new_study, LABELS_METADATA) == "seen"
     assert research.metadata(Level.STUDY, new_study, ROUTED_METADATA) is None

@@ -17,6 +17,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 def _derived_yaml(tmp: Path, prefix: str) -> Path:
     """The shipped prefect.yaml with only the watcher, three times: ``<prefix>-cron`` and
     ``<prefix>-interval``, each firing every 5 s and running for 1 s, and ``<prefix>-adhoc``
-    with no schedule."""
+    with no schedule; and the nightly collection as ``<prefix>-nightly``, unscheduled."""
     shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
     [watcher] = [d for d in shipped["deployments"] if d["entrypoint"].endswith(":watch_changes")]
     derived = []
@@ -53,7 +54,10 @@ def _derived_yaml(tmp: Path, prefix: str) -> Path:
         derived.append(deployment)
     ad_hoc = copy.deepcopy(derived[-1])  # no schedule: nothing queues ahead of an ad-hoc run
     ad_hoc["name"], ad_hoc["schedules"] = f"{prefix}-adhoc", []
-    shipped["deployments"] = [*derived, ad_hoc]
+    [nightly] = [copy.deepcopy(d) for d in shipped["deployments"]
+                 if d["entrypoint"].endswith(":collect_cohort")]
+    nightly["name"], nightly["schedules"] = f"{prefix}-nightly", []
+    shipped["deployments"] = [*derived, ad_hoc, nightly]
     path = tmp / "prefect.yaml"
     path.write_text(yaml.safe_dump(shipped, sort_keys=False))
     return path
@@ -111,7 +115,8 @@ def served(set_up, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], 
     log = tmp / "serve.log"
     process = _start([sys.executable, "-m", "deployments", "serve", "--file", str(spec)],
                      set_up, log)
-    names = [f"{WATCHER}/served-{kind}" for kind in ("cron", "interval", "adhoc")]
+    names = [*(f"{WATCHER}/served-{kind}" for kind in ("cron", "interval", "adhoc")),
+             "collect-research-cohort/served-nightly"]
     try:
         wait_until_served(names, process, log, timeout=90)
         yield process, log
@@ -136,7 +141,8 @@ def worker(set_up, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], 
         yield process, log
     finally:
         stop_group(process)
-        _delete([f"{WATCHER}/worker-{kind}" for kind in ("cron", "interval", "adhoc")])
+        _delete([*(f"{WATCHER}/worker-{kind}" for kind in ("cron", "interval", "adhoc")),
+                 "collect-research-cohort/worker-nightly"])
 
 
 @pytest.mark.parametrize("kind", ["cron", "interval"])
@@ -176,3 +182,30 @@ def test_an_ad_hoc_run_with_one_parameter_keeps_the_other_defaults(served):
     assert run.parameters["server"] == "schedserved"
     assert run.parameters["poll_interval"] == 0.5
     assert run.parameters["credentials_block"] == "research"
+
+
+def test_a_purposeful_failure_is_logged_in_one_line_without_a_traceback(served):
+    """A run that fails on purpose (the nightly collection's cohort file is missing) ends
+    Failed with its one-line message; neither the run's logs in Prefect nor the runner's
+    output hold a traceback (Prefect 3.9 logs one, with the repr of the state's data, for a
+    flow returning ``Failed(data=report)``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.deployments import run_deployment
+
+    process, log = served
+    before = log.read_text(errors="replace").count("Traceback")
+    run = run_deployment("collect-research-cohort/served-nightly", timeout=90,
+                         parameters={"cohort_file": "cohorts/no-such-cohort.csv"})
+    assert run.state is not None and run.state.is_failed(), run.state
+    assert run.state.message.startswith("collection not started: cohort file not found")
+    deadline, text = time.monotonic() + 30, ""
+    while "Finished in state Failed" not in text and time.monotonic() < deadline:
+        time.sleep(0.5)  # run logs reach the API in batches
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        text = "\n".join(entry.message for entry in logs)
+    assert "collection not started: cohort file not found" in text, text
+    assert "Traceback" not in text and "Unexpected result" not in text, text[-2000:]
+    output = log.read_text(errors="replace")
+    assert output.count("Traceback") == before, output[-3000:]

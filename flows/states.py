@@ -1,0 +1,84 @@
+"""Final states for runs that end Failed or Cancelled on purpose, with their report.
+
+A flow that returns ``Failed(data=report)`` or ``Cancelled(data=report)`` makes Prefect 3.9's
+engine try to raise the report as an exception: it logs "Unexpected result for failed state:
+<the report's repr>" with a 40-line traceback, in the run's logs (stored by Prefect) and in the
+worker's output. The repr would carry whatever the report holds (a sharing report pairs source
+IDs with pseudonyms). So a purposeful failure's data is a ``RunIncomplete``: an exception whose
+message is the state's one-line, identifier-free message, and which carries the report only in
+memory (it is never pickled with it, so Prefect's result storage gets the message alone).
+
+The engine still logs "Engine execution exited with unexpected exception" with a traceback of
+its own code for such a state, in the run's logs and the worker's output, although the run's
+"Finished in state Failed('...')" line already says everything: ``PurposefulFailureFilter``
+(installed on ``prefect.flow_runs`` when this module is imported, which every flow module
+does) drops exactly those records.
+An exception a flow raises is not a ``RunIncomplete`` and keeps its traceback.
+
+    state = collect_cohort(cohort_file="cohort.csv", return_state=True)
+    if not state.is_completed():
+        report = report_of(state)       # CollectionReport, or None if the run did not start
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect.states import Cancelled, Failed, State
+
+__all__ = ["RunIncomplete", "failed", "cancelled", "report_of", "PurposefulFailureFilter",
+           "install_log_filter"]
+
+
+class RunIncomplete(Exception):
+    """A run ended Failed or Cancelled on purpose; ``str()`` is its PHI-free message and
+    ``report`` its report in this process (``None`` once pickled)."""
+
+    #: recognised by the log filter even when Prefect loads a flow file a second time under
+    #: another module name (deployment entrypoints are loaded by path), which makes a second,
+    #: distinct RunIncomplete class
+    purposeful_failure = True
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self) -> tuple[type[RunIncomplete], tuple[str]]:
+        return (type(self), (str(self),))  # the report stays out of pickles (result storage)
+
+
+def failed(message: str, report: Any = None) -> State[Any]:
+    """A Failed state with ``message`` (identifier-free) and ``report`` kept in memory."""
+    return Failed(message=message, data=RunIncomplete(message, report))
+
+
+def cancelled(message: str, report: Any = None) -> State[Any]:
+    """A Cancelled state with ``message`` (identifier-free) and ``report`` kept in memory."""
+    return Cancelled(message=message, data=RunIncomplete(message, report))
+
+
+def report_of(state: State[Any]) -> Any:
+    """The report of a finished run, whatever its final state (``None`` if it has none)."""
+    result = state.result(raise_on_failure=False)
+    return result.report if isinstance(result, RunIncomplete) else result
+
+
+class PurposefulFailureFilter(logging.Filter):
+    """Drop log records whose exception is a ``RunIncomplete`` (a purposeful Failed or
+    Cancelled state, already logged by its one-line message)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, "purposeful_failure", False)
+
+
+def install_log_filter() -> None:
+    """Add ``PurposefulFailureFilter`` to ``prefect.flow_runs`` once (idempotent, also when
+    this module is loaded twice under two names)."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(type(f).__name__ == "PurposefulFailureFilter" for f in logger.filters):
+        logger.addFilter(PurposefulFailureFilter())
+
+
+install_log_filter()  # every flow module imports this one, whatever the entrypoint loads
