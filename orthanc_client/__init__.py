@@ -8,6 +8,9 @@
 
 from .client import AsyncOrthanc, Orthanc
 from .errors import (
+    AssociationRejected,
+    MoveDestinationUnknown,
+    MoveRefused,
     OrthancArchiveError,
     OrthancBadRequest,
     OrthancDimseError,
@@ -22,6 +25,8 @@ from .errors import (
     OrthancUnavailable,
     OrthancUnsupported,
     OrthancUsageError,
+    PacsUnreachable,
+    QueryRefused,
 )
 from .models import (
     ArchiveResult,
@@ -46,7 +51,8 @@ __all__ = [
     "OrthancError", "OrthancHTTPError", "OrthancBadRequest", "OrthancUnauthorized",
     "OrthancNotFound", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
     "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",
-    "OrthancArchiveError", "OrthancUsageError",
+    "OrthancArchiveError", "OrthancUsageError", "PacsUnreachable", "AssociationRejected",
+    "MoveDestinationUnknown", "QueryRefused", "MoveRefused",
     "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",
     "QueryAnswer", "QueryResult", "Change", "ChangesPage", "UploadResult", "ModifyResult",
     "ArchiveResult", "CollectOutcome", "CollectResult",
