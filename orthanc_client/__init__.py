@@ -43,7 +43,7 @@ from .models import (
     SystemInfo,
     UploadResult,
 )
-from .retrieval import CollectOutcome, CollectResult
+from .retrieval import CollectOutcome, CollectResult, CountSource, ExpectedCount, Settle
 from .settings import OrthancSettings
 
 __all__ = [
@@ -55,5 +55,5 @@ __all__ = [
     "MoveDestinationUnknown", "QueryRefused", "MoveRefused",
     "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",
     "QueryAnswer", "QueryResult", "Change", "ChangesPage", "UploadResult", "ModifyResult",
-    "ArchiveResult", "CollectOutcome", "CollectResult",
+    "ArchiveResult", "CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",
 ]

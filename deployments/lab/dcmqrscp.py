@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .processes import stop_group
-from .servers import free_ports
+from .servers import _can_bind_death_signal, free_ports
 
 __all__ = ["Dcmqrscp", "DCMQRSCP", "STORESCU"]
 
@@ -96,14 +96,16 @@ class Dcmqrscp:
         executable = _executable(DCMQRSCP)
         (self.workdir / "db").mkdir(parents=True, exist_ok=True)
         last = ""
-        for _ in range(attempts):
-            if not self.port or last:
+        for attempt in range(attempts):
+            if not self.port or attempt:
                 self.port = free_ports(1)[0]
             self.config_path.write_text(self.config(), encoding="utf-8")
+            command = [executable, "-c", str(self.config_path), str(self.port)]
+            if _can_bind_death_signal():  # no dcmqrscp outlives a killed Python
+                command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
             with open(self.log_path, "ab") as log:
                 self._process = subprocess.Popen(  # noqa: S603 - fixed, local command
-                    [executable, "--single-process" if self.max_associations == 1 else "--fork",
-                     "-c", str(self.config_path), str(self.port)],
+                    command,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     cwd=self.workdir, start_new_session=True)
             if self._wait_until_ready():
