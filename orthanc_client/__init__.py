@@ -25,6 +25,7 @@ from .errors import (
     OrthancUnavailable,
     OrthancUnsupported,
     OrthancUsageError,
+    PacsBusy,
     PacsUnreachable,
     QueryRefused,
 )
@@ -52,7 +53,7 @@ __all__ = [
     "OrthancNotFound", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
     "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",
     "OrthancArchiveError", "OrthancUsageError", "PacsUnreachable", "AssociationRejected",
-    "MoveDestinationUnknown", "QueryRefused", "MoveRefused",
+    "MoveDestinationUnknown", "QueryRefused", "MoveRefused", "PacsBusy",
     "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",
     "QueryAnswer", "QueryResult", "Change", "ChangesPage", "UploadResult", "ModifyResult",
     "ArchiveResult", "CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",

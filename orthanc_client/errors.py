@@ -26,6 +26,7 @@ __all__ = [
     "MoveDestinationUnknown",
     "QueryRefused",
     "MoveRefused",
+    "PacsBusy",
     "pacs_error",
     "OrthancJobError",
     "OrthancJobFailed",
@@ -179,6 +180,13 @@ class MoveRefused(OrthancDimseError):
     reason_code = "move_refused"
 
 
+class PacsBusy(OrthancDimseError):
+    """The PACS is out of resources (DIMSE 0xA7xx): nothing was done. Transient."""
+
+    transient = True
+    reason_code = "pacs_busy"
+
+
 _UNREACHABLE = re.compile(r"(?i)TCP Initialization Error|connection refused|timed? ?out|"
                           r"no route to host|network is unreachable|host is unreachable|"
                           r"cannot connect|Peer aborted|Network timeout")
@@ -213,7 +221,11 @@ def pacs_error(raw_details: str | None, *, operation: str, modality_hint: str = 
             "research's DicomModalities (down, wrong port or a firewall)")
     elif status and status.upper().startswith(("0XA", "0XC", "0X01", "0X02")) \
             and status != "0xFE00":
-        if operation == "C-MOVE":
+        if status.upper().startswith("0XA7"):
+            cls, why = PacsBusy, (
+                f"{modality_hint} is out of resources for the {operation} (DIMSE status "
+                f"{status}): nothing was done, it may succeed later")
+        elif operation == "C-MOVE":
             cls, why = MoveRefused, (
                 f"{modality_hint} refused the C-MOVE with DIMSE status {status} (an Orthanc "
                 "PACS answers 0xC000 for a destination AET it does not know: register "
