@@ -132,9 +132,15 @@ class Dcmqrscp:
         paths = [str(f) for f in files]
         store = _executable(STORESCU)
         for start in range(0, len(paths), batch):
-            done = subprocess.run(  # noqa: S603 - fixed, local command
-                [store, "-aet", "LOADER", "-aec", self.aet, "127.0.0.1", str(self.port),
-                 *paths[start:start + batch]], capture_output=True)
+            for attempt in range(10):
+                done = subprocess.run(  # noqa: S603 - fixed, local command
+                    [store, "-aet", "LOADER", "-aec", self.aet, "127.0.0.1", str(self.port),
+                     *paths[start:start + batch]], capture_output=True)
+                # with a low MaxAssociations dcmqrscp frees the previous association late and
+                # rejects the next one for a moment; nothing was stored then: try again
+                if done.returncode == 0 or b"Association Rejected" not in done.stderr:
+                    break
+                time.sleep(0.2 * (attempt + 1))
             if done.returncode != 0:
                 raise RuntimeError(f"storescu into dcmqrscp failed (exit {done.returncode}): "
                                    + done.stderr.decode(errors="replace")[-300:])
