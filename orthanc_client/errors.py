@@ -28,6 +28,7 @@ __all__ = [
     "MoveRefused",
     "PacsBusy",
     "pacs_error",
+    "store_failure",
     "OrthancJobError",
     "OrthancJobFailed",
     "OrthancJobLost",
@@ -316,3 +317,22 @@ def dimse_status(text: str | None) -> str | None:
         return None
     match = _DIMSE.search(text)
     return match.group(0).upper().replace("0X", "0x") if match else None
+
+
+# Orthanc's NetworkProtocol (9) and Timeout (16): the job could not reach its destination
+_NETWORK_CODES = (9, 16)
+
+
+def store_failure(error: OrthancJobFailed, *, operation: str = "C-STORE") -> OrthancError:
+    """The error to raise for a failed C-STORE or peer-store job: the specific PACS error when
+    the details name one, else the job failure, marked ``transient`` when it was a network
+    failure (the destination down or unreachable). Sending again is harmless (an instance
+    already there is simply stored again), so a transient one is worth a retry."""
+    specific = pacs_error(error.error_details, operation=operation, job_id=error.job_id)
+    if specific is not None:
+        return specific
+    if error.error_code in _NETWORK_CODES:
+        error.transient = True
+        error.reason_code = "destination_unreachable"
+        error.message += "; the destination could not be reached: retried later"
+    return error

@@ -189,3 +189,44 @@ def test_patient_rows(research_env, research, pacs_peer, cohort, tmp_path):
     (row,) = report.rows
     assert row.status == "collected" and row.studies == len(mine) == row.moved
     assert row.received_instances == row.expected_instances == sum(len(s.files) for s in mine)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_forward_to_a_partner_that_comes_back(research, research_creds, modality_limit,
+                                              loaded_pacs, cohort, tmp_path):
+    """The partner PACS is down when the C-STORE job runs (Orthanc error 9): the task is
+    retried with backoff and the study arrives once the partner is back."""
+    import asyncio
+    import threading
+
+    from prefect import flow
+
+    from deployments.lab.dcmqrscp import Dcmqrscp
+    from deployments.lab.servers import free_ports
+    from tasks import store_to_modality
+
+    study = cohort.studies[5]
+    research.collect("pacs", study.study_uid)
+    (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
+    port = free_ports(1)[0]
+    _declare(research, "partner", "PARTNER", port)
+    asyncio.run(modality_limit("partner", 1))
+    partner = Dcmqrscp(tmp_path / "partner", {}, aet="PARTNER", port=port)
+    later = threading.Timer(2.5, partner.boot, kwargs={"attempts": 1})
+    later.start()
+
+    @flow(name="forward-under-test")
+    def forward():
+        return store_to_modality(research_creds, "partner", [study_id])
+
+    try:
+        job = forward()
+        assert job.state.value == "Success"
+        # the partner is a dcmqrscp: ask it what it holds, through research
+        found = research.query("partner", "Instance", {"StudyInstanceUID": study.study_uid,
+                                                    "SeriesInstanceUID": "",
+                                                    "SOPInstanceUID": ""})
+        assert len(found.answers) == len(study.files)
+    finally:
+        later.join()
+        partner.stop()

@@ -443,3 +443,21 @@ def test_unrecognised_details_stay_generic():
     assert pacs_error("something else entirely", operation="C-FIND") is None
     assert pacs_error(None, operation="C-MOVE") is None
     assert pacs_error("DIMSE status 0xFE00", operation="C-FIND") is None  # cancelled: capped
+
+
+def test_store_job_network_failure_is_transient():
+    """A forward destination down: the C-STORE job fails with Orthanc error 9 and no DIMSE
+    status; sending again is harmless, so the task may retry it."""
+    from orthanc_client.errors import store_failure
+
+    down = OrthancJobFailed("job j failed", job_id="j", job_type="DicomModalityStore",
+                            error_code=9, error_description="Error in the network protocol",
+                            error_details=None)
+    assert store_failure(down).transient
+    refused = OrthancJobFailed("job j failed", job_id="j", job_type="DicomModalityStore",
+                               error_code=9, error_description="x",
+                               error_details="C-STORE SCU has failed with DIMSE status 0xC000")
+    assert type(store_failure(refused)) is QueryRefused and not store_failure(refused).transient
+    other = OrthancJobFailed("job j failed", job_id="j", job_type="x", error_code=1,
+                             error_description="x", error_details=None)
+    assert not store_failure(other).transient
