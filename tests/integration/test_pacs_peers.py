@@ -230,3 +230,22 @@ def test_forward_to_a_partner_that_comes_back(research, research_creds, modality
     finally:
         later.join()
         partner.stop()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_with_pacs_down_fails_saying_so(research_env, research, pacs_peer, modality_limit,
+                                             cohort, tmp_path):
+    import asyncio
+
+    from deployments.lab.servers import free_ports
+
+    name = f"{pacs_peer.modality}-down"
+    _declare(research, name, AETS[pacs_peer.kind], free_ports(1)[0])
+    asyncio.run(modality_limit(name, 1))
+    path = tmp_path / "down.csv"
+    path.write_text(f"accession_number\n{cohort.studies[0].accession}\n")
+    state = collect_cohort(CollectionRequest(cohort_file=str(path), project="down",
+                                             source_modality=name), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PacsUnreachable, match="did not answer at the host and port"):
+        state.result()
