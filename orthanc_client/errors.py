@@ -27,6 +27,7 @@ __all__ = [
     "QueryRefused",
     "MoveRefused",
     "PacsBusy",
+    "StoreRefused",
     "pacs_error",
     "store_failure",
     "OrthancJobError",
@@ -181,6 +182,12 @@ class MoveRefused(OrthancDimseError):
     reason_code = "move_refused"
 
 
+class StoreRefused(OrthancDimseError):
+    """The destination refused a C-STORE with a failure status. Permanent."""
+
+    reason_code = "store_refused"
+
+
 class PacsBusy(OrthancDimseError):
     """The PACS is out of resources (DIMSE 0xA7xx): nothing was done. Transient."""
 
@@ -231,6 +238,10 @@ def pacs_error(raw_details: str | None, *, operation: str, modality_hint: str = 
                 f"{modality_hint} refused the C-MOVE with DIMSE status {status} (an Orthanc "
                 "PACS answers 0xC000 for a destination AET it does not know: register "
                 "research's AET at the PACS)")
+        elif operation in ("C-STORE", "peer store"):
+            cls, why = StoreRefused, (
+                f"the destination refused the {operation} with DIMSE status {status} "
+                "(a SOP class or transfer syntax it does not accept, or no space left)")
         else:
             cls, why = QueryRefused, (
                 f"{modality_hint} refused the {operation} with DIMSE status {status} "

@@ -457,7 +457,9 @@ def test_store_job_network_failure_is_transient():
     refused = OrthancJobFailed("job j failed", job_id="j", job_type="DicomModalityStore",
                                error_code=9, error_description="x",
                                error_details="C-STORE SCU has failed with DIMSE status 0xC000")
-    assert type(store_failure(refused)) is QueryRefused and not store_failure(refused).transient
+    from orthanc_client.errors import StoreRefused
+
+    assert type(store_failure(refused)) is StoreRefused and not store_failure(refused).transient
     other = OrthancJobFailed("job j failed", job_id="j", job_type="x", error_code=1,
                              error_description="x", error_details=None)
     assert not store_failure(other).transient
