@@ -65,7 +65,7 @@ def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest,
     """
     with modality_slot(request.source_modality), credentials.get_client() as orthanc:
         if rows is not None:
-            return plan_rows(orthanc, request.source_modality, rows)
+            return plan_rows(orthanc, request.source_modality, rows, request.find_cap)
         assert request.criteria is not None
         return plan_criteria(orthanc, request.source_modality, request.criteria,
                              request.find_cap)
@@ -126,7 +126,7 @@ class CollectionReport(BaseModel):
 
 def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[str]) -> RowReport:
     if row.status in (RowStatus.NOT_FOUND, RowStatus.AMBIGUOUS, RowStatus.DUPLICATE,
-                      RowStatus.TOO_MANY):
+                      RowStatus.TOO_MANY, RowStatus.EXCLUDED):
         return RowReport(index=row.index, status=row.status.value, note=row.note)
     mine = [results[s.key] for s in row.studies if s.key in results]
     waiting = [s for s in row.studies if s.key in deferred]
@@ -145,7 +145,10 @@ def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[s
         expected_instances=sum(r.expected_instances or 0 for r in mine),
         received_instances=sum(r.received_instances for r in mine),
         moved=sum(r.moved for r in mine),
-        study_ids=tuple(i for r in mine for i in r.study_ids), note=row.note,
+        study_ids=tuple(i for r in mine for i in r.study_ids),
+        # the reason code first, then what to fix (no values): "move_destination_unknown: ..."
+        note="; ".join([row.note] * bool(row.note) + [f"{r.reason}: {r.failure}" for r in mine
+                                                      if r.reason and not r.complete]),
     )
 
 
@@ -345,6 +348,7 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
         except Exception as error:  # retries exhausted: record it, let the other studies finish
             result = CollectResult(key=key, outcome=CollectOutcome.FAILED,
                                    expected_instances=None, received_instances=0,
+                                   reason=getattr(error, "reason_code", type(error).__name__),
                                    failure=f"{type(error).__name__}: {error}"[:300])
         results[key] = result
         if result.complete:  # marked in the background: the next move starts right away

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -30,6 +30,7 @@ from .states import failed
 from .sharing import SharingOptions, share_studies
 
 __all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect_study",
+           "sweep_failed_routes", "SweepReport",
            "label_study", "ROUTED_METADATA", "LABELS_METADATA"]
 
 #: LastUpdate of the study when its rules last all succeeded (declare in UserMetadata)
@@ -247,4 +248,77 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
     if failed:
         return failed(summary, report)
     mark_routed(credentials, study_id, facts.last_update)
+    return Completed(message=summary, data=report)
+
+
+class SweepReport(BaseModel):
+    """What one sweep did: counts of studies, no identifiers."""
+
+    failed_runs: int
+    studies: int
+    routed: int
+    still_failing: int
+
+
+def _failed_routes(lookback_hours: float) -> dict[str, dict]:
+    """study_id -> the parameters of its latest route-new-study run, for the studies whose
+    latest run in the look-back window failed (a later success means nothing to redo)."""
+    import asyncio
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowRunFilter
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=lookback_hours)
+
+    async def read() -> list:
+        async with get_client() as client:
+            return await client.read_flow_runs(
+                flow_filter=FlowFilter(name={"any_": ["route-new-study"]}),
+                flow_run_filter=FlowRunFilter(start_time={"after_": since},
+                                              state={"type": {"any_": ["COMPLETED", "FAILED",
+                                                                       "CRASHED"]}}),
+                sort=FlowRunSort.START_TIME_DESC, limit=200)
+
+    latest: dict[str, Any] = {}
+    for run in asyncio.run(read()):
+        study_id = run.parameters.get("study_id")
+        if study_id and study_id not in latest:
+            latest[study_id] = run
+    return {study_id: dict(run.parameters) for study_id, run in latest.items()
+            if run.state and run.state.type.value in ("FAILED", "CRASHED")}
+
+
+@flow(name="sweep-failed-routes", flow_run_name="sweep-routes", validate_parameters=True)
+def sweep_failed_routes(lookback_hours: float = 24.0) -> State[SweepReport]:
+    """Route again every study whose latest ``route-new-study`` run (within ``lookback_hours``)
+    failed, with that run's own parameters (same rules), one subflow each. Run it on a schedule
+    (e.g. every 15 minutes): a partner down for an hour gets its studies when it returns, once
+    each (the new-study flow skips a study already routed at its LastUpdate, and a sweep only
+    picks studies whose latest run failed).
+
+    Example:
+        ```python
+        sweep_failed_routes(lookback_hours=6)
+        ```
+
+    Args:
+        lookback_hours: How far back to look for failed route-new-study runs, in hours.
+    """
+    logger = get_run_logger()
+    todo = _failed_routes(lookback_hours)
+    routed = failing = 0
+    for parameters in todo.values():
+        state = route_new_study(**parameters, return_state=True)
+        if state.is_completed():
+            routed += 1
+        else:
+            failing += 1
+    report = SweepReport(failed_runs=len(todo), studies=len(todo), routed=routed,
+                         still_failing=failing)
+    summary = f"{len(todo)} studies with a failed route: {routed} routed, {failing} still failing"
+    logger.info(summary)
+    if failing:
+        return failed(summary, report)
     return Completed(message=summary, data=report)

@@ -8,6 +8,9 @@
 
 from .client import AsyncOrthanc, Orthanc
 from .errors import (
+    AssociationRejected,
+    MoveDestinationUnknown,
+    MoveRefused,
     OrthancArchiveError,
     OrthancBadRequest,
     OrthancConflict,
@@ -23,6 +26,9 @@ from .errors import (
     OrthancUnavailable,
     OrthancUnsupported,
     OrthancUsageError,
+    PacsBusy,
+    PacsUnreachable,
+    QueryRefused,
 )
 from .models import (
     ArchiveResult,
@@ -39,7 +45,7 @@ from .models import (
     SystemInfo,
     UploadResult,
 )
-from .retrieval import CollectOutcome, CollectResult
+from .retrieval import CollectOutcome, CollectResult, CountSource, ExpectedCount, Settle
 from .settings import OrthancSettings
 
 __all__ = [
@@ -47,8 +53,9 @@ __all__ = [
     "OrthancError", "OrthancHTTPError", "OrthancBadRequest", "OrthancUnauthorized",
     "OrthancNotFound", "OrthancConflict", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
     "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",
-    "OrthancArchiveError", "OrthancUsageError",
+    "OrthancArchiveError", "OrthancUsageError", "PacsUnreachable", "AssociationRejected",
+    "MoveDestinationUnknown", "QueryRefused", "MoveRefused", "PacsBusy",
     "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",
     "QueryAnswer", "QueryResult", "Change", "ChangesPage", "UploadResult", "ModifyResult",
-    "ArchiveResult", "CollectOutcome", "CollectResult",
+    "ArchiveResult", "CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",
 ]

@@ -40,7 +40,12 @@ def _settings(settings: OrthancSettings | None, overrides: dict[str, Any]) -> Or
 def _client_options(settings: OrthancSettings, transport: Any) -> dict[str, Any]:
     options: dict[str, Any] = dict(base_url=settings.url, auth=settings.auth(),
                                    timeout=settings.timeout(), verify=settings.verify(),
-                                   headers={"Accept": "application/json"})
+                                   headers={"Accept": "application/json"},
+                                   # Orthanc closes idle keep-alive connections after its
+                                   # KeepAliveTimeout (1 s by default): a request sent on one
+                                   # it just closed is lost ("connection lost"), and one that
+                                   # starts work cannot be retried. Drop them sooner.
+                                   limits=httpx.Limits(keepalive_expiry=0.5))
     if transport is not None:
         options["transport"] = transport
     return options

@@ -31,6 +31,7 @@ from .errors import (
     OrthancUnauthorized,
     OrthancUnavailable,
     dimse_status,
+    pacs_error,
     redact,
 )
 from .models import ArchiveResult
@@ -161,12 +162,25 @@ def http_error(call: Call, response: httpx.Response) -> OrthancHTTPError:
     elif cls is OrthancNotFound and call.route.startswith(("/modalities/{name}", "/peers/{name}")):
         kind = "modality" if call.route.startswith("/modalities") else "peer"
         message += f": Orthanc has no {kind} of that name in its configuration"
+    if cls is OrthancDimseError:
+        specific = pacs_error(raw_details, operation=_dicom_operation(call.route), **fields)
+        if specific is not None:
+            specific.message = f"{call.method} {call.route} failed: {specific.message}"
+            return specific
     error = cls(message, **fields)
     # A DICOM peer that could not be reached (association refused, timeout: no DIMSE status)
     # may be back soon; a DIMSE status is the peer's considered answer and is final.
     unreachable_peer = cls is OrthancDimseError and not fields["dimse_status"] and status != 422
     error.transient = status in _TRANSIENT_STATUS or unreachable_peer
     return error
+
+
+def _dicom_operation(route: str) -> str:
+    for suffix, name in (("/echo", "C-ECHO"), ("/query", "C-FIND"), ("/retrieve", "C-MOVE"),
+                         ("/move", "C-MOVE"), ("/store", "C-STORE")):
+        if route.endswith(suffix):
+            return name
+    return "DICOM request"
 
 
 def transport_error(call: Call, exc: httpx.RequestError, base_url: str) -> OrthancUnavailable:

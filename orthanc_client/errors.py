@@ -22,6 +22,15 @@ __all__ = [
     "OrthancConflict",
     "OrthancUnavailable",
     "OrthancDimseError",
+    "PacsUnreachable",
+    "AssociationRejected",
+    "MoveDestinationUnknown",
+    "QueryRefused",
+    "MoveRefused",
+    "PacsBusy",
+    "StoreRefused",
+    "pacs_error",
+    "store_failure",
     "OrthancJobError",
     "OrthancJobFailed",
     "OrthancJobLost",
@@ -41,6 +50,10 @@ class OrthancError(Exception):
     """
 
     transient: bool = False
+    #: whether a later attempt (a Prefect task retry) is worth it when ``transient``
+    retry_later: bool = True
+    #: a short, stable name of what went wrong, for per-row reports
+    reason_code: str = "orthanc_error"
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
@@ -123,6 +136,129 @@ class OrthancDimseError(OrthancHTTPError):
     """
 
     dimse_status: str | None
+    #: a short, stable name of what went wrong, for per-row reports ("dimse_failure" here)
+    reason_code: str = "dimse_failure"
+
+
+# ------------------------------------------------------------------ what the PACS said
+#
+# Orthanc 1.10.1 reports every failed association with the same HTTP 500 "Error in the network
+# protocol" (Orthanc error 9); only its ``Details`` (or a C-MOVE job's ``ErrorDetails``) tell
+# what happened. ``pacs_error`` reads them into one of these types, each with a message saying
+# what to fix. ``job_id`` is set when the failure came from an Orthanc job (a C-MOVE).
+
+
+class PacsUnreachable(OrthancDimseError):
+    """The PACS did not answer at the host and port configured for it (down, wrong port,
+    firewall, timeout). Transient: it may be back soon."""
+
+    transient = True
+    reason_code = "pacs_unreachable"
+
+
+class AssociationRejected(OrthancDimseError):
+    """The PACS refused the association: either the called AET configured for it in Orthanc
+    is not the PACS's own AET (refused every time), or the PACS had no free association
+    (refused for a moment). Orthanc 1.10.1 does not pass on the PACS's reason, so it is retried
+    a few times by the request itself (``retry_later`` is False: a task retry would only
+    multiply the attempts of a wrong AET)."""
+
+    transient = True
+    retry_later = False
+    reason_code = "association_rejected"
+
+
+class MoveDestinationUnknown(OrthancDimseError):
+    """The PACS does not know the C-MOVE destination (DIMSE 0xA801): research's AET, host and
+    port must be registered at the PACS. Permanent until the PACS is configured."""
+
+    reason_code = "move_destination_unknown"
+
+
+class QueryRefused(OrthancDimseError):
+    """The PACS refused the C-FIND itself (a failure status such as 0xA900 or 0xC000: keys it
+    does not support, a level it does not serve, a missing upper-level UID). Permanent."""
+
+    reason_code = "query_refused"
+
+
+class MoveRefused(OrthancDimseError):
+    """The PACS refused the C-MOVE (a failure status other than 0xA801). An Orthanc PACS also
+    answers 0xC000 for a destination AET it does not know. Permanent."""
+
+    reason_code = "move_refused"
+
+
+class StoreRefused(OrthancDimseError):
+    """The destination refused a C-STORE with a failure status. Permanent."""
+
+    reason_code = "store_refused"
+
+
+class PacsBusy(OrthancDimseError):
+    """The PACS is out of resources (DIMSE 0xA7xx): nothing was done. Transient."""
+
+    transient = True
+    reason_code = "pacs_busy"
+
+
+_UNREACHABLE = re.compile(r"(?i)TCP Initialization Error|connection refused|timed? ?out|"
+                          r"no route to host|network is unreachable|host is unreachable|"
+                          r"cannot connect|Peer aborted|Network timeout")
+_REJECTED = re.compile(r"(?i)association rejected")
+
+
+def pacs_error(raw_details: str | None, *, operation: str, modality_hint: str = "the PACS",
+               **fields: Any) -> OrthancDimseError | None:
+    """The specific PACS error that Orthanc's raw ``details`` describe, or None when they say
+    nothing recognisable. ``operation`` is "C-FIND", "C-MOVE" or "C-ECHO"; ``fields`` are the
+    error's fields (``method``, ``route``, ``status_code``... or ``job_id``).
+
+    >>> pacs_error("C-MOVE SCU to AET \"PACS\" has failed with DIMSE status 0xA801",
+    ...            operation="C-MOVE").reason_code
+    'move_destination_unknown'
+    """
+    status = dimse_status(raw_details)
+    text = raw_details or ""
+    cls: type[OrthancDimseError]
+    if status == "0xA801":
+        cls, why = MoveDestinationUnknown, (
+            f"{modality_hint} does not know the C-MOVE destination (DIMSE 0xA801): register "
+            "research's AET, host and port at the PACS (its list of move destinations)")
+    elif _REJECTED.search(text):
+        cls, why = AssociationRejected, (
+            f"{modality_hint} rejected the association: check that the AET configured for it "
+            "in research's DicomModalities is the PACS's own AET and that the PACS accepts "
+            "research's AET; if it is, the PACS had no free association (its limit): retry later")
+    elif _UNREACHABLE.search(text) and not status:
+        cls, why = PacsUnreachable, (
+            f"{modality_hint} did not answer at the host and port configured for it in "
+            "research's DicomModalities (down, wrong port or a firewall)")
+    elif status and status.upper().startswith(("0XA", "0XC", "0X01", "0X02")) \
+            and status != "0xFE00":
+        if status.upper().startswith("0XA7"):
+            cls, why = PacsBusy, (
+                f"{modality_hint} is out of resources for the {operation} (DIMSE status "
+                f"{status}): nothing was done, it may succeed later")
+        elif operation == "C-MOVE":
+            cls, why = MoveRefused, (
+                f"{modality_hint} refused the C-MOVE with DIMSE status {status} (an Orthanc "
+                "PACS answers 0xC000 for a destination AET it does not know: register "
+                "research's AET at the PACS)")
+        elif operation in ("C-STORE", "peer store"):
+            cls, why = StoreRefused, (
+                f"the destination refused the {operation} with DIMSE status {status} "
+                "(a SOP class or transfer syntax it does not accept, or no space left)")
+        else:
+            cls, why = QueryRefused, (
+                f"{modality_hint} refused the {operation} with DIMSE status {status} "
+                "(unsupported keys or level, or a missing upper-level UID)")
+    else:
+        return None
+    fields = {"method": None, "route": None, "status_code": None, "orthanc_status": None,
+              "orthanc_error": None, "details": redact(raw_details), **fields,
+              "dimse_status": status}
+    return cls(f"{operation}: {why}", **fields)
 
 
 class OrthancJobError(OrthancError):
@@ -199,3 +335,22 @@ def dimse_status(text: str | None) -> str | None:
         return None
     match = _DIMSE.search(text)
     return match.group(0).upper().replace("0X", "0x") if match else None
+
+
+# Orthanc's NetworkProtocol (9) and Timeout (16): the job could not reach its destination
+_NETWORK_CODES = (9, 16)
+
+
+def store_failure(error: OrthancJobFailed, *, operation: str = "C-STORE") -> OrthancError:
+    """The error to raise for a failed C-STORE or peer-store job: the specific PACS error when
+    the details name one, else the job failure, marked ``transient`` when it was a network
+    failure (the destination down or unreachable). Sending again is harmless (an instance
+    already there is simply stored again), so a transient one is worth a retry."""
+    specific = pacs_error(error.error_details, operation=operation, job_id=error.job_id)
+    if specific is not None:
+        return specific
+    if error.error_code in _NETWORK_CODES:
+        error.transient = True
+        error.reason_code = "destination_unreachable"
+        error.message += "; the destination could not be reached: retried later"
+    return error

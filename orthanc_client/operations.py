@@ -40,7 +40,7 @@ from .models import (
     SystemInfo,
     UploadResult,
 )
-from .retrieval import CollectResult, collect_study
+from .retrieval import CollectResult, ExpectedCount, Settle, collect_study, expected_instances
 from .settings import OrthancSettings
 
 if TYPE_CHECKING:
@@ -727,17 +727,38 @@ class Operations:
 
     @operation
     def collect(self, modality: str, study_uid: str, *, job_timeout: float | None = None,
-                refetch_rounds: int = 2) -> Steps[CollectResult]:
+                refetch_rounds: int = 2, settle: Settle | None = None, move_attempts: int = 3,
+                backoff: float = 1.0) -> Steps[CollectResult]:
         """Retrieve a study from ``modality`` into this Orthanc and verify it is complete.
 
-        Counts first and moves only what is missing, so calling it again is cheap and moves
-        nothing for a complete study. See ``retrieval`` for the algorithm.
+        Counts first (study-level count, else series-level, else IMAGE-level SOP Instance
+        UIDs) and moves only what is missing, so calling it again is cheap and moves nothing
+        for a complete study. After each C-MOVE, waits for arrivals to settle (``settle``);
+        a move that moved nothing is tried again up to ``move_attempts`` times, ``backoff``
+        seconds doubling. See ``retrieval`` for the algorithm.
 
         >>> result = orthanc.collect("pacs", "1.2.840.113619.2.55.3")
-        >>> result.outcome, result.expected_instances, result.received_instances
+        >>> result.outcome, result.expected_instances, result.count_source
         """
         return (yield from collect_study(self, modality, study_uid, job_timeout=job_timeout,
-                                         refetch_rounds=refetch_rounds))
+                                         refetch_rounds=refetch_rounds, settle=settle,
+                                         move_attempts=move_attempts, backoff=backoff))
+
+    @operation
+    def expected_instances(self, modality: str, study_uid: str,
+                           study_answers: Sequence[Mapping[str, Any]] = ()
+                           ) -> Steps[ExpectedCount | None]:
+        """How many instances ``modality`` says a study holds, and how that was obtained.
+
+        Uses ``NumberOfStudyRelatedInstances`` from ``study_answers`` (the study-level C-FIND
+        answers already at hand) when present, else series-level C-FIND counts, else an
+        IMAGE-level C-FIND of each series' SOP Instance UIDs (works on every Q/R SCP).
+        None when the PACS lists no series for the study.
+
+        >>> orthanc.expected_instances("pacs", "1.2.840.113619.2.55.3").source
+        <CountSource.SERIES: 'series'>
+        """
+        return (yield from expected_instances(self, modality, study_uid, study_answers))
 
     # ------------------------------------------------------------ changes
 

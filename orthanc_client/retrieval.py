@@ -1,26 +1,50 @@
 """Retrieve a study from a DICOM modality into this Orthanc, and prove it arrived whole.
 
 C-MOVE answers "success" for partial transfers often enough that success means nothing until
-counted. ``collect`` therefore: asks the modality how many instances the study has (C-FIND),
-counts what is already here, moves only when something is missing (as an Orthanc job, polled
-with a bounded wait), recounts, and re-fetches just the incomplete series, a bounded number of
-rounds. The result says honestly what happened, with counts and Orthanc IDs, never DICOM values.
+counted, and real PACS differ in what they answer. ``collect_study`` therefore:
+
+1. asks the PACS for the study (C-FIND) and keeps only answers that really carry that
+   StudyInstanceUID (a PACS may answer once per stored instance, or ignore a filter);
+2. obtains the expected instance count from what the PACS answers (``expected_instances``):
+   the study-level count, else the sum of series-level counts, else an IMAGE-level C-FIND of
+   the SOP Instance UIDs of each series (which also says exactly which instances are missing);
+3. counts what is already here and moves only when something is missing: one C-MOVE of the
+   study (as an Orthanc job, bounded wait);
+4. waits for arrivals to settle (the local count stops growing for ``Settle.quiet`` seconds,
+   at most ``Settle.max_wait``), because an asynchronous PACS acknowledges the C-MOVE before
+   its C-STOREs are done;
+5. retries the C-MOVE with backoff (bounded) only while nothing has arrived and the failure may
+   pass (a rejected association, an unreachable PACS, a move that moved nothing); a move that
+   moved something is never repeated blindly: the re-fetch asks only for the missing series,
+   or the missing instances when their UIDs are known, a bounded number of rounds.
+
+The result says honestly what happened, with counts, how the count was obtained, Orthanc IDs
+and a reason code, never DICOM values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .core import Steps
-from .errors import OrthancJobFailed, OrthancJobLost
+from .core import Sleep, Steps
+from .errors import (
+    OrthancDimseError,
+    OrthancError,
+    OrthancJobFailed,
+    OrthancJobLost,
+    pacs_error,
+)
 from .models import Level
 
-__all__ = ["CollectOutcome", "CollectResult", "collect_study", "uid_key"]
+__all__ = ["CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",
+           "collect_study", "expected_instances", "uid_key"]
 
 
 class CollectOutcome(str, enum.Enum):
@@ -32,8 +56,46 @@ class CollectOutcome(str, enum.Enum):
     UNVERIFIED = "unverified"  # moved, but the modality did not say how many to expect
 
 
+class CountSource(str, enum.Enum):
+    """How the expected instance count of a study was obtained from the PACS."""
+
+    STUDY = "study"  # NumberOfStudyRelatedInstances of the study-level answer
+    SERIES = "series"  # the sum of NumberOfSeriesRelatedInstances over its series
+    INSTANCES = "instances"  # IMAGE-level C-FIND: the SOP Instance UIDs of each series
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedCount:
+    """What the PACS says a study holds. ``series`` maps SeriesInstanceUID to a count and
+    ``instances`` maps it to SOP Instance UIDs (only for ``CountSource.INSTANCES``); both are
+    empty when the study-level count was enough. Holds UIDs: keep it in memory, never log it."""
+
+    total: int
+    source: CountSource
+    series: Mapping[str, int] = dataclasses.field(default_factory=dict, repr=False)
+    instances: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict,
+                                                                repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settle:
+    """How long to let arrivals settle after a C-MOVE job ends (seconds): the local count must
+    stop growing for ``quiet`` seconds, polled every ``interval``, at most ``max_wait`` in all.
+    Nothing is waited for when the study is already complete."""
+
+    quiet: float = 3.0
+    interval: float = 0.5
+    max_wait: float = 120.0
+
+
 class CollectResult(BaseModel):
-    """What ``collect_study`` did. Holds counts, Orthanc IDs and a hash key: no DICOM values."""
+    """What ``collect_study`` did. Holds counts, Orthanc IDs and a hash key: no DICOM values.
+
+    ``moved_instances`` counts instances that arrived during this call (so ``moved`` means a
+    study was moved, not that a move was attempted); ``reason`` is a short code of the last
+    failure (``move_destination_unknown``, ``association_rejected``, ``pacs_unreachable``,
+    ``move_refused``, ``moved_nothing``, ``incomplete``...), ``failure`` its message.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -41,9 +103,14 @@ class CollectResult(BaseModel):
     outcome: CollectOutcome
     expected_instances: int | None
     received_instances: int
+    count_source: CountSource | None = None
     study_ids: tuple[str, ...] = ()
     job_ids: tuple[str, ...] = ()
+    moved_instances: int = 0
+    move_attempts: int = 0
     refetched_series: int = 0
+    refetched_instances: int = 0
+    reason: str | None = None
     failure: str | None = None
 
     @property
@@ -52,7 +119,7 @@ class CollectResult(BaseModel):
 
     @property
     def moved(self) -> bool:
-        return bool(self.job_ids)
+        return self.moved_instances > 0
 
 
 def uid_key(uid: str) -> str:
@@ -67,88 +134,269 @@ def _count(value: Any) -> int | None:
         return None
 
 
+def _matching(answers: Iterable[Any], keyword: str, value: str) -> list[Any]:
+    """Answers whose ``keyword`` is ``value`` (a PACS may ignore the filter and answer more)."""
+    return [a for a in answers if str(a.get(keyword) or "") == value]
+
+
+# ------------------------------------------------------------------ counting
+
+
+def expected_instances(ops: Any, modality: str, study_uid: str,
+                       study_answers: Sequence[Mapping[str, Any]] = ()
+                       ) -> Steps[ExpectedCount | None]:
+    """Steps of ``Orthanc.expected_instances``: the study's expected count, from the study
+    answers already at hand, else series-level counts, else IMAGE-level SOP Instance UIDs.
+    None when the PACS lists no series for the study."""
+    counts = {_count(a.get("NumberOfStudyRelatedInstances")) for a in study_answers}
+    counts.discard(None)
+    if counts and max(c or 0 for c in counts) > 0:
+        # several answers for one study (one per instance): the same count repeated
+        return ExpectedCount(total=max(c or 0 for c in counts), source=CountSource.STUDY)
+    return (yield from _series_detail(ops, modality, study_uid))
+
+
+def _series_detail(ops: Any, modality: str, study_uid: str, *, instances: bool = False
+                   ) -> Steps[ExpectedCount | None]:
+    """Series-level counts, or (when any is missing, or ``instances``) the SOP Instance UIDs
+    of every series from IMAGE-level C-FINDs, which name the upper-level UIDs (dcmqrscp
+    refuses an IMAGE query without them)."""
+    found = yield from ops.query.steps(modality, Level.SERIES,
+                                       {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "",
+                                        "NumberOfSeriesRelatedInstances": ""})
+    yield from _forget(ops, found.query_id)
+    series: dict[str, int | None] = {}
+    for answer in _matching(found.answers, "StudyInstanceUID", study_uid):
+        uid = str(answer.get("SeriesInstanceUID") or "")
+        if uid:
+            count = _count(answer.get("NumberOfSeriesRelatedInstances"))
+            series[uid] = max(series.get(uid) or 0, count or 0) if count else series.get(uid)
+    if not series:
+        return None
+    if not instances and all(series.values()):
+        counts = {uid: int(c or 0) for uid, c in series.items()}
+        return ExpectedCount(total=sum(counts.values()), source=CountSource.SERIES,
+                             series=counts)
+    sops: dict[str, frozenset[str]] = {}
+    for uid in series:
+        images = yield from ops.query.steps(modality, Level.INSTANCE,
+                                            {"StudyInstanceUID": study_uid,
+                                             "SeriesInstanceUID": uid, "SOPInstanceUID": ""})
+        yield from _forget(ops, images.query_id)
+        sops[uid] = frozenset(str(a.get("SOPInstanceUID")) for a in images.answers
+                              if a.get("SOPInstanceUID")
+                              and str(a.get("SeriesInstanceUID") or uid) == uid)
+    return ExpectedCount(total=sum(len(s) for s in sops.values()), source=CountSource.INSTANCES,
+                         series={uid: len(s) for uid, s in sops.items()}, instances=sops)
+
+
+def _forget(ops: Any, query_id: str) -> Steps[None]:
+    try:
+        yield from ops.delete_query.steps(query_id)
+    except OrthancError:  # only housekeeping: Orthanc forgets old queries by itself
+        pass
+
+
+# ------------------------------------------------------------------ what is here
+
+
+@dataclasses.dataclass
+class _Local:
+    study_ids: tuple[str, ...]
+    series: dict[str, int]  # SeriesInstanceUID -> instances held
+    series_ids: dict[str, list[str]]  # SeriesInstanceUID -> Orthanc series IDs
+
+    @property
+    def total(self) -> int:
+        return sum(self.series.values())
+
+
+def _local(ops: Any, study_uid: str) -> Steps[_Local]:
+    """The local studies with that UID, and the instances held per SeriesInstanceUID."""
+    study_ids = tuple((yield from ops.find.steps(Level.STUDY, {"StudyInstanceUID": study_uid})))
+    local = _Local(study_ids, {}, {})
+    for study_id in study_ids:
+        for series in (yield from ops.children.steps(Level.STUDY, study_id)):
+            uid = series.main_dicom_tags.get("SeriesInstanceUID", series.id)
+            local.series[uid] = local.series.get(uid, 0) + len(series.children_ids)
+            local.series_ids.setdefault(uid, []).append(series.id)
+    return local
+
+
+def _local_sops(ops: Any, local: _Local, series_uid: str) -> Steps[set[str]]:
+    sops: set[str] = set()
+    for series_id in local.series_ids.get(series_uid, []):
+        for instance in (yield from ops.children.steps(Level.SERIES, series_id)):
+            sops.add(instance.main_dicom_tags.get("SOPInstanceUID", ""))
+    return sops
+
+
+def _settle(ops: Any, study_uid: str, expected: int | None, settle: Settle) -> Steps[_Local]:
+    """Recount until complete, or until the count has not grown for ``settle.quiet`` s."""
+    start = last_change = time.monotonic()
+    local = yield from _local(ops, study_uid)
+    while expected is None or local.total < expected:
+        now = time.monotonic()
+        if now - last_change >= settle.quiet or now - start >= settle.max_wait:
+            break
+        yield Sleep(settle.interval)
+        again = yield from _local(ops, study_uid)
+        if again.total != local.total:
+            last_change = time.monotonic()
+        local = again
+    return local
+
+
+# ------------------------------------------------------------------ moving
+
+
+def _run_move(ops: Any, query_id: str, answer: int | None, target: str,
+              job_timeout: float | None, jobs: list[str]) -> Steps[OrthancError | None]:
+    """Move one query answer as a job and wait; a failed job is returned (classified), not
+    raised, because what arrived is counted next (a transport error or a timeout raises)."""
+    try:
+        job_id = yield from ops.retrieve.steps(query_id, target, answer=answer)
+    except OrthancDimseError as error:
+        return error
+    jobs.append(job_id)
+    try:
+        yield from ops.wait_for_job.steps(job_id, timeout=job_timeout)
+    except OrthancJobFailed as error:
+        return pacs_error(error.error_details, operation="C-MOVE", job_id=job_id) or error
+    except OrthancJobLost as error:
+        return error
+    return None
+
+
+def _reason(error: OrthancError | None, fallback: str) -> tuple[str, str]:
+    if error is None:
+        return fallback, {"moved_nothing": "the C-MOVE ended without sending any instance",
+                          "incomplete": "instances still missing after every re-fetch"
+                          }.get(fallback, fallback)
+    return getattr(error, "reason_code", "orthanc_error"), str(error)
+
+
 def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float | None = None,
-                  refetch_rounds: int = 2) -> Steps[CollectResult]:
+                  refetch_rounds: int = 2, settle: Settle | None = None,
+                  move_attempts: int = 3, backoff: float = 1.0) -> Steps[CollectResult]:
     """Steps of ``Orthanc.collect``: see the module docstring. ``ops`` is the client."""
+    settle = settle or Settle()
     key = uid_key(study_uid)
     target = (yield from ops._system_info()).dicom_aet
     found = yield from ops.query.steps(modality, Level.STUDY,
                                        {"StudyInstanceUID": study_uid,
                                         "NumberOfStudyRelatedInstances": ""})
-    if not found.answers:
+    answers = _matching(found.answers, "StudyInstanceUID", study_uid)
+    if not answers:
+        yield from _forget(ops, found.query_id)
         return CollectResult(key=key, outcome=CollectOutcome.NOT_FOUND, expected_instances=None,
                              received_instances=0)
-    expected = sum(_count(a.get("NumberOfStudyRelatedInstances")) or 0 for a in found.answers)
-    if not expected:
-        expected = yield from _expected_from_series(ops, modality, study_uid)
-
-    study_ids, local = yield from _local_series(ops, study_uid)
-    received = sum(local.values())
-    if expected and received >= expected:
+    expected = yield from expected_instances(ops, modality, study_uid,
+                                             [a.tags for a in answers])
+    total = expected.total if expected else None
+    source = expected.source if expected else None
+    local = yield from _local(ops, study_uid)
+    before = local.total
+    if total and before >= total:
+        yield from _forget(ops, found.query_id)
         return CollectResult(key=key, outcome=CollectOutcome.ALREADY_PRESENT,
-                             expected_instances=expected, received_instances=received,
-                             study_ids=study_ids)
+                             expected_instances=total, received_instances=before,
+                             count_source=source, study_ids=local.study_ids)
 
     jobs: list[str] = []
-    failure = yield from _run_move(ops, found.query_id, None, target, job_timeout, jobs)
-    refetched = 0
-    for _ in range(refetch_rounds):
-        study_ids, local = yield from _local_series(ops, study_uid)
-        received = sum(local.values())
-        if not expected or received >= expected:
+    error: OrthancError | None = None
+    attempts = 0
+    # a study partly here already goes straight to the re-fetch of what is missing
+    for attempt in range(max(1, move_attempts) if not before else 0):
+        attempts += 1
+        error = yield from _run_move(ops, found.query_id, answers[0].index, target,
+                                     job_timeout, jobs)
+        local = yield from _settle(ops, study_uid, total, settle)
+        if local.total > before or (error is not None and not error.transient):
             break
-        series = yield from ops.query.steps(modality, Level.SERIES,
-                                            {"StudyInstanceUID": study_uid,
-                                             "SeriesInstanceUID": "",
-                                             "NumberOfSeriesRelatedInstances": ""})
-        missing = [answer.index for answer in series.answers
-                   if local.get(answer.get("SeriesInstanceUID"), 0)
-                   < (_count(answer.get("NumberOfSeriesRelatedInstances")) or 1)]
-        for index in missing:
-            failure = (yield from _run_move(ops, series.query_id, index, target, job_timeout,
-                                            jobs)) or failure
-        refetched += len(missing)
-    study_ids, local = yield from _local_series(ops, study_uid)
-    received = sum(local.values())
-    if not expected:
+        if attempt + 1 < move_attempts:  # nothing moved, and it may pass: try again later
+            yield Sleep(backoff * 2 ** attempt)
+    yield from _forget(ops, found.query_id)
+    reason, failure = (_reason(error, "moved_nothing") if attempts and local.total <= before
+                       else (None, None))
+
+    refetched_series = refetched_instances = 0
+    # a study that moved nothing stops here; one partly here before gets an extra round
+    rounds = (refetch_rounds + (1 if before else 0)) if local.total > 0 else 0
+    for _ in range(rounds):
+        if not total or local.total >= total:
+            break
+        if expected is None or not expected.series:
+            expected = (yield from _series_detail(ops, modality, study_uid)) or expected
+        assert expected is not None
+        if expected.instances:
+            error, count = yield from _refetch_instances(ops, modality, study_uid, expected,
+                                                         local, target)
+            refetched_instances += count
+        else:
+            error, count = yield from _refetch_series(ops, modality, study_uid, expected, local,
+                                                      target, job_timeout, jobs)
+            refetched_series += count
+        local = yield from _settle(ops, study_uid, total, settle)
+        if error is not None:
+            reason, failure = _reason(error, "incomplete")
+            if not error.transient:
+                break
+
+    received = local.total
+    if not total:
         outcome = CollectOutcome.UNVERIFIED if received else CollectOutcome.FAILED
-    elif received >= expected:
-        outcome, failure = CollectOutcome.COMPLETE, None
+    elif received >= total:
+        outcome, reason, failure = CollectOutcome.COMPLETE, None, None
     else:
         outcome = CollectOutcome.PARTIAL if received else CollectOutcome.FAILED
-    return CollectResult(key=key, outcome=outcome, expected_instances=expected or None,
-                         received_instances=received, study_ids=study_ids,
-                         job_ids=tuple(jobs), refetched_series=refetched, failure=failure)
+        if reason is None:
+            reason, failure = _reason(None, "incomplete")
+    return CollectResult(key=key, outcome=outcome, expected_instances=total,
+                         received_instances=received, count_source=source,
+                         study_ids=local.study_ids, job_ids=tuple(jobs),
+                         moved_instances=max(0, received - before), move_attempts=attempts,
+                         refetched_series=refetched_series,
+                         refetched_instances=refetched_instances, reason=reason,
+                         failure=failure)
 
 
-def _run_move(ops: Any, query_id: str, answer: int | None, target: str,
-              job_timeout: float | None, jobs: list[str]) -> Steps[str | None]:
-    """Move one query's answers as a job and wait; a failed job is reported, not raised,
-    because what arrived is counted next (a transport error or a timeout still raises)."""
-    job_id = yield from ops.retrieve.steps(query_id, target, answer=answer)
-    jobs.append(job_id)
+def _refetch_series(ops: Any, modality: str, study_uid: str, expected: ExpectedCount,
+                    local: _Local, target: str, job_timeout: float | None, jobs: list[str]
+                    ) -> Steps[tuple[OrthancError | None, int]]:
+    """Move each series holding fewer instances here than the PACS counts (one job each)."""
+    found = yield from ops.query.steps(modality, Level.SERIES,
+                                       {"StudyInstanceUID": study_uid, "SeriesInstanceUID": ""})
+    first_answer: dict[str, int] = {}
+    for answer in _matching(found.answers, "StudyInstanceUID", study_uid):
+        first_answer.setdefault(str(answer.get("SeriesInstanceUID") or ""), answer.index)
+    error: OrthancError | None = None
+    moved = 0
+    for uid, count in expected.series.items():
+        if local.series.get(uid, 0) < count and uid in first_answer:
+            error = (yield from _run_move(ops, found.query_id, first_answer[uid], target,
+                                          job_timeout, jobs)) or error
+            moved += 1
+    yield from _forget(ops, found.query_id)
+    return error, moved
+
+
+def _refetch_instances(ops: Any, modality: str, study_uid: str, expected: ExpectedCount,
+                       local: _Local, target: str
+                       ) -> Steps[tuple[OrthancError | None, int]]:
+    """Move exactly the instances not here (their UIDs came from the IMAGE-level C-FIND), in
+    one synchronous C-MOVE request."""
+    missing: list[dict[str, str]] = []
+    for uid, sops in expected.instances.items():
+        if local.series.get(uid, 0) >= len(sops):
+            continue
+        held = yield from _local_sops(ops, local, uid)
+        missing += [{"StudyInstanceUID": study_uid, "SeriesInstanceUID": uid,
+                     "SOPInstanceUID": sop} for sop in sorted(sops - held)]
+    if not missing:
+        return None, 0
     try:
-        yield from ops.wait_for_job.steps(job_id, timeout=job_timeout)
-    except (OrthancJobFailed, OrthancJobLost) as error:
-        return str(error)
-    return None
-
-
-def _expected_from_series(ops: Any, modality: str, study_uid: str) -> Steps[int]:
-    series = yield from ops.query.steps(modality, Level.SERIES,
-                                        {"StudyInstanceUID": study_uid,
-                                         "NumberOfSeriesRelatedInstances": ""})
-    counts = [_count(a.get("NumberOfSeriesRelatedInstances")) for a in series.answers]
-    return 0 if None in counts else sum(c or 0 for c in counts)
-
-
-def _local_series(ops: Any, study_uid: str
-                  ) -> Steps[tuple[tuple[str, ...], Mapping[str, int]]]:
-    """The local studies with that UID, and the instances held per SeriesInstanceUID."""
-    study_ids = tuple((yield from ops.find.steps(Level.STUDY, {"StudyInstanceUID": study_uid})))
-    counts: dict[str, int] = {}
-    for study_id in study_ids:
-        for series in (yield from ops.children.steps(Level.STUDY, study_id)):
-            uid = series.main_dicom_tags.get("SeriesInstanceUID", series.id)
-            counts[uid] = counts.get(uid, 0) + len(series.children_ids)
-    return study_ids, counts
+        yield from ops.move.steps(modality, Level.INSTANCE, missing, target)
+    except OrthancDimseError as error:
+        return error, len(missing)
+    return None, len(missing)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from orthanc_client import CollectResult, JobInfo, Level, QueryResult
+from orthanc_client import CollectResult, JobInfo, Level, Orthanc, OrthancJobFailed, QueryResult
+from orthanc_client.errors import store_failure
 
 from .credentials import OrthancCredentials
 from .limits import modality_slot
@@ -91,6 +92,9 @@ def store_to_modality(credentials: OrthancCredentials, modality: str,
                       slot_timeout: float | None = None) -> JobInfo:
     """C-STORE Orthanc resources (any level) to a modality as a job and wait for it.
 
+    A destination that is down or refuses the association fails the task with a transient
+    error: Prefect retries it with backoff (bounded by the task's ``retries``).
+
     Example:
         ```python
         job = store_to_modality(creds, "pacs", [study_id])
@@ -100,7 +104,7 @@ def store_to_modality(credentials: OrthancCredentials, modality: str,
     with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
         job_id = orthanc.store(modality, list(resource_ids))
         assert job_id is not None
-        return orthanc.wait_for_job(job_id, timeout=job_timeout).redacted()
+        return _wait_for_send(orthanc, job_id, job_timeout, "C-STORE")
 
 
 @orthanc_task(name="store_to_peer",
@@ -117,4 +121,15 @@ def store_to_peer(credentials: OrthancCredentials, peer: str, resource_ids: Sequ
     with credentials.get_client() as orthanc:
         job_id = orthanc.store_peer(peer, list(resource_ids))
         assert job_id is not None
-        return orthanc.wait_for_job(job_id, timeout=job_timeout).redacted()
+        return _wait_for_send(orthanc, job_id, job_timeout, "peer store")
+
+
+def _wait_for_send(orthanc: Orthanc, job_id: str, timeout: float | None,
+                   operation: str) -> JobInfo:
+    """Wait for a C-STORE/peer-store job. A job that failed because the destination could not
+    be reached raises a transient error, so Prefect retries the task (bounded, with backoff):
+    sending again is harmless."""
+    try:
+        return orthanc.wait_for_job(job_id, timeout=timeout).redacted()
+    except OrthancJobFailed as error:
+        raise store_failure(error, operation=operation) from None

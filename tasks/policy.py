@@ -54,7 +54,9 @@ def is_transient(task: Task[..., Any], task_run: Any, state: Any) -> bool:
             error = state.result(raise_on_failure=False)
         except Exception:  # pragma: no cover - unreadable state: do not retry blindly
             return False
-    return bool(getattr(error, "transient", False))
+    # retry_later False: the client already retried it (e.g. a rejected association, which a
+    # wrong AET makes permanent); a task retry would only multiply the attempts
+    return bool(getattr(error, "transient", False) and getattr(error, "retry_later", True))
 
 
 def short_id(orthanc_id: str) -> str:

@@ -42,9 +42,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator["OrthancLab"]:  # noqa: F821 - imported lazily
-    """Two Orthanc 1.10.1 servers ("pacs" and "research") for the whole session.
+    """Two Orthanc 1.10.1 servers ("pacs" and "research") and DCMTK's dcmqrscp ("dcmqr") for
+    the whole session.
 
-    Fails (never skips) when Debian's Orthanc is not installed.
+    Fails (never skips) when Debian's Orthanc or dcmtk is not installed.
     """
     if not (os.path.isfile(ORTHANC) and os.access(ORTHANC, os.X_OK)):
         pytest.fail(f"{ORTHANC} not found: the integration tests need Debian's orthanc "
@@ -53,7 +54,9 @@ def lab() -> Iterator["OrthancLab"]:  # noqa: F821 - imported lazily
     from deployments.lab.servers import OrthancLab
 
     lua = [REJECT_ONCE_LUA] if REJECT_ONCE_LUA.exists() else []
-    started = OrthancLab.start(stable_age=2, research_lua_scripts=lua, executable=ORTHANC)
+    # dcmqrscp (Debian's dcmtk) runs next to them as a non-Orthanc PACS, modality "dcmqr"
+    started = OrthancLab.start(stable_age=2, research_lua_scripts=lua, executable=ORTHANC,
+                               dcmqrscp=True)
     try:
         yield started
     finally:

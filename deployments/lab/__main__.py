@@ -22,7 +22,8 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     try:
-        lab = OrthancLab.start(args.root, stable_age=args.stable_age)
+        lab = OrthancLab.start(args.root, stable_age=args.stable_age,
+                               dcmqrscp=args.dcmqrscp)
     except (FileNotFoundError, RuntimeError) as error:
         print(f"lab: {error}", file=sys.stderr)
         return 1
@@ -41,6 +42,10 @@ def _up(args: argparse.Namespace) -> int:
               f"{research.dicom_port}  HTTP user '{research.username}'")
         print(f"  research password: {research.password}")
         print("    (a throwaway password for this local lab only, new at every start)")
+        if lab.dcmqr is not None:
+            print(f"  dcmqrscp  AET {lab.dcmqr.aet:<9} DICOM port {lab.dcmqr.port}  (research's "
+                  f"modality 'dcmqr'; load it with storescu -aec {lab.dcmqr.aet} 127.0.0.1 "
+                  f"{lab.dcmqr.port} FILES)")
         print(f"  StableAge {lab.stable_age} s; logs in {lab.root}/<server>/orthanc.log")
         print(f"Connection info: {info_path}")
         print("Press Ctrl-C to stop.", flush=True)
@@ -68,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                          "default: a temporary directory removed on exit")
     up.add_argument("--stable-age", type=int, default=2,
                     help="Orthanc StableAge in seconds (default 2)")
+    up.add_argument("--dcmqrscp", action="store_true",
+                    help="also run DCMTK's dcmqrscp as a second, non-Orthanc PACS (modality "
+                         "'dcmqr' in research)")
     args = parser.parse_args(argv)
     if args.command == "up":
         return _up(args)

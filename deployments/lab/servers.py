@@ -3,7 +3,10 @@
 ``OrthancServer`` runs one ``/usr/sbin/Orthanc`` process with a JSON configuration written
 into its own work directory. ``OrthancLab`` runs two of them, a "pacs" (AET ``PACS``, no HTTP
 authentication) and a "research" server (AET ``RESEARCH``, HTTP basic authentication with a
-random per-lab password), each declared as a DICOM modality of the other::
+random per-lab password), each declared as a DICOM modality of the other. With
+``dcmqrscp=True`` a third, non-Orthanc PACS runs next to them: DCMTK's ``dcmqrscp``
+(``lab.dcmqr``, AET ``DCMQR``, research declared in its host table), declared in research as
+the modality ``dcmqr`` (see ``deployments/lab/dcmqrscp.py`` and ``docs/pacs-peers.md``)::
 
     with OrthancLab.start(stable_age=2) as lab:
         httpx.get(lab.pacs.url + "/system")
@@ -374,7 +377,8 @@ class OrthancLab:
                  research_lua_scripts: Iterable[str | os.PathLike[str]] = (),
                  executable: str | os.PathLike[str] | None = None,
                  startup_timeout: float = STARTUP_TIMEOUT,
-                 attempts: int = START_ATTEMPTS) -> None:
+                 attempts: int = START_ATTEMPTS, dcmqrscp: bool = False,
+                 dcmqrscp_options: dict[str, Any] | None = None) -> None:
         self._owns_root = root is None
         self.root = Path(root) if root is not None else Path(
             tempfile.mkdtemp(prefix="prefect-orthanc-lab-"))
@@ -390,6 +394,9 @@ class OrthancLab:
         self.research_password = secrets.token_urlsafe(16)
         self.pacs: OrthancServer | None = None  # type: ignore[assignment]
         self.research: OrthancServer | None = None  # type: ignore[assignment]
+        self.with_dcmqrscp = dcmqrscp
+        self.dcmqrscp_options = dict(dcmqrscp_options or {})
+        self.dcmqr: Any = None  # a started deployments.lab.dcmqrscp.Dcmqrscp when asked for
         self._stopped = False
 
     # -- construction
@@ -405,8 +412,10 @@ class OrthancLab:
             raise
         return lab
 
+    DCMQR_AET = "DCMQR"
+
     def _servers_for(self, ports: list[int]) -> tuple[OrthancServer, OrthancServer]:
-        pacs_http, pacs_dicom, research_http, research_dicom = ports
+        pacs_http, pacs_dicom, research_http, research_dicom, dcmqr_port = ports
         pacs_dir, research_dir = self.root / "pacs", self.root / "research"
         pacs_config = _merge(base_config(
             name="pacs", aet=self.PACS_AET, http_port=pacs_http, dicom_port=pacs_dicom,
@@ -418,7 +427,9 @@ class OrthancLab:
             name="research", aet=self.RESEARCH_AET, http_port=research_http,
             dicom_port=research_dicom, workdir=research_dir, stable_age=self.stable_age,
             users={self.RESEARCH_USER: self.research_password},
-            modalities={"pacs": [self.PACS_AET, "127.0.0.1", pacs_dicom]},
+            modalities={"pacs": [self.PACS_AET, "127.0.0.1", pacs_dicom],
+                        **({"dcmqr": [self.DCMQR_AET, "127.0.0.1", dcmqr_port]}
+                           if self.with_dcmqrscp else {})},
             lua_scripts=self.research_lua_scripts,
         ), self.research_overrides)
         common = {"executable": self.executable, "startup_timeout": self.startup_timeout}
@@ -435,13 +446,25 @@ class OrthancLab:
             _live_labs.add(self)
         last_error: Exception | None = None
         for _attempt in range(self.attempts):
-            self.pacs, self.research = self._servers_for(free_ports(4))
+            ports = free_ports(5)
+            self.pacs, self.research = self._servers_for(ports)
             try:
                 self.pacs.start()
                 self.research.start()
+                if self.with_dcmqrscp:
+                    from .dcmqrscp import Dcmqrscp
+
+                    self.dcmqr = Dcmqrscp(self.root / "dcmqr",
+                                          {self.RESEARCH_AET: self.research.dicom_port},
+                                          aet=self.DCMQR_AET, port=ports[4],
+                                          **self.dcmqrscp_options)
+                    self.dcmqr.boot(attempts=1)
                 return self
             except RuntimeError as error:  # most often a port taken in the meantime
                 last_error = error
+                if self.dcmqr is not None:
+                    self.dcmqr.stop()
+                    self.dcmqr = None
                 self.research.stop()
                 self.pacs.stop()
         raise RuntimeError(f"the Orthanc lab did not start after {self.attempts} attempts: "
@@ -456,11 +479,16 @@ class OrthancLab:
 
     def connection_info(self) -> dict[str, Any]:
         """What a client needs to reach both servers (includes the throwaway password)."""
-        return {
+        info: dict[str, Any] = {
             "root": str(self.root),
             "stable_age": self.stable_age,
             "servers": {server.name: server.connection_info() for server in self.servers},
         }
+        if self.dcmqr is not None:
+            info["dcmqrscp"] = {"aet": self.dcmqr.aet, "dicom_port": self.dcmqr.port,
+                                "research_modality": "dcmqr", "config": str(self.dcmqr.config_path),
+                                "log": str(self.dcmqr.log_path)}
+        return info
 
     def write_info(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write ``connection_info()`` as JSON (default ``<root>/lab.json``, mode 0600)."""
@@ -470,6 +498,8 @@ class OrthancLab:
 
     def stop(self) -> None:
         """Stop both servers (in parallel); remove the root directory if the lab created it."""
+        if self.dcmqr is not None:
+            self.dcmqr.stop()
         servers = [server for server in (self.research, self.pacs) if server is not None]
         for server in servers:
             server.terminate()

@@ -30,6 +30,54 @@ def loaded_pacs(pacs, cohort):
     return pacs
 
 
+class PacsPeer:
+    """One kind of PACS in the lab, as research sees it: its modality name and a way to store
+    DICOM into it (Orthanc's REST API, or C-STORE with DCMTK's storescu for dcmqrscp)."""
+
+    def __init__(self, kind: str, modality: str, store_files, workdir):
+        self.kind, self.modality, self._store_files, self._workdir = (kind, modality,
+                                                                     store_files, workdir)
+        self._count = 0
+
+    def store(self, files) -> None:
+        self._store_files([str(f) for f in files])
+
+    def store_datasets(self, datasets) -> None:
+        """Store pydicom datasets (written to files first for storescu)."""
+        paths = []
+        for dataset in datasets:
+            self._count += 1
+            path = self._workdir / f"extra{self._count:05d}.dcm"
+            dataset.save_as(path)
+            paths.append(path)
+        self.store(paths)
+
+    def __repr__(self) -> str:
+        return f"PacsPeer({self.kind})"
+
+
+@pytest.fixture(scope="session")
+def loaded_dcmqr(lab, cohort):
+    """The cohort stored in dcmqrscp with DCMTK's storescu."""
+    lab.dcmqr.load(cohort.files)
+    return lab.dcmqr
+
+
+@pytest.fixture(scope="session", params=["orthanc", "dcmqrscp"])
+def pacs_peer(request, lab, cohort, tmp_path_factory):
+    """Each PACS kind of the lab, loaded with the synthetic cohort: the collection flow's
+    tests run against both."""
+    from deployments.lab.synthetic import load_into
+
+    workdir = tmp_path_factory.mktemp(f"peer-{request.param}")
+    if request.param == "orthanc":
+        request.getfixturevalue("loaded_pacs")
+        return PacsPeer("orthanc", "pacs", lambda files: load_into(lab.pacs.url, files),
+                        workdir)
+    request.getfixturevalue("loaded_dcmqr")
+    return PacsPeer("dcmqrscp", "dcmqr", lab.dcmqr.load, workdir)
+
+
 # ------------------------------------------------------------------ Prefect
 
 
@@ -37,7 +85,7 @@ def loaded_pacs(pacs, cohort):
 def prefect_server(tmp_path_factory):
     """One real Prefect server for the session (``prefect server start`` on SQLite, with all
     of its services: scheduler, triggers, late runs...), with the pacs modality's concurrency
-    limit in place. Yields the ``LocalPrefectServer``; its log is checked for tracebacks from
+    limits in place (pacs, dcmqr). Yields the ``LocalPrefectServer``; its log is checked for tracebacks from
     the server's own services at the end of the session (test_zz_prefect_server_log.py)."""
     import asyncio
 
@@ -58,7 +106,7 @@ def prefect_server(tmp_path_factory):
             # does, or a flow run in a thread would start an ephemeral server of its own.
             with prefect.context._temporary_global_settings_context(
                     prefect.context.get_settings_context()):
-                asyncio.run(ensure_limits({"pacs": 2}))
+                asyncio.run(ensure_limits({"pacs": 2, "dcmqr": 2}))
                 yield server
     finally:
         server.stop()
@@ -102,7 +150,9 @@ def flaky_study_factory(pacs, cohort, tmp_path):
 
     counter = itertools.count()
 
-    def make(description: str = "REJECT-ONCE"):
+    def make(description: str = "REJECT-ONCE", peer=None):
+        """``peer``: a ``PacsPeer`` to store into instead of the Orthanc pacs."""
+        datasets = []
         source = cohort.studies[0]
         study_uid, patient_id = generate_uid(), f"FLAKY{next(counter)}"
         series_uids: dict[str, str] = {}
@@ -117,9 +167,14 @@ def flaky_study_factory(pacs, cohort, tmp_path):
             dataset.PatientID = patient_id
             if first_series:
                 dataset.SeriesDescription = description
+            if peer is not None:
+                datasets.append(dataset)
+                continue
             buffer = io.BytesIO()
             dataset.save_as(buffer)
             pacs.upload(buffer.getvalue())
+        if peer is not None:
+            peer.store_datasets(datasets)
         return study_uid, len(source.files)
 
     return make

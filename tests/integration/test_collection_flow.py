@@ -45,31 +45,31 @@ def _move_jobs(research: Orthanc) -> set[str]:
     return {job["ID"] for job in jobs if job["Type"] == "DicomMoveScu"}
 
 
-def _copy_with_same_accession(pacs: Orthanc, study) -> None:
+def _copy_with_same_accession(peer, study) -> None:
     """Another patient's study carrying the same accession number: a classic ambiguity."""
-    study_uid, series = generate_uid(), {}
+    study_uid, series, copies = generate_uid(), {}, []
     for path in study.files:
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series.setdefault(ds.SeriesInstanceUID, generate_uid())
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.PatientID = "OTHER0001"
-        buffer = io.BytesIO()
-        ds.save_as(buffer)
-        pacs.upload(buffer.getvalue())
+        copies.append(ds)
+    peer.store_datasets(copies)
 
 
 def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
-        research_env, research, pacs, loaded_pacs, cohort, tmp_path):
+        research_env, research, pacs_peer, cohort, tmp_path):
     present, ambiguous, wanted = cohort.studies[0], cohort.studies[1], cohort.studies[2:4]
     _forget(research, cohort.studies[:4])
-    research.collect("pacs", present.study_uid)
-    _copy_with_same_accession(pacs, ambiguous)
+    research.collect(pacs_peer.modality, present.study_uid)
+    _copy_with_same_accession(pacs_peer, ambiguous)
     path = _write(tmp_path / "cohort.csv", ["accession_number", "note"], [
         [present.accession, "a"], [ambiguous.accession, "b"], ["ACC00000000", "c"],
         [wanted[0].accession, "d"], [wanted[1].accession, "e"], [wanted[0].accession, "f"]])
 
     state = collect_cohort(cohort_file=str(path), project="lung-test",
+                           source_modality=pacs_peer.modality,
                            return_state=True)
     assert state.is_completed(), state.message
     report = state.result()
@@ -89,7 +89,8 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
 
     # running the same cohort again moves nothing
     before = _move_jobs(research)
-    again = collect_cohort(cohort_file=str(path), project="lung-test")
+    again = collect_cohort(cohort_file=str(path), project="lung-test",
+                           source_modality=pacs_peer.modality)
     assert again.studies_moved == 0 and again.studies_complete == 3
     assert _move_jobs(research) == before
     assert [r.status for r in again.rows][3:5] == ["already_present", "already_present"]
@@ -116,21 +117,25 @@ def test_artifacts_hold_no_identifiers(research_env, research, loaded_pacs, coho
         assert value not in text
 
 
-def test_criteria_cohort_and_dry_run(research_env, research, loaded_pacs, cohort, tmp_path):
+def test_criteria_cohort_and_dry_run(research_env, research, pacs_peer, cohort, tmp_path):
+    """dcmqrscp ignores ModalitiesInStudy (it answers MR studies too): those answers are
+    checked against the criteria (series-level Modality) and excluded before any move."""
     ct = [s for s in cohort.studies if s.modality == "CT"]
     dates = sorted(s.study_date for s in cohort.studies)
     criteria = Criteria(modalities=["CT"], date_from=dates[0], date_to=dates[-1])
     _forget(research, cohort.studies)
 
-    dry = collect_cohort(criteria=criteria, dry_run=True,
-                                           report_dir=str(tmp_path), return_state=True)
+    dry = collect_cohort(criteria=criteria, dry_run=True, source_modality=pacs_peer.modality,
+                         report_dir=str(tmp_path), return_state=True)
     assert dry.is_completed() and "dry run" in dry.message
     plan = dry.result()
-    assert len(plan.rows) == len(ct) and {r.status for r in plan.rows} == {"found"}
+    found = [r for r in plan.rows if r.status != "excluded"]
+    assert len(found) == len(ct) and {r.status for r in found} == {"found"}
+    assert all(r.expected_instances for r in found)
     assert all(not research.find("Study", {"StudyInstanceUID": s.study_uid}) for s in ct)
 
     report = collect_cohort(criteria=criteria, project="ct-only",
-                                              report_dir=str(tmp_path))
+                            source_modality=pacs_peer.modality, report_dir=str(tmp_path))
     assert Path(report.report_path).parent == tmp_path
     assert report.studies_found == report.studies_complete == len(ct)
     for study in ct:
@@ -192,20 +197,25 @@ def test_relative_paths_resolve_in_the_data_directory(research_env, research, lo
 
 
 def test_incomplete_study_fails_the_run(research_env, research, flaky_study_factory,
-                                        tmp_path):
+                                        pacs_peer, tmp_path):
     """One study can never be completed (research refuses a series every time): the run
-    ends Failed with a summary, and the study is not marked collected."""
-    bad_uid, expected = flaky_study_factory("REJECT-ALWAYS")
-    good_uid, _ = flaky_study_factory("REJECT-ONCE")  # partial at first, completed by re-fetch
+    ends Failed with a summary, and the study is not marked collected. On dcmqrscp (no
+    counts) the count comes from IMAGE-level C-FINDs and the re-fetch is per instance."""
+    bad_uid, expected = flaky_study_factory("REJECT-ALWAYS", peer=pacs_peer)
+    # partial at first, completed by re-fetch
+    good_uid, _ = flaky_study_factory("REJECT-ONCE", peer=pacs_peer)
     path = _write(tmp_path / "flaky.csv", ["study_instance_uid"], [[bad_uid], [good_uid]])
     state = collect_cohort(cohort_file=str(path), project="flaky",
+                           source_modality=pacs_peer.modality,
                            return_state=True)
     assert state.is_failed()
     assert "1/2 studies complete" in state.message
     report = report_of(state)
     bad, good = report.rows
     assert bad.status == "partial" and 0 < bad.received_instances < expected
-    assert good.status == "collected"
+    assert bad.expected_instances == expected and bad.note.startswith("incomplete")
+    assert good.status == "collected" and good.received_instances == expected
+    assert report.studies_moved == 2  # studies, not attempts
     (bad_id,) = bad.study_ids
     assert "flaky" not in labels_of(research, "Study", bad_id)
 

@@ -33,7 +33,8 @@ def deployed(lab):
     with get_client(sync_client=True) as client:
         deployments = {name: client.read_deployment_by_name(name) for name in (
             "collect-research-cohort/nightly", "share-deidentified/ad-hoc",
-            "route-new-study/on-stable-study", "watch-orthanc-changes/research-changes")}
+            "route-new-study/on-stable-study", "watch-orthanc-changes/research-changes",
+            "sweep-failed-routes/every-15-minutes")}
     yield deployments
     with get_client(sync_client=True) as client:  # leave the names free for serve
         for deployment in deployments.values():
@@ -101,6 +102,10 @@ def test_new_study_trigger_became_an_automation(deployed):
     watcher = deployed["watch-orthanc-changes/research-changes"]
     assert watcher.schedules[0].schedule.interval.total_seconds() == 600
     assert watcher.global_concurrency_limit.limit == 1
+    sweep = deployed["sweep-failed-routes/every-15-minutes"]
+    assert sweep.schedules[0].schedule.interval.total_seconds() == 900
+    assert sweep.global_concurrency_limit.limit == 1 and sweep.parameters == {
+        "lookback_hours": 24}
 
 
 def test_serve_refuses_to_take_over_worker_deployments(deployed):

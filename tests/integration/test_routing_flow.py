@@ -80,3 +80,51 @@ def test_a_failing_rule_fails_the_run_but_not_the_others(research_env, research,
 def test_a_deleted_study_is_nothing_to_do(research_env):
     state = route_new_study("0" * 8 + "-" + "-".join(["1" * 8] * 4), rules=[], return_state=True)
     assert state.is_completed() and "no longer in Orthanc" in state.message
+
+
+def test_a_forward_to_a_partner_down_is_routed_by_a_later_sweep(research_env, research,
+                                                                new_study, tmp_path):
+    """The partner is down for a while: the forward's task retries are exhausted and the run
+    fails; once the partner is back, the sweep routes the study, once."""
+    from deployments.lab.dcmqrscp import Dcmqrscp
+    from deployments.lab.servers import free_ports
+    from flows.routing import sweep_failed_routes
+
+    port = free_ports(1)[0]
+    research.request("PUT", "/modalities/partner-later",
+                     json={"AET": "LATER", "Host": "127.0.0.1", "Port": port}, expect="none")
+    import asyncio
+
+    from tasks.limits import ensure_limits
+
+    asyncio.run(ensure_limits({"partner-later": 1}))
+    rules = [RouteRule(name="to-partner", action="forward", target="partner-later")]
+    state = route_new_study(new_study, rules=rules, return_state=True)
+    assert state.is_failed()
+    assert research.metadata(Level.STUDY, new_study, ROUTED_METADATA) is None
+
+    with Dcmqrscp.start(tmp_path / "partner", {}, aet="LATER", port=port):
+        sweep = sweep_failed_routes(lookback_hours=1, return_state=True)
+        report = report_of(sweep)
+        assert report.routed >= 1
+        last_update = research.resource(Level.STUDY, new_study).last_update
+        assert research.metadata(Level.STUDY, new_study, ROUTED_METADATA) == last_update
+        found = research.query("partner-later", "Study", {"StudyInstanceUID": "",
+                                                          "PatientID": ""})
+        assert len(found.answers) == 1
+        # once each: the study's latest run now succeeded, a second sweep leaves it alone
+        again = sweep_failed_routes(lookback_hours=1, return_state=True)
+        assert research.metadata(Level.STUDY, new_study, ROUTED_METADATA) == last_update
+        assert len(research.query("partner-later", "Study", {"StudyInstanceUID": ""}).answers) == 1
+        assert report_of(again).routed <= report.routed - 1
+
+    async def runs_of_study() -> int:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowFilter
+
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name={"any_": ["route-new-study"]}), limit=200)
+        return sum(run.parameters.get("study_id") == new_study for run in runs)
+
+    assert asyncio.run(runs_of_study()) == 2  # the failed run, and the sweep's: once each

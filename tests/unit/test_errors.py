@@ -23,7 +23,16 @@ from orthanc_client import (
     OrthancUnsupported,
     OrthancUsageError,
 )
-from orthanc_client.errors import dimse_status, redact
+from orthanc_client.errors import (
+    AssociationRejected,
+    MoveDestinationUnknown,
+    MoveRefused,
+    PacsUnreachable,
+    QueryRefused,
+    dimse_status,
+    pacs_error,
+    redact,
+)
 
 from _mocks import BASE, orthanc_error
 
@@ -352,7 +361,7 @@ def test_translated_errors_pickle_with_their_fields(router, orthanc):
         with pytest.raises(OrthancError) as info:
             call()
         caught.append(info.value)
-    assert [type(e) for e in caught] == [OrthancDimseError, OrthancNotFound, OrthancUnavailable]
+    assert [type(e) for e in caught] == [MoveDestinationUnknown, OrthancNotFound, OrthancUnavailable]
     for error in caught:
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and again == error
@@ -374,3 +383,83 @@ def test_call_repr_shows_no_values():
     call = Call("POST", f"/studies/{STUDY}/anonymize", "/studies/{id}/anonymize",
                 params={"PatientName": PATIENT_NAME}, json={"Replace": {"PatientID": PATIENT_ID}})
     assert repr(call) == "Call(POST /studies/{id}/anonymize)"
+
+
+# ------------------------------------------------------------------ what the PACS said
+# Details as Orthanc 1.10.1 wrote them (measured against dcmqrscp 3.6.7 and an Orthanc PACS).
+_DOWN = "DicomAssociation - connecting to AET \"PACS\": TCP Initialization Error: Connection refused"
+_REJECTED = "DicomAssociation - connecting to AET \"NOPE\": DUL Association Rejected"
+
+
+@pytest.mark.parametrize("details,cls,transient,hint", [
+    (_DOWN, PacsUnreachable, True, "did not answer at the host and port"),
+    (_REJECTED, AssociationRejected, True, "is the PACS's own AET"),
+    ("C-FIND SCU has failed with DIMSE status 0xC000", QueryRefused, False, "0xC000"),
+    ("C-FIND SCU has failed with DIMSE status 0xA900", QueryRefused, False, "0xA900"),
+])
+def test_failed_query_says_what_to_fix(router, orthanc, details, cls, transient, hint):
+    route = router.post("/modalities/pacs/query").mock(
+        return_value=orthanc_error(500, 9, "Error in the network protocol", details))
+    with pytest.raises(cls, match=hint) as info:
+        orthanc.query("pacs", "Study", {"PatientID": "P-0042"})
+    error = info.value
+    assert isinstance(error, OrthancDimseError) and error.transient is transient
+    assert route.call_count == (orthanc.settings.retries + 1 if transient else 1)
+    assert "PACS" not in (error.details or "") and "NOPE" not in str(error)  # AETs redacted
+    again = pickle.loads(pickle.dumps(error))
+    assert again == error and type(again) is cls
+
+
+def test_rejected_association_is_not_retried_again_by_the_task():
+    """A wrong called AET is refused every time: the request retries it briefly, Prefect not."""
+    from tasks.policy import is_transient
+
+    class State:
+        def __init__(self, data):
+            self.data = data
+
+    rejected = pacs_error(_REJECTED, operation="C-FIND")
+    down = pacs_error(_DOWN, operation="C-FIND")
+    assert not is_transient(None, None, State(rejected))
+    assert is_transient(None, None, State(down))
+
+
+@pytest.mark.parametrize("details,cls,code", [
+    ("C-MOVE SCU to AET \"RESEARCH\" has failed with DIMSE status 0xA801",
+     MoveDestinationUnknown, "move_destination_unknown"),
+    ("C-MOVE SCU to AET \"RESEARCH\" has failed with DIMSE status 0xC000 (unable to process "
+     "- resource not found ?)", MoveRefused, "move_refused"),
+    (_REJECTED, AssociationRejected, "association_rejected"),
+    (_DOWN, PacsUnreachable, "pacs_unreachable"),
+])
+def test_move_job_failures_are_classified(details, cls, code):
+    error = pacs_error(redact(details), operation="C-MOVE", job_id="job-1")
+    assert type(error) is cls and error.reason_code == code and error.job_id == "job-1"
+    assert "register research's AET" in str(error) or cls in (AssociationRejected,
+                                                                PacsUnreachable)
+
+
+def test_unrecognised_details_stay_generic():
+    assert pacs_error("something else entirely", operation="C-FIND") is None
+    assert pacs_error(None, operation="C-MOVE") is None
+    assert pacs_error("DIMSE status 0xFE00", operation="C-FIND") is None  # cancelled: capped
+
+
+def test_store_job_network_failure_is_transient():
+    """A forward destination down: the C-STORE job fails with Orthanc error 9 and no DIMSE
+    status; sending again is harmless, so the task may retry it."""
+    from orthanc_client.errors import store_failure
+
+    down = OrthancJobFailed("job j failed", job_id="j", job_type="DicomModalityStore",
+                            error_code=9, error_description="Error in the network protocol",
+                            error_details=None)
+    assert store_failure(down).transient
+    refused = OrthancJobFailed("job j failed", job_id="j", job_type="DicomModalityStore",
+                               error_code=9, error_description="x",
+                               error_details="C-STORE SCU has failed with DIMSE status 0xC000")
+    from orthanc_client.errors import StoreRefused
+
+    assert type(store_failure(refused)) is StoreRefused and not store_failure(refused).transient
+    other = OrthancJobFailed("job j failed", job_id="j", job_type="x", error_code=1,
+                             error_description="x", error_details=None)
+    assert not store_failure(other).transient

@@ -18,7 +18,8 @@ def specs():
 def test_the_project_file_is_valid(specs):
     assert set(specs) == {"collect-research-cohort/nightly", "share-deidentified/ad-hoc",
                           "route-new-study/on-stable-study",
-                          "watch-orthanc-changes/research-changes"}
+                          "watch-orthanc-changes/research-changes",
+                          "sweep-failed-routes/every-15-minutes"}
     nightly = specs["collect-research-cohort/nightly"]
     assert nightly.schedules == [{"cron": "0 19 * * *", "timezone": "UTC", "active": True}]
     assert nightly.prefect_concurrency().limit == 1
