@@ -431,7 +431,8 @@ class OrthancLab:
                         **({"dcmqr": [self.DCMQR_AET, "127.0.0.1", dcmqr_port]}
                            if self.with_dcmqrscp else {})},
             lua_scripts=self.research_lua_scripts,
-        ), self.research_overrides)
+        ), {"CheckRevisions": True,  # as the README recommends: label sets stay consistent
+            **self.research_overrides})
         common = {"executable": self.executable, "startup_timeout": self.startup_timeout}
         pacs = OrthancServer("pacs", self.PACS_AET, pacs_http, pacs_dicom, pacs_dir,
                              pacs_config, **common)
