@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate prefect.yaml (unknown keys, "
                                               "entrypoints, parameters, schedules, triggers)")
-    commands.add_parser("setup", help="create the work pool, PACS limits and blocks")
+    setup_command = commands.add_parser("setup", help="create the work pool, PACS limits and "
+                                                      "blocks")
+    setup_command.add_argument("--rotate-secret", action="store_true",
+                               help="replace a saved de-identification secret with a different "
+                                    "one (changes every pseudonym)")
     serve = commands.add_parser("serve", help="serve the deployments from this process")
     serve.add_argument("--only", action="append", metavar="NAME",
                        help="serve only this deployment (repeatable)")
@@ -47,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "setup":
         from flows.site import SiteError
 
-        from .stack import setup
+        from .stack import SetupError, setup
 
         try:
-            done = setup()
-        except SiteError as error:
+            done = setup(rotate_secret=args.rotate_secret)
+        except (SiteError, SetupError) as error:
             print(f"setup: {error}", file=sys.stderr)
             return 1
         for what, outcome in done.items():

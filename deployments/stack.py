@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["StackSettings", "setup", "serve", "wait_until_served", "deployment_runs",
+__all__ = ["StackSettings", "SetupError", "setup", "serve", "wait_until_served", "deployment_runs",
            "new_study_runs", "wait_for_scheduled_run",
            "wait_until_final", "ROUTE_DEPLOYMENT"]
 
@@ -94,26 +94,67 @@ async def _ensure_work_pool(name: str) -> str:
             return "created (type process)"
 
 
-def setup(settings: StackSettings | None = None) -> dict[str, str]:
-    """Create or update what the deployments need; returns what was done, by object."""
+class SetupError(ValueError):
+    """``setup`` refused its settings; the message says which and what to fix (no value)."""
+
+
+def _checked_secret(value: str, block: str, rotate: bool) -> None:
+    """Refuse a secret every sharing run would reject, and a silent change of the secret."""
+    from prefect.blocks.system import Secret
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.sharing import MIN_SECRET_LENGTH, SECRET_ENV
+
+    if len(value) < MIN_SECRET_LENGTH:
+        raise SetupError(f"{SECRET_ENV} is shorter than {MIN_SECRET_LENGTH} characters: "
+                         f"sharing refuses it; use a long random value (e.g. `openssl rand "
+                         f"-hex 32`)")
+    try:
+        current = Secret.load(block).get()
+    except (ObjectNotFound, ValueError):
+        return
+    if current != value and not rotate:
+        raise SetupError(f"the Secret block {block} already holds a different secret: "
+                         f"replacing it changes every pseudonym and date shift, so new shares "
+                         f"no longer match earlier ones or the linkage table; unset "
+                         f"{SECRET_ENV}, or run setup with --rotate-secret to replace it")
+
+
+def setup(settings: StackSettings | None = None, *, rotate_secret: bool = False
+          ) -> dict[str, str]:
+    """Create or update what the deployments need; returns what was done, by object.
+
+    Checks before it saves anything: the data directory (``SiteError``), the research
+    Orthanc's URL and credentials (a ``GET /system`` with them) and the de-identification
+    secret (``SetupError``: too short, or different from the saved one without
+    ``rotate_secret``)."""
     from prefect.blocks.system import Secret
 
     from flows.sharing import SECRET_ENV
-    from tasks import OrthancCredentials, ensure_limits
-
     from flows.site import SiteSettings
+    from orthanc_client import OrthancError
+    from tasks import OrthancCredentials, ensure_limits
 
     settings = settings or StackSettings()
     site = SiteSettings.load()  # SiteError before anything is created: outside the checkout
+    credentials = OrthancCredentials.from_env()
+    try:
+        with credentials.get_client() as orthanc:
+            version = orthanc.system().version
+    except OrthancError as error:
+        raise SetupError(f"the research Orthanc (ORTHANC_URL) refused or did not answer, so "
+                         f"no block was saved: {error}") from None
+    secret = os.environ.get(SECRET_ENV)
+    if secret:
+        _checked_secret(secret, settings.secret_block, rotate_secret)
     done: dict[str, str] = {"data directory": f"{site.ensure()} (PREFECT_ORTHANC_DATA_DIR)"}
     done[f"work pool {settings.work_pool}"] = asyncio.run(_ensure_work_pool(settings.work_pool))
     for name, what in asyncio.run(ensure_limits(settings.limits)).items():
         done[f"limit {name}"] = what
     OrthancCredentials.register_type_and_schema()
-    credentials = OrthancCredentials.from_env()
     credentials.save(settings.credentials_block, overwrite=True)
-    done[f"block orthanc-credentials/{settings.credentials_block}"] = "saved from ORTHANC_*"
-    secret = os.environ.get(SECRET_ENV)
+    done[f"block orthanc-credentials/{settings.credentials_block}"] = (
+        f"saved from ORTHANC_* (checked: Orthanc {version} answered)")
     if secret:
         Secret(value=secret).save(settings.secret_block, overwrite=True)
         done[f"block secret/{settings.secret_block}"] = f"saved from {SECRET_ENV}"

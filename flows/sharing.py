@@ -217,6 +217,10 @@ class SharedStudy(BaseModel):
     delivered: str = ""
 
 
+#: the shortest de-identification secret accepted (checked again by ``deployments setup``)
+MIN_SECRET_LENGTH = 16
+
+
 def project_secret(block: str | None) -> bytes:
     """The de-identification secret: a Secret block's value, or the environment's."""
     if block:
@@ -225,8 +229,8 @@ def project_secret(block: str | None) -> bytes:
         value = Secret.load(block).get()
     else:
         value = os.environ.get(SECRET_ENV, "")
-    if len(value) < 16:
-        raise ValueError(f"the project secret must be at least 16 characters: set "
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ValueError(f"the project secret must be at least {MIN_SECRET_LENGTH} characters: set "
                          f"{SECRET_ENV} or a Secret block (never a flow parameter)")
     return value.encode()
 
