@@ -38,7 +38,7 @@ from tasks import OrthancCredentials, modality_slot, orthanc_task, retrieve_stud
 from tasks.labels import attach_labels
 
 from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
-from .states import cancelled, failed
+from .states import cancel_run, fail_run
 from .parameters import described_by, request_from
 from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
 from .site import DATA_DIR_ENV, SiteError, SiteSettings
@@ -255,7 +255,7 @@ def collect_cohort(
         request, rows = _checked_request(values)
     except (ValueError, SiteError) as error:  # CohortError too: one line, nothing touched
         get_run_logger().error("collection not started: %s", error)
-        return failed(f"collection not started: {error}")
+        return fail_run(f"collection not started: {error}")
     return _collect(request, rows, credentials_block)
 
 
@@ -309,9 +309,9 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
     if request.dry_run:
         return Completed(message=f"dry run: {summary}", data=report)
     if deferred:
-        return cancelled(f"time window closed: {summary}; re-run to continue", report)
+        return cancel_run(f"time window closed: {summary}; re-run to continue", report)
     if complete < found:
-        return failed(summary, report)
+        return fail_run(summary, report)
     return Completed(message=summary, data=report)
 
 

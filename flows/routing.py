@@ -26,7 +26,7 @@ from tasks.origin import Origin, study_origin
 from tasks.policy import short_id
 
 from .collection import load_credentials
-from .states import failed
+from .states import fail_run
 from .sharing import SharingOptions, share_studies
 
 __all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect_study",
@@ -246,7 +246,7 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
         description="Routing of a new stable study (rule names only).")
     logger.info(summary)
     if failed:
-        return failed(summary, report)
+        return fail_run(summary, report)
     mark_routed(credentials, study_id, facts.last_update)
     return Completed(message=summary, data=report)
 
@@ -320,5 +320,5 @@ def sweep_failed_routes(lookback_hours: float = 24.0) -> State[SweepReport]:
     summary = f"{len(todo)} studies with a failed route: {routed} routed, {failing} still failing"
     logger.info(summary)
     if failing:
-        return failed(summary, report)
+        return fail_run(summary, report)
     return Completed(message=summary, data=report)

@@ -27,7 +27,7 @@ from typing import Any
 
 from prefect.states import Cancelled, Failed, State
 
-__all__ = ["RunIncomplete", "failed", "cancelled", "report_of", "PurposefulFailureFilter",
+__all__ = ["RunIncomplete", "fail_run", "cancel_run", "report_of", "PurposefulFailureFilter",
            "install_log_filter"]
 
 
@@ -48,12 +48,12 @@ class RunIncomplete(Exception):
         return (type(self), (str(self),))  # the report stays out of pickles (result storage)
 
 
-def failed(message: str, report: Any = None) -> State[Any]:
+def fail_run(message: str, report: Any = None) -> State[Any]:
     """A Failed state with ``message`` (identifier-free) and ``report`` kept in memory."""
     return Failed(message=message, data=RunIncomplete(message, report))
 
 
-def cancelled(message: str, report: Any = None) -> State[Any]:
+def cancel_run(message: str, report: Any = None) -> State[Any]:
     """A Cancelled state with ``message`` (identifier-free) and ``report`` kept in memory."""
     return Cancelled(message=message, data=RunIncomplete(message, report))
 

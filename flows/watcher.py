@@ -22,7 +22,7 @@ from tasks.variables import put_variable
 
 from .collection import load_credentials
 from .events import post_events, study_event
-from .states import failed
+from .states import fail_run
 
 __all__ = ["watch_changes", "WatchReport"]
 
@@ -124,5 +124,5 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
     summary = f"{events} events in {polls} polls, {errors} errors; cursor at {since}"
     logger.info(summary)
     if last_error:
-        return failed(f"last poll failed ({last_error}): {summary}", report)
+        return fail_run(f"last poll failed ({last_error}): {summary}", report)
     return Completed(message=summary, data=report)

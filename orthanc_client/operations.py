@@ -420,9 +420,27 @@ class Operations:
 
     @operation
     def delete_metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[None]:
+        """Remove one metadata value (idempotent), also on servers that check revisions
+        (``CheckRevisions: true`` refuses a delete that names no revision: the current ETag is
+        read and the delete repeated)."""
         path, route = self._resource_path(level, resource_id)
-        yield from self._call(Call("DELETE", f"{path}/metadata/{_seg(name)}",
-                                   f"{route}/metadata/{{name}}", safe=True, expect="none"))
+        url, template = f"{path}/metadata/{_seg(name)}", f"{route}/metadata/{{name}}"
+        etag = None
+        for _ in range(_OVERWRITE_ATTEMPTS):
+            try:
+                yield from self._call(Call("DELETE", url, template, safe=True, expect="none",
+                                           headers={"If-Match": etag} if etag else None))
+                return
+            except OrthancConflict:
+                pass
+            current = yield from self.metadata_entry.steps(level, resource_id, name)
+            if current is None:
+                return  # already gone
+            etag = current[1]
+        raise OrthancConflict(f"DELETE {template} failed: the value kept changing while it was "
+                              f"deleted ({_OVERWRITE_ATTEMPTS} attempts)", method="DELETE",
+                              route=template, status_code=409, orthanc_status=None,
+                              orthanc_error=None, details=None)
 
     @operation
     def labels(self, level: Level | str, resource_id: str) -> Steps[list[str]]:

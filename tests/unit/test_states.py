@@ -9,7 +9,7 @@ import pickle
 import sys
 
 import flows  # noqa: F401 - installs the filter
-from flows.states import PurposefulFailureFilter, RunIncomplete, cancelled, failed, report_of
+from flows.states import PurposefulFailureFilter, RunIncomplete, cancel_run, fail_run, report_of
 
 
 class _Report:
@@ -30,7 +30,7 @@ def _record(exc: BaseException) -> logging.LogRecord:
 
 def test_failed_and_cancelled_carry_the_report_in_memory_only():
     report = _Report()
-    for make, kind in ((failed, "FAILED"), (cancelled, "CANCELLED")):
+    for make, kind in ((fail_run, "FAILED"), (cancel_run, "CANCELLED")):
         state = make("2/3 studies complete", report)
         assert state.type.value == kind and state.message == "2/3 studies complete"
         assert report_of(state) is report
