@@ -22,6 +22,7 @@ from .errors import (
     OrthancUnavailable,
     OrthancUnsupported,
     OrthancUsageError,
+    SafeMessageError,
 )
 from .models import (
     ArchiveResult,
@@ -46,7 +47,7 @@ __all__ = [
     "OrthancError", "OrthancHTTPError", "OrthancBadRequest", "OrthancUnauthorized",
     "OrthancNotFound", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
     "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",
-    "OrthancArchiveError", "OrthancUsageError",
+    "OrthancArchiveError", "OrthancUsageError", "SafeMessageError",
     "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",
     "QueryAnswer", "QueryResult", "Change", "ChangesPage", "UploadResult", "ModifyResult",
     "ArchiveResult", "CollectOutcome", "CollectResult",

@@ -1,4 +1,5 @@
-"""PACS-safe concurrency: one Prefect global concurrency limit per DICOM modality.
+"""PACS-safe concurrency: one Prefect global concurrency limit per DICOM modality, and
+per-study locks (``study_lock``) so two flow runs never work on one study at once.
 
 Every C-FIND and C-MOVE against a modality holds one slot of the limit named
 ``orthanc-modality-<name>`` for as long as the Orthanc job runs (not just while it is
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import sys
@@ -31,15 +33,20 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-__all__ = ["ModalityLimitMissing", "limit_name", "modality_slot", "ensure_limits"]
+from orthanc_client.errors import SafeMessageError
+
+__all__ = ["ModalityLimitMissing", "limit_name", "modality_slot", "ensure_limits", "study_lock",
+           "study_lock_name"]
 
 PREFIX = "orthanc-modality-"
+STUDY_LOCK_PREFIX = "orthanc-study-lock-"
+STUDY_LOCKS = 64
 LEASE_SECONDS = 300.0
 
 
-class ModalityLimitMissing(RuntimeError):
+class ModalityLimitMissing(SafeMessageError, RuntimeError):
     """No global concurrency limit exists for a modality: refusing to run unlimited."""
 
     def __init__(self, name: str) -> None:
@@ -72,7 +79,49 @@ def modality_slot(modality: str, *, timeout: float | None = None,
     ``concurrency()`` context manager takes ~2 s per acquisition when several tasks acquire at
     once (sync-to-async bridging), which would dominate short C-MOVEs.
     """
-    name = limit_name(modality)
+    with _slot(limit_name(modality), timeout, lease_seconds):
+        yield
+
+
+def study_lock_name(orthanc_id: str) -> str:
+    """The limit that serializes work on one Orthanc resource: one of ``STUDY_LOCKS``
+    stripes (``orthanc-study-lock-NN``), chosen by a hash of the ID, so the server holds a
+    bounded number of limits and no name carries a resource's ID."""
+    stripe = int(hashlib.sha256(orthanc_id.encode()).hexdigest(), 16) % STUDY_LOCKS
+    return f"{STUDY_LOCK_PREFIX}{stripe:02d}"
+
+
+@contextlib.contextmanager
+def study_lock(orthanc_id: str, *, timeout: float | None = None,
+               lease_seconds: float = LEASE_SECONDS) -> Iterator[None]:
+    """Hold the lock of one study (or any Orthanc resource) across every flow run and worker
+    for the duration of the block: a Prefect global concurrency limit of 1 (created on first
+    use), leased and renewed like ``modality_slot``, so a crashed holder frees it when its
+    lease expires. Two studies may share a stripe: they then wait for each other, which is
+    safe. ``TimeoutError`` after ``timeout`` seconds (None: wait as long as needed).
+
+    Example:
+        ```python
+        with study_lock(study_id):
+            ...  # check the ledger, de-identify, deliver, record
+        ```
+    """
+    name = study_lock_name(orthanc_id)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+            except (ObjectAlreadyExists, httpx.HTTPStatusError):  # created by another run
+                client.read_global_concurrency_limit_by_name(name)
+    with _slot(name, timeout, lease_seconds):
+        yield
+
+
+@contextlib.contextmanager
+def _slot(name: str, timeout: float | None, lease_seconds: float) -> Iterator[None]:
     deadline = None if timeout is None else time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         lease_id = _acquire(client, name, deadline, lease_seconds)

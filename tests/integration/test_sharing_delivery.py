@@ -1,0 +1,250 @@
+"""Deliveries that cannot lose a study, on the real lab, with studies written by others
+(pydicom's test files): unique never-overwritten packages, a ledger keyed by content version,
+a per-study lock for concurrent runs, one outcome per kind of study, and an artifact and logs
+that never pair a pseudonym with a source Orthanc ID."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from pathlib import Path
+
+import pydicom
+import pydicom.dataset
+import pydicom.uid
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from flows.sharing import SECRET_ENV, Destination, share_studies
+from orthanc_client import Orthanc
+
+from .conftest import DEID_SECRET
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
+
+
+def _params(tmp_path: Path, ids, **extra) -> dict:
+    return dict(study_ids=ids, destination=Destination(kind="directory",
+                                                       target=str(tmp_path / "out")),
+                linkage_path=str(tmp_path / "private" / "linkage.csv"),
+                staging_dir=str(tmp_path / "staging"),
+                ledger_path=str(tmp_path / "private" / "ledger.jsonl"), **extra)
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _upload(research: Orthanc, datasets) -> str:
+    studies = {r.parent_study for ds in datasets for r in research.upload(_bytes(ds))}
+    (study,) = studies
+    return study
+
+
+def _ct_copies(n: int) -> list[pydicom.Dataset]:
+    """``n`` instances of one new study made from pydicom's CT_small.dcm (a real CT header):
+    new study, series and SOP instance UIDs, the rest as written by its authors."""
+    study, series = generate_uid(), generate_uid()
+    copies = []
+    for index in range(n):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = index + 1
+        copies.append(ds)
+    return copies
+
+
+def _linkage_rows(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "private" / "linkage.csv"
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def _ledger_lines(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "private" / "ledger.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _cleanup(research: Orthanc, *study_ids: str) -> None:
+    for study in study_ids:
+        research.delete("Study", study, missing_ok=True)
+
+
+def test_concurrent_runs_on_one_study_deliver_it_once(research_env, secret_env, research,
+                                                      tmp_path):
+    """Duplicate events: two runs share the same study at the same time. The per-study lock
+    makes them take turns: one delivery, the other finds it delivered; no crash, no copy
+    deleted under the other's feet."""
+    study = _upload(research, _ct_copies(3))
+    params = _params(tmp_path, [study])
+    states, barrier = [], threading.Barrier(2)
+
+    def run():
+        barrier.wait()
+        states.append(share_studies(**params, return_state=True))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    try:
+        assert len(states) == 2 and all(s.is_completed() for s in states), \
+            [s.message for s in states]
+        outcomes = sorted(s.result()[0].outcome for s in states)
+        assert outcomes == ["delivered", "delivered_before"]
+        assert len(list((tmp_path / "out").glob("*.zip"))) == 1
+        assert len(_ledger_lines(tmp_path)) == 1 and len(_linkage_rows(tmp_path)) == 1
+        assert not list((tmp_path / "out").glob(".*"))  # no partial file left behind
+        (delivered,) = [s.result()[0] for s in states if s.result()[0].delivered]
+        assert not research.exists("Study", delivered.anonymized_id)
+    finally:
+        _cleanup(research, study)
+
+
+def test_a_study_that_grew_is_shared_again_whole_as_a_new_version(research_env, secret_env,
+                                                                 research, tmp_path):
+    copies = _ct_copies(3)
+    study = _upload(research, copies[:2])
+    params = _params(tmp_path, [study])
+    try:
+        (first,) = share_studies(**params)
+        assert first.outcome == "delivered" and first.version == 1
+        assert first.instances_out == 2
+        (again,) = share_studies(**params)
+        assert again.outcome == "delivered_before"
+        research.upload(_bytes(copies[2]))  # the rest of the study arrives
+        (second,) = share_studies(**params)
+        assert second.outcome == "delivered" and second.version == 2
+        assert second.instances_out == 3  # whole, not just the new instance
+        assert second.supersedes == (Path(first.file).name,)
+        out = tmp_path / "out"
+        assert sorted(p.name for p in out.glob("*.zip")) == sorted(
+            [Path(first.file).name, Path(second.file).name])
+        assert Path(first.file).name.endswith("-v1.zip")
+        assert Path(second.file).name.endswith("-v2.zip")
+        manifest = json.loads((out / "manifest.json").read_text())
+        (entry,) = manifest["studies"]  # one entry per study
+        assert entry["file"] == Path(second.file).name and entry["version"] == 2
+        assert entry["supersedes"] == [Path(first.file).name]
+        assert entry["sha256"] == second.sha256
+        assert [e["version"] for e in _ledger_lines(tmp_path)] == [1, 2]
+        assert [r["package"] for r in _linkage_rows(tmp_path)] == [
+            Path(first.file).name, Path(second.file).name]
+    finally:
+        _cleanup(research, study)
+
+
+def test_a_package_name_taken_is_an_error_never_an_overwrite(research_env, secret_env,
+                                                            research, tmp_path):
+    """The ledger is lost, the package is still there: the second delivery would take the
+    same name. It fails with its PHI-free message shown, the package untouched."""
+    study = _upload(research, _ct_copies(2))
+    params = _params(tmp_path, [study])
+    try:
+        (first,) = share_studies(**params)
+        before = Path(first.file).read_bytes()
+        (tmp_path / "private" / "ledger.jsonl").unlink()
+        state = share_studies(**params, return_state=True)
+        assert state.is_failed() and "1 failed" in state.message
+        (outcome,) = state.result(raise_on_failure=False)
+        assert outcome.outcome == "failed"
+        assert "DeliveryError" in outcome.findings[0]
+        assert "nothing overwritten" in outcome.findings[0]  # not "details withheld"
+        assert Path(first.file).read_bytes() == before
+        assert len(_linkage_rows(tmp_path)) == 1  # no row for what was not delivered
+        assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    finally:
+        _cleanup(research, study)
+
+
+def _artifact_and_logs(state) -> tuple[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs are shipped in batches: send what is queued, and wait
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [str(run_id)]}},
+            "limit": 10, "offset": 0}).json()
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    (artifact,) = [a for a in artifacts if a["key"] == "sharing-report"]
+    return json.dumps(artifact["data"]), [log.message for log in logs]
+
+
+def test_outcomes_by_kind_and_a_report_that_never_pairs_pseudonym_and_source(
+        research_env, secret_env, research, tmp_path, monkeypatch):
+    """Real files: an all-US study (pydicom's examples_jpeg2k + examples_rgb_color) is
+    excluded; an RT Ion Plan without PatientID (ExplVR_LitEndNoMeta) is delivered under a
+    pseudonym keyed on its StudyInstanceUID; a CT study is delivered. Completed with a
+    warning. Then, with descriptions kept, a study whose description names the patient is
+    quarantined: Failed. Linkage rows only for what was delivered."""
+    us = _upload(research, [pydicom.dcmread(get_testdata_file(n))
+                            for n in ("examples_jpeg2k.dcm", "examples_rgb_color.dcm")])
+    plan = pydicom.dcmread(get_testdata_file("ExplVR_LitEndNoMeta.dcm"), force=True)
+    assert "PatientID" not in plan
+    plan.file_meta = pydicom.dataset.FileMetaDataset()  # the file has none: only the wrapper
+    plan.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    no_id = _upload(research, [plan])
+    ct = _upload(research, _ct_copies(2))
+    selected = [us, no_id, ct]
+    try:
+        state = share_studies(**_params(tmp_path, selected), return_state=True)
+        assert state.is_completed(), state.message
+        assert state.message.startswith("WARNING: 1 studies had nothing to share")
+        assert "2 delivered" in state.message and "1 excluded" in state.message
+        excluded, plan_out, ct_out = state.result()  # selection order
+        assert excluded.outcome == "excluded" and excluded.excluded == 2
+        assert excluded.excluded_reasons == {"modality US": 2}
+        assert not excluded.findings and not excluded.file
+        assert plan_out.outcome == "delivered"
+        assert plan_out.pseudonym_from == "StudyInstanceUID"
+        assert ct_out.outcome == "delivered" and ct_out.pseudonym_from == "PatientID"
+        rows = _linkage_rows(tmp_path)
+        assert sorted(r["source_orthanc_id"] for r in rows) == sorted([no_id, ct])
+        manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        assert {e["pseudonym_from"] for e in manifest["studies"]} == {
+            "StudyInstanceUID", "PatientID"}
+
+        artifact, logs = _artifact_and_logs(state)
+        pseudonyms = {plan_out.pseudo_patient, ct_out.pseudo_patient,
+                      excluded.pseudo_patient}
+        assert all(p in artifact for p in pseudonyms)
+        for source in selected:
+            assert source[:8] not in artifact  # no source ID, not even its short form
+        for line in logs:
+            assert not any(p in line for p in pseudonyms), line
+        assert any("nothing shared, every instance held back" in line for line in logs)
+        assert any("no PatientID" in line for line in logs)
+
+        from flows.deid import DeidProfile
+        leaky = _ct_copies(1)
+        leaky[0].StudyDescription = f"CT follow-up {leaky[0].PatientName.family_name}"
+        quarantined = _upload(research, leaky)
+        selected.append(quarantined)
+        state = share_studies(**_params(tmp_path / "leaky", [quarantined],
+                                        profile=DeidProfile(name="kept",
+                                                            descriptions="keep_if_clean")),
+                              return_state=True)
+        assert state.is_failed() and "1 quarantined" in state.message
+        (outcome,) = state.result(raise_on_failure=False)
+        assert outcome.outcome == "quarantined" and outcome.findings
+        assert _linkage_rows(tmp_path / "leaky") == []
+        artifact, logs = _artifact_and_logs(state)
+        assert quarantined[:8] not in artifact
+        assert not any(outcome.pseudo_patient in line for line in logs)
+    finally:
+        _cleanup(research, *selected)

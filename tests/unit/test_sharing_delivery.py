@@ -1,0 +1,105 @@
+"""Deliveries that cannot lose a study: package names never overwritten, atomic directory
+writes, a ledger keyed by content version and fsynced per delivery, one manifest entry per
+study saying which package supersedes which."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from flows.deid import DeidProfile
+from flows.sharing import DeliveryError, Destination, SharedStudy, content_version
+from flows.sharing import _Ledger, _publish, _update_manifest
+
+IDS = [f"{i:08x}-00000000-00000000-00000000-00000000" for i in range(3)]
+SOURCE = "aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee"
+
+
+def test_content_version_is_the_instance_set():
+    assert content_version(IDS) == content_version(list(reversed(IDS)))
+    assert content_version(IDS).startswith("3-")
+    assert content_version(IDS[:2]) != content_version(IDS)  # a study that grew
+    assert content_version([*IDS[:2], IDS[0][:-1] + "1"]) != content_version(IDS)
+
+
+def test_publish_never_overwrites_and_leaves_no_partial(tmp_path):
+    staged = tmp_path / "staging" / "a.zip"
+    staged.parent.mkdir()
+    staged.write_bytes(b"first")
+    final = _publish(staged, tmp_path / "out" / "share-P-S-v1.zip")
+    assert final.read_bytes() == b"first"
+    staged.write_bytes(b"second")
+    with pytest.raises(DeliveryError, match="nothing overwritten"):
+        _publish(staged, final)
+    assert final.read_bytes() == b"first"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["share-P-S-v1.zip"]
+
+
+def test_publish_races_one_winner(tmp_path):
+    """Two writers of one name at once: one package, one DeliveryError, no partial file."""
+    staged = [tmp_path / f"{i}.zip" for i in range(2)]
+    for i, path in enumerate(staged):
+        path.write_bytes(bytes([i]) * 1_000_000)
+    final = tmp_path / "out" / "share-P-S-v1.zip"
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def publish(path):
+        barrier.wait()
+        try:
+            results.append(_publish(path, final))
+        except DeliveryError as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=publish, args=(p,)) for p in staged]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(isinstance(r, DeliveryError) for r in results) == 1
+    assert final.read_bytes() in (staged[0].read_bytes(), staged[1].read_bytes())
+    assert os.listdir(final.parent) == [final.name]
+
+
+def _shared(version: str, n: int, file: str, supersedes=()) -> SharedStudy:
+    return SharedStudy(source_id=SOURCE, outcome="delivered", content_version=version,
+                       pseudo_patient="PSEUDOPAT", pseudo_study="PSEUDOSTUDY", version=n,
+                       file=file, supersedes=tuple(supersedes), instances_out=n,
+                       sha256=f"{n:064x}", delivered="directory:/out",
+                       pseudonym_from="PatientID")
+
+
+def test_ledger_keys_on_content_version(tmp_path):
+    ledger = _Ledger(tmp_path / "ledger.jsonl")
+    key = _Ledger.study(SOURCE, Destination(target="/out"), DeidProfile())
+    other = _Ledger.study(SOURCE, Destination(target="/elsewhere"), DeidProfile())
+    assert key != other
+    assert not ledger.delivered(key, "2-aaaa") and ledger.history(key) == []
+    ledger.record(key, _shared("2-aaaa", 1, "/out/share-v1.zip"))
+    assert ledger.delivered(key, "2-aaaa")
+    assert not ledger.delivered(key, "3-bbbb")  # the study grew: to be shared again
+    assert not ledger.delivered(other, "2-aaaa")
+    ledger.record(key, _shared("3-bbbb", 2, "/out/share-v2.zip"))
+    assert [e["version"] for e in ledger.history(key)] == [1, 2]
+    assert [e["file"] for e in ledger.history(key)] == ["share-v1.zip", "share-v2.zip"]
+
+
+def test_manifest_one_entry_per_study_newest_supersedes(tmp_path):
+    profile = DeidProfile()
+    _update_manifest(tmp_path, profile, _shared("2-a", 1, "share-P-S-v1.zip"))
+    _update_manifest(tmp_path, profile, _shared("3-b", 2, "share-P-S-v2.zip",
+                                                ["share-P-S-v1.zip"]))
+    other = _shared("1-c", 1, "share-P-T-v1.zip").model_copy(update={"pseudo_study": "T"})
+    _update_manifest(tmp_path, profile, other)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entries = {e["study"]: e for e in manifest["studies"]}
+    assert len(manifest["studies"]) == 2
+    assert entries["PSEUDOSTUDY"]["file"] == "share-P-S-v2.zip"
+    assert entries["PSEUDOSTUDY"]["version"] == 2
+    assert entries["PSEUDOSTUDY"]["supersedes"] == ["share-P-S-v1.zip"]
+    assert entries["T"]["supersedes"] == []
+    assert SOURCE not in json.dumps(manifest)  # no source ID in what is shared
+    assert os.listdir(tmp_path) == ["manifest.json"]
