@@ -354,10 +354,17 @@ def _pending_linkage(zip_path: Path) -> Path:
 
 
 def _append_linkage(path: Path, row: dict[str, object]) -> None:
-    """One row of the linkage table, appended and fsynced (call under the ledger's lock)."""
+    """One row of the linkage table, appended and fsynced (call under the ledger's lock).
+    A table started by an earlier release keeps its header: the row is written in its
+    columns (new columns left out, missing ones empty), never misaligned."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(row))
-    if not path.exists() or path.stat().st_size == 0:
+    header: list[str] | None = None
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), None)
+    writer = csv.DictWriter(buffer, fieldnames=header or list(row), restval="",
+                            extrasaction="ignore")
+    if not header:
         writer.writeheader()
     writer.writerow(row)
     _append_durably(path, buffer.getvalue(), mode=0o600)

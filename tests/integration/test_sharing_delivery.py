@@ -112,6 +112,35 @@ def test_concurrent_runs_on_one_study_deliver_it_once(research_env, secret_env, 
         _cleanup(research, study)
 
 
+def test_two_tasks_on_one_study_at_once_take_turns(research_env, secret_env, research,
+                                                   research_creds, tmp_path):
+    """The same race without the flows' start-up skew: two ``share_study`` tasks for one
+    study submitted together. Without the lock both de-identify at once and the second
+    deletes the first's anonymized copy as a crashed run's leftover."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.sharing import SharingRequest, share_study
+
+    study = _upload(research, _ct_copies(40))
+    request = SharingRequest(**_params(tmp_path, [study]))
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def duplicate_events():
+        futures = [share_study.submit(research_creds, study, request, DEID_SECRET.encode())
+                   for _ in range(2)]
+        return [f.result(raise_on_failure=False) for f in futures]
+
+    try:
+        results = duplicate_events()
+        assert all(not isinstance(r, Exception) for r in results), results
+        assert sorted(r.outcome for r in results) == ["delivered", "delivered_before"]
+        assert len(list((tmp_path / "out").glob("*.zip"))) == 1
+        assert len(_ledger_lines(tmp_path)) == 1 and len(_linkage_rows(tmp_path)) == 1
+    finally:
+        _cleanup(research, study)
+
+
 def test_a_study_that_grew_is_shared_again_whole_as_a_new_version(research_env, secret_env,
                                                                  research, tmp_path):
     copies = _ct_copies(3)

@@ -103,3 +103,18 @@ def test_manifest_one_entry_per_study_newest_supersedes(tmp_path):
     assert entries["T"]["supersedes"] == []
     assert SOURCE not in json.dumps(manifest)  # no source ID in what is shared
     assert os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_linkage_rows_keep_the_table_header(tmp_path):
+    from flows.sharing import _append_linkage
+
+    path = tmp_path / "linkage.csv"
+    _append_linkage(path, {"source_patient_id": "A", "patient_id": "P1", "package": "v1.zip"})
+    _append_linkage(path, {"source_patient_id": "B", "patient_id": "P2", "package": "v2.zip"})
+    assert path.read_text().splitlines() == ["source_patient_id,patient_id,package",
+                                             "A,P1,v1.zip", "B,P2,v2.zip"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    older = tmp_path / "older.csv"  # a table written by an earlier release: other columns
+    older.write_text("source_patient_id,patient_id,anonymized_at\nA,P1,2026-01-01\n")
+    _append_linkage(older, {"source_patient_id": "B", "patient_id": "P2", "package": "x"})
+    assert older.read_text().splitlines()[-1] == "B,P2,"
