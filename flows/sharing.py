@@ -22,8 +22,8 @@ instance held back by the profile: a warning, not a failure), ``quarantined`` (f
 ``failed`` (an error, its message shown when it is PHI-free). A study without PatientID is
 delivered under a pseudonym keyed on its StudyInstanceUID (``pseudonym_from`` says so). The
 linkage table (source ↔ pseudonym) gets a row only for a delivered study and goes to a file the
-user chooses, never to Prefect: the run's artifact lists row numbers and pseudonyms, never
-source IDs. The project secret comes from a Prefect Secret block or
+user chooses, never to Prefect: the run's artifact and logs name source studies and never
+hold a pseudonym. The project secret comes from a Prefect Secret block or
 ``PREFECT_ORTHANC_DEID_SECRET``.
 
 Example:
@@ -724,11 +724,15 @@ def _share(request: SharingRequest, credentials_block: str | None
 
 def _report(request: SharingRequest, outcomes: list[SharedStudy], logger: Any
             ) -> State[list[SharedStudy]]:
-    """The run's artifact, log lines and final state. The artifact pairs a row number (the
-    study's place in the selection) with pseudonyms and counts; log lines pair it with the
-    short source Orthanc ID and findings: never a pseudonym next to a source ID."""
+    """The run's artifact, log lines and final state, by source study: never a pseudonym.
+
+    A pseudonym next to a source Orthanc ID (a hash of source identifiers) is linkage, and
+    so is a pseudonym next to a row number when the rows follow the run's ``study_ids``
+    parameter, or a study's outcome told once with its source ID (a log line) and once with
+    its pseudonym (an artifact). So nothing the run gives Prefect holds a pseudonym: the
+    data owner acts on source studies; pseudonyms are in the manifest and linkage table."""
     create_table_artifact(key="sharing-report", table=[{
-        "row": row, "outcome": s.outcome, "pseudonym": s.pseudo_patient,
+        "row": row, "study": s.source_id, "outcome": s.outcome,
         "pseudonym_from": s.pseudonym_from, "package_version": s.version or "",
         "instances_in": s.instances_in, "instances_out": s.instances_out,
         "excluded": s.excluded,
@@ -736,19 +740,21 @@ def _report(request: SharingRequest, outcomes: list[SharedStudy], logger: Any
         "findings": len(s.findings), "delivered_to": s.delivered or "no"}
         for row, s in enumerate(outcomes, start=1)],
         description=f"Sharing with profile {request.profile.name} v{request.profile.version}: "
-                    f"one row per selected study, in selection order (pseudonyms only; the "
-                    f"flow logs give findings by row and source study).")
-    for row, study in enumerate(outcomes, start=1):
+                    f"one row per selected source study (Orthanc ID), in selection order. "
+                    f"No pseudonyms here: they are in the destination's manifest and the "
+                    f"linkage table. Findings by tag path are in the flow logs.")
+    for study in outcomes:
         if study.outcome == "excluded":
-            logger.warning("row %d (study %s): nothing shared, every instance held back (%s)",
-                           row, short_id(study.source_id),
+            logger.warning("study %s: nothing shared, every instance held back (%s)",
+                           short_id(study.source_id),
                            ", ".join(f"{r}: {n}" for r, n in study.excluded_reasons.items()))
         for finding in study.findings:
-            logger.warning("row %d (study %s) %s: %s", row, short_id(study.source_id),
-                           study.outcome, finding)
+            logger.warning("study %s %s: %s", short_id(study.source_id), study.outcome,
+                           finding)
         if study.outcome == "delivered" and study.pseudonym_from == "StudyInstanceUID":
-            logger.info("row %d: no PatientID, its pseudonym is keyed on its "
-                        "StudyInstanceUID (not linked to the patient's other studies)", row)
+            logger.info("study %s: no PatientID, its pseudonym is keyed on its "
+                        "StudyInstanceUID (not linked to the patient's other studies)",
+                        short_id(study.source_id))
     count = Counter(s.outcome for s in outcomes)
     manifest = " (manifest.json updated)" if count["delivered"] and \
         request.destination.kind == "directory" else ""

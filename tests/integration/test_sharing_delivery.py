@@ -1,7 +1,7 @@
 """Deliveries that cannot lose a study, on the real lab, with studies written by others
 (pydicom's test files): unique never-overwritten packages, a ledger keyed by content version,
 a per-study lock for concurrent runs, one outcome per kind of study, and an artifact and logs
-that never pair a pseudonym with a source Orthanc ID."""
+that never hold a pseudonym (they name source studies)."""
 
 from __future__ import annotations
 
@@ -248,12 +248,13 @@ def test_outcomes_by_kind_and_a_report_that_never_pairs_pseudonym_and_source(
         assert {e["pseudonym_from"] for e in manifest["studies"]} == {
             "StudyInstanceUID", "PatientID"}
 
+        # Prefect sees source studies, never a pseudonym: not in the artifact (its rows follow
+        # the study_ids parameter), not in a log line
         artifact, logs = _artifact_and_logs(state)
         pseudonyms = {plan_out.pseudo_patient, ct_out.pseudo_patient,
-                      excluded.pseudo_patient}
-        assert all(p in artifact for p in pseudonyms)
-        for source in selected:
-            assert source[:8] not in artifact  # no source ID, not even its short form
+                      excluded.pseudo_patient, plan_out.pseudo_study, ct_out.pseudo_study}
+        assert all(source in artifact for source in selected)
+        assert not any(p in artifact for p in pseudonyms)
         for line in logs:
             assert not any(p in line for p in pseudonyms), line
         assert any("nothing shared, every instance held back" in line for line in logs)
@@ -273,7 +274,8 @@ def test_outcomes_by_kind_and_a_report_that_never_pairs_pseudonym_and_source(
         assert outcome.outcome == "quarantined" and outcome.findings
         assert _linkage_rows(tmp_path / "leaky") == []
         artifact, logs = _artifact_and_logs(state)
-        assert quarantined[:8] not in artifact
+        assert outcome.pseudo_patient not in artifact and quarantined in artifact
         assert not any(outcome.pseudo_patient in line for line in logs)
+        assert any(f"{quarantined[:8]} quarantined" in line for line in logs)
     finally:
         _cleanup(research, *selected)
