@@ -107,17 +107,40 @@ def study_lock(orthanc_id: str, *, timeout: float | None = None,
         ```
     """
     name = study_lock_name(orthanc_id)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
-            except (ObjectAlreadyExists, httpx.HTTPStatusError):  # created by another run
-                client.read_global_concurrency_limit_by_name(name)
-    with _slot(name, timeout, lease_seconds):
+    _ensure_lock(name)
+    try:
+        slot = _slot(name, timeout, lease_seconds)
+        slot.__enter__()
+    except ModalityLimitMissing:  # deleted since this process made it: make it again
+        _LOCKS_MADE.discard(name)
+        _ensure_lock(name)
+        slot = _slot(name, timeout, lease_seconds)
+        slot.__enter__()
+    with contextlib.ExitStack() as stack:
+        stack.push(slot)
         yield
+
+
+_LOCKS_MADE: set[str] = set()
+_LOCKS_MADE_GUARD = threading.Lock()
+
+
+def _ensure_lock(name: str) -> None:
+    """Create the lock's limit (limit 1) unless it exists; once per process and name, one
+    thread at a time (two concurrent creations make the server log an integrity error)."""
+    with _LOCKS_MADE_GUARD:
+        if name in _LOCKS_MADE:
+            return
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+                except (ObjectAlreadyExists, httpx.HTTPStatusError):  # another process
+                    client.read_global_concurrency_limit_by_name(name)
+        _LOCKS_MADE.add(name)
 
 
 @contextlib.contextmanager

@@ -118,3 +118,13 @@ def test_linkage_rows_keep_the_table_header(tmp_path):
     older.write_text("source_patient_id,patient_id,anonymized_at\nA,P1,2026-01-01\n")
     _append_linkage(older, {"source_patient_id": "B", "patient_id": "P2", "package": "x"})
     assert older.read_text().splitlines()[-1] == "B,P2,"
+
+
+def test_study_locks_are_bounded_stripes_without_the_study_id():
+    from tasks.limits import STUDY_LOCKS, study_lock_name
+
+    ids = [f"{i:08x}-11111111-22222222-33333333-44444444" for i in range(2000)]
+    names = {study_lock_name(i) for i in ids}
+    assert len(names) == STUDY_LOCKS  # every stripe used, no more
+    assert study_lock_name(ids[0]) == study_lock_name(ids[0])  # stable
+    assert all(i[:8] not in study_lock_name(i) for i in ids)
