@@ -12,7 +12,9 @@ import pytest
 
 from flows.deid import DeidProfile
 from flows.sharing import DeliveryError, Destination, SharedStudy, content_version
-from flows.sharing import _Ledger, _publish, _update_manifest
+from flows.sharing.delivery import publish
+from flows.sharing.ledger import Ledger
+from flows.sharing.manifest import update_manifest
 
 IDS = [f"{i:08x}-00000000-00000000-00000000-00000000" for i in range(3)]
 SOURCE = "aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee"
@@ -29,11 +31,11 @@ def test_publish_never_overwrites_and_leaves_no_partial(tmp_path):
     staged = tmp_path / "staging" / "a.zip"
     staged.parent.mkdir()
     staged.write_bytes(b"first")
-    final = _publish(staged, tmp_path / "out" / "share-P-S-v1.zip")
+    final = publish(staged, tmp_path / "out" / "share-P-S-v1.zip")
     assert final.read_bytes() == b"first"
     staged.write_bytes(b"second")
     with pytest.raises(DeliveryError, match="nothing overwritten"):
-        _publish(staged, final)
+        publish(staged, final)
     assert final.read_bytes() == b"first"
     assert sorted(p.name for p in final.parent.iterdir()) == ["share-P-S-v1.zip"]
 
@@ -47,14 +49,14 @@ def test_publish_races_one_winner(tmp_path):
     results: list[object] = []
     barrier = threading.Barrier(2)
 
-    def publish(path):
+    def write(path):
         barrier.wait()
         try:
-            results.append(_publish(path, final))
+            results.append(publish(path, final))
         except DeliveryError as error:
             results.append(error)
 
-    threads = [threading.Thread(target=publish, args=(p,)) for p in staged]
+    threads = [threading.Thread(target=write, args=(p,)) for p in staged]
     for t in threads:
         t.start()
     for t in threads:
@@ -73,9 +75,9 @@ def _shared(version: str, n: int, file: str, supersedes=()) -> SharedStudy:
 
 
 def test_ledger_keys_on_content_version(tmp_path):
-    ledger = _Ledger(tmp_path / "ledger.jsonl")
-    key = _Ledger.study(SOURCE, Destination(target="/out"), DeidProfile())
-    other = _Ledger.study(SOURCE, Destination(target="/elsewhere"), DeidProfile())
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    key = Ledger.study(SOURCE, Destination(target="/out"), DeidProfile())
+    other = Ledger.study(SOURCE, Destination(target="/elsewhere"), DeidProfile())
     assert key != other
     assert not ledger.delivered(key, "2-aaaa") and ledger.history(key) == []
     ledger.record(key, _shared("2-aaaa", 1, "/out/share-v1.zip"))
@@ -89,11 +91,11 @@ def test_ledger_keys_on_content_version(tmp_path):
 
 def test_manifest_one_entry_per_study_newest_supersedes(tmp_path):
     profile = DeidProfile()
-    _update_manifest(tmp_path, profile, _shared("2-a", 1, "share-P-S-v1.zip"))
-    _update_manifest(tmp_path, profile, _shared("3-b", 2, "share-P-S-v2.zip",
+    update_manifest(tmp_path, profile, _shared("2-a", 1, "share-P-S-v1.zip"))
+    update_manifest(tmp_path, profile, _shared("3-b", 2, "share-P-S-v2.zip",
                                                 ["share-P-S-v1.zip"]))
     other = _shared("1-c", 1, "share-P-T-v1.zip").model_copy(update={"pseudo_study": "T"})
-    _update_manifest(tmp_path, profile, other)
+    update_manifest(tmp_path, profile, other)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     entries = {e["study"]: e for e in manifest["studies"]}
     assert len(manifest["studies"]) == 2
@@ -106,17 +108,17 @@ def test_manifest_one_entry_per_study_newest_supersedes(tmp_path):
 
 
 def test_linkage_rows_keep_the_table_header(tmp_path):
-    from flows.sharing import _append_linkage
+    from flows.sharing.linkage import append_linkage
 
     path = tmp_path / "linkage.csv"
-    _append_linkage(path, {"source_patient_id": "A", "patient_id": "P1", "package": "v1.zip"})
-    _append_linkage(path, {"source_patient_id": "B", "patient_id": "P2", "package": "v2.zip"})
+    append_linkage(path, {"source_patient_id": "A", "patient_id": "P1", "package": "v1.zip"})
+    append_linkage(path, {"source_patient_id": "B", "patient_id": "P2", "package": "v2.zip"})
     assert path.read_text().splitlines() == ["source_patient_id,patient_id,package",
                                              "A,P1,v1.zip", "B,P2,v2.zip"]
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     older = tmp_path / "older.csv"  # a table written by an earlier release: other columns
     older.write_text("source_patient_id,patient_id,anonymized_at\nA,P1,2026-01-01\n")
-    _append_linkage(older, {"source_patient_id": "B", "patient_id": "P2", "package": "x"})
+    append_linkage(older, {"source_patient_id": "B", "patient_id": "P2", "package": "x"})
     assert older.read_text().splitlines()[-1] == "B,P2,"
 
 
