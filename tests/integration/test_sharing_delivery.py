@@ -192,6 +192,7 @@ def test_a_package_name_taken_is_an_error_never_an_overwrite(research_env, secre
         assert "nothing overwritten" in outcome.findings[0]  # not "details withheld"
         assert Path(first.file).read_bytes() == before
         assert len(_linkage_rows(tmp_path)) == 1  # no row for what was not delivered
+        assert research.find("Study", {"PatientID": first.pseudo_patient}) == []  # no copy left
         assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
     finally:
         _cleanup(research, study)
