@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,10 @@ __all__ = ["share_studies", "share_study"]
 @orthanc_task(name="share_study", run_name=lambda p: f"share-{short_id(p['source_id'])}",
               retries=0)
 def share_study(credentials: OrthancCredentials, source_id: str, request: SharingOptions,
-                secret: bytes) -> SharedStudy:
-    """One study, start to end, under its lock (``tasks.study_lock``): skip it if the ledger
+                secret: bytes, locked: bool = False) -> SharedStudy:
+    """One study, start to end, under its lock (``tasks.study_lock``; ``locked=True`` when
+    the caller already holds it, as ``share_studies`` does for its whole selection, one
+    acquisition per run instead of one per study): skip it if the ledger
     holds its current content version, else ``deidentify_study`` then, when verified,
     ``deliver_study``; the anonymized copy is then removed whatever happened (unless
     ``keep_anonymized``). Two runs given the same study (duplicate events) take turns: the
@@ -51,7 +54,7 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
     """
     ledger = Ledger(Path(request.ledger_path))
     key = Ledger.study(source_id, request.destination, request.profile)
-    with study_lock(source_id):
+    with contextlib.nullcontext() if locked else study_lock(source_id):
         with credentials.get_client() as orthanc:
             version = content_version(orthanc.instances(Level.STUDY, source_id))
         if ledger.delivered(key, version):
@@ -154,14 +157,19 @@ def _share(request: SharingRequest, credentials_block: str | None
     if not selected:
         return _nothing_selected(request)
     logger.info("%d studies selected", len(selected))
-    futures = {share_study.submit(credentials, s, request, secret): s for s in selected}
     outcomes: list[SharedStudy] = []
-    for future in as_completed(list(futures)):
-        try:
-            outcomes.append(future.result())
-        except Exception as error:  # sanitized by the task policy: PHI-free messages only
-            outcomes.append(SharedStudy(source_id=futures[future], outcome="failed",
-                                        findings=(f"{type(error).__name__}: {error}"[:300],)))
+    # every selected study's lock, taken at once for the run: another run given one of
+    # them (a duplicate event) waits, then finds it in the ledger
+    with study_lock(*selected):
+        futures = {share_study.submit(credentials, s, request, secret, locked=True): s
+                   for s in selected}
+        for future in as_completed(list(futures)):
+            try:
+                outcomes.append(future.result())
+            except Exception as error:  # sanitized by the task policy: PHI-free only
+                outcomes.append(SharedStudy(
+                    source_id=futures[future], outcome="failed",
+                    findings=(f"{type(error).__name__}: {error}"[:300],)))
     order = {source_id: row for row, source_id in enumerate(selected, start=1)}
     outcomes.sort(key=lambda s: order[s.source_id])
     return _report(request, outcomes, logger)

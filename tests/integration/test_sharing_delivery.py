@@ -80,35 +80,60 @@ def _cleanup(research: Orthanc, *study_ids: str) -> None:
         research.delete("Study", study, missing_ok=True)
 
 
+_RUN = """
+import json, sys, time
+from prefect import flow
+from flows.sharing import Destination, share_studies
+flow(name="warm-up")(lambda: None)()  # a worker's first flow run is slow to start: not this one
+params = json.loads(sys.argv[1])
+params["destination"] = Destination(**params["destination"])
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both processes start together
+state = share_studies(**params, return_state=True)
+outcomes = state.result(raise_on_failure=False)
+print(json.dumps({"completed": state.is_completed(), "message": state.message,
+                  "outcomes": [o.outcome for o in outcomes]}))
+"""
+
+
 def test_concurrent_runs_on_one_study_deliver_it_once(research_env, secret_env, research,
-                                                      tmp_path):
-    """Duplicate events: two runs share the same study at the same time. The per-study lock
-    makes them take turns: one delivery, the other finds it delivered; no crash, no copy
-    deleted under the other's feet."""
-    study = _upload(research, _ct_copies(3))
+                                                      prefect_server, tmp_path):
+    """Duplicate events: two workers (two processes) share the same study at the same
+    moment. The study lock makes them take turns: one delivery, the other finds it
+    delivered; no crash, no anonymized copy deleted under the other's feet."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    study = _upload(research, _ct_copies(40))
+    before = set(research.find("Study"))
     params = _params(tmp_path, [study])
-    states, barrier = [], threading.Barrier(2)
-
-    def run():
-        barrier.wait()
-        states.append(share_studies(**params, return_state=True))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    params["destination"] = params["destination"].model_dump()
+    env = {**os.environ, "PREFECT_API_URL": prefect_server.api_url,
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    # after both processes have warmed up; the second while the first is de-identifying
+    start_at = time.time() + 25
+    runs = [subprocess.Popen([sys.executable, "-c", _RUN, json.dumps(params),
+                              str(start_at + delay)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for delay in (0.0, 0.4)]
     try:
-        assert len(states) == 2 and all(s.is_completed() for s in states), \
-            [s.message for s in states]
-        outcomes = sorted(s.result()[0].outcome for s in states)
-        assert outcomes == ["delivered", "delivered_before"]
+        results = []
+        for run in runs:
+            out, err = run.communicate(timeout=300)
+            assert run.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        assert all(r["completed"] for r in results), results
+        assert sorted(o for r in results for o in r["outcomes"]) == [
+            "delivered", "delivered_before"]
         assert len(list((tmp_path / "out").glob("*.zip"))) == 1
         assert len(_ledger_lines(tmp_path)) == 1 and len(_linkage_rows(tmp_path)) == 1
         assert not list((tmp_path / "out").glob(".*"))  # no partial file left behind
-        (delivered,) = [s.result()[0] for s in states if s.result()[0].delivered]
-        assert not research.exists("Study", delivered.anonymized_id)
+        assert set(research.find("Study")) == before  # no anonymized copy left behind
     finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
         _cleanup(research, study)
 
 

@@ -125,7 +125,7 @@ def test_linkage_rows_keep_the_table_header(tmp_path):
 def test_study_locks_are_bounded_stripes_without_the_study_id():
     from tasks.limits import STUDY_LOCKS, study_lock_name
 
-    ids = [f"{i:08x}-11111111-22222222-33333333-44444444" for i in range(2000)]
+    ids = [f"{i:08x}-11111111-22222222-33333333-44444444" for i in range(20000)]
     names = {study_lock_name(i) for i in ids}
     assert len(names) == STUDY_LOCKS  # every stripe used, no more
     assert study_lock_name(ids[0]) == study_lock_name(ids[0])  # stable
