@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orthanc_client.errors import SafeMessageError
+
 __all__ = ["CohortError", "CohortRow", "Criteria", "TimeWindow", "CollectionRequest",
            "read_cohort", "KEY_COLUMNS"]
 
@@ -29,7 +31,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
-class CohortError(ValueError):
+class CohortError(SafeMessageError, ValueError):
     """The cohort cannot be used as given. Names the row or field, never the cell values."""
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orthanc_client import Level, Orthanc, OrthancDimseError
+from orthanc_client import Level, Orthanc, OrthancDimseError, SafeMessageError
 from orthanc_client.retrieval import uid_key
 
 from .cohort import CohortRow, Criteria
@@ -65,7 +65,7 @@ class PlanRow(BaseModel):
     note: str = ""
 
 
-class CohortTooBroad(ValueError):
+class CohortTooBroad(SafeMessageError, ValueError):
     """Criteria whose C-FIND stays capped even for a single day: nothing would be complete."""
 
 

@@ -39,6 +39,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orthanc_client.errors import SafeMessageError
+
 __all__ = ["CODE_DIR", "DATA_DIR_ENV", "SiteError", "SiteSettings", "default_data_dir"]
 
 #: the directory holding this project's code (the checkout, or site-packages when installed)
@@ -47,7 +49,7 @@ DATA_DIR_ENV = "PREFECT_ORTHANC_DATA_DIR"
 ALLOW_ENV = "PREFECT_ORTHANC_ALLOW_DATA_IN_CHECKOUT"
 
 
-class SiteError(ValueError):
+class SiteError(SafeMessageError, ValueError):
     """A data path is unusable; the message names the setting or parameter to change."""
 
 

@@ -27,11 +27,13 @@ from typing import Any
 
 from prefect.states import Cancelled, Failed, State
 
+from orthanc_client import SafeMessageError
+
 __all__ = ["RunIncomplete", "fail_run", "cancel_run", "report_of", "PurposefulFailureFilter",
            "install_log_filter"]
 
 
-class RunIncomplete(Exception):
+class RunIncomplete(SafeMessageError):
     """A run ended Failed or Cancelled on purpose; ``str()`` is its PHI-free message and
     ``report`` its report in this process (``None`` once pickled)."""
 

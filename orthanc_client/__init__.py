@@ -29,6 +29,7 @@ from .errors import (
     PacsBusy,
     PacsUnreachable,
     QueryRefused,
+    SafeMessageError,
 )
 from .models import (
     ArchiveResult,
@@ -54,7 +55,7 @@ __all__ = [
     "OrthancNotFound", "OrthancConflict", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
     "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",
     "OrthancArchiveError", "OrthancUsageError", "PacsUnreachable", "AssociationRejected",
-    "MoveDestinationUnknown", "QueryRefused", "MoveRefused", "PacsBusy",
+    "MoveDestinationUnknown", "QueryRefused", "MoveRefused", "PacsBusy", "SafeMessageError",
     "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",
     "QueryAnswer", "QueryResult", "Change", "ChangesPage", "UploadResult", "ModifyResult",
     "ArchiveResult", "CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",

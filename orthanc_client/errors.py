@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 __all__ = [
+    "SafeMessageError",
     "OrthancError",
     "OrthancHTTPError",
     "OrthancBadRequest",
@@ -42,7 +43,18 @@ __all__ = [
 ]
 
 
-class OrthancError(Exception):
+class SafeMessageError(Exception):
+    """Base class of every error of this project whose message is PHI-free by construction:
+    built from field names, counts, Orthanc IDs and settings, never from a DICOM value, a
+    cell of a cohort file, a URL's query string or a credential.
+
+    Prefect shows a failed task's message in the UI and pickles the exception into its
+    storage; ``tasks.policy`` lets these through with their message and replaces every other
+    exception by one that names only its type. Subclass it only for messages you build.
+    """
+
+
+class OrthancError(SafeMessageError):
     """Base class of every error raised by this package.
 
     ``transient`` tells whether the same request may succeed if simply tried again

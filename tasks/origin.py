@@ -40,7 +40,8 @@ from orthanc_client import Level, Orthanc
 from .policy import uid_key
 from .variables import put_variable
 
-__all__ = ["RETRIEVED_METADATA", "COPY_METADATA", "IN_FLIGHT_HOURS", "Origin",
+__all__ = ["RETRIEVED_METADATA", "COPY_METADATA", "COPY_SOURCE_PREFIX", "IN_FLIGHT_HOURS",
+           "Origin", "mark_copy",
            "retrieval_variable", "register_retrieval", "end_retrieval", "mark_retrieved",
            "study_origin"]
 
@@ -71,6 +72,19 @@ def end_retrieval(study_uid: str) -> None:
     Variable.unset(retrieval_variable(study_uid))
 
 
+#: ``RETRIEVED_METADATA`` value prefix of a copy this package made by uploading (the sharing
+#: flow's de-identified instances are rewritten outside Orthanc and uploaded, so Orthanc
+#: writes no AnonymizedFrom on them)
+COPY_SOURCE_PREFIX = "copy:"
+
+
+def mark_copy(orthanc: Orthanc, study_id: str, how: str) -> None:
+    """Mark a study this package made by uploading a transformed copy (``how``, e.g.
+    ``"deidentified"``), right after its first instance arrived, so the new-study flow knows
+    it before the study can become stable."""
+    orthanc.set_metadata(Level.STUDY, study_id, RETRIEVED_METADATA, COPY_SOURCE_PREFIX + how)
+
+
 def mark_retrieved(orthanc: Orthanc, study_ids: Iterable[str], modality: str) -> None:
     """Mark studies that arrived through a retrieval from ``modality`` (idempotent)."""
     for study_id in study_ids:
@@ -95,7 +109,10 @@ def study_origin(metadata: Mapping[str, str], study_uid: str | None) -> Origin:
     >>> study_origin(orthanc.all_metadata("Study", study_id), study_uid)
     'received'
     """
-    if metadata.get(RETRIEVED_METADATA):
+    source = metadata.get(RETRIEVED_METADATA) or ""
+    if source.startswith(COPY_SOURCE_PREFIX):
+        return "copy"
+    if source:
         return "retrieved"
     if any(metadata.get(name) for name in COPY_METADATA):
         return "copy"

@@ -6,8 +6,10 @@
   (unreachable server or PACS, 502-504); a refused move or a failed job is not retried;
 * run names built from Orthanc IDs or hashes of UIDs, never from DICOM values;
 * no result caching or persistence (results may hold tags; inputs may hold UIDs);
-* any exception that is not one of the client's own sanitized errors is replaced by one that
-  names only its type, because Prefect pickles a failed task's exception into its storage.
+* any exception that is not a ``SafeMessageError`` (the client's errors, ``DeidError``,
+  ``CohortError``, ``CohortTooBroad``, ``SiteError``, ``ModalityLimitMissing``...: messages
+  built without patient data) is replaced by one that names only its type, because Prefect
+  pickles a failed task's exception into its storage and shows its message in the UI.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from orthanc_client import OrthancError
+from orthanc_client import SafeMessageError
 from orthanc_client.retrieval import uid_key
-
-from .limits import ModalityLimitMissing
 
 __all__ = ["orthanc_task", "is_transient", "TaskFailure", "uid_key", "short_id"]
 
@@ -42,8 +42,9 @@ class TaskFailure(RuntimeError):
         return (TaskFailure, (self.task_name, self.error_type))
 
 
-# Errors whose messages are built by this project from IDs and counts only.
-_PASS_THROUGH = (OrthancError, ModalityLimitMissing, TimeoutError)
+# Errors whose messages are built by this project from IDs and counts only (one base class;
+# TimeoutError: the waits' own messages).
+_PASS_THROUGH = (SafeMessageError, TimeoutError)
 
 
 def is_transient(task: Task[..., Any], task_run: Any, state: Any) -> bool:

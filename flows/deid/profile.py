@@ -34,6 +34,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orthanc_client.errors import SafeMessageError
+
 __all__ = [
     "DEFAULT_DESCRIPTION_TAGS",
     "DEFAULT_EXCLUDED_MODALITIES",
@@ -152,7 +154,7 @@ _DA = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-class DeidError(ValueError):
+class DeidError(SafeMessageError, ValueError):
     """The request cannot be built as asked. Names the field, never a source value."""
 
 

@@ -5,6 +5,7 @@ a clean series, waveform labels, an ideographic name in a kept description, iden
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from flows.deid import DeidProfile, shift_da, shift_dt
-from flows.sharing import Destination, SharingRequest, deidentify_study
+from flows.sharing import Destination, SharingOptions, deidentify_study
 
 from .conftest import DEID_SECRET
 from .test_deid_corpus import check_delivered
@@ -102,13 +103,8 @@ def store(research):
         research.delete("Study", study, missing_ok=True)
 
 
-#: the request's selection is not used by deidentify_study (it is given the study to share)
-UNUSED_STUDY_ID = "00000000-00000000-00000000-00000000-00000000"
-
-
-def _request(tmp_path: Path, profile: DeidProfile | None = None) -> SharingRequest:
-    return SharingRequest(study_ids=[UNUSED_STUDY_ID],
-                          destination=Destination(target=str(tmp_path / "o")),
+def _request(tmp_path: Path, profile: DeidProfile | None = None) -> SharingOptions:
+    return SharingOptions(destination=Destination(target=str(tmp_path / "o")),
                           linkage_path=str(tmp_path / "private" / "linkage.csv"),
                           staging_dir=str(tmp_path / "staging"),
                           ledger_path=str(tmp_path / "ledger.jsonl"),
@@ -137,8 +133,9 @@ def test_nested_identifiers_every_date_and_uids_after_orthanc(research, research
     assert outcome.verified, outcome.findings
     assert check_delivered(Path(outcome.file), sources) == []
     out = _outputs(outcome.file)[0]
-    days = int(Path(tmp_path / "private" / "linkage.csv").read_text().splitlines()[1]
-               .split(",")[11])
+    # a verified study's linkage row waits next to its ZIP until it is delivered
+    days = json.loads(Path(outcome.file + ".linkage.json").read_text())["date_shift_days"]
+    assert not (tmp_path / "private" / "linkage.csv").exists()
     assert out.StudyDate == out.InstanceCreationDate == shift_da("20240307", days)
     assert out.AcquisitionDateTime == shift_dt("20240307101512.5+0100", days)
     assert not out.get("ContentSequence")  # the Basic Profile emptied it
@@ -220,6 +217,7 @@ def test_a_study_without_patient_id_is_keyed_on_its_study(research, research_cre
     outcome = _share(research, research_creds, study, tmp_path)
     assert outcome.verified, outcome.findings
     assert check_delivered(Path(outcome.file), [source]) == []
-    linkage = (tmp_path / "private" / "linkage.csv").read_text()
-    assert "StudyInstanceUID" in linkage.splitlines()[1]  # patient_key_from, said in the row
+    linkage = json.loads(Path(outcome.file + ".linkage.json").read_text())
+    assert linkage["patient_key_from"] == "StudyInstanceUID"  # said in the row
+    assert outcome.pseudonym_from == "StudyInstanceUID"  # and in the outcome
     assert _outputs(outcome.file)[0].PatientID == outcome.pseudo_patient

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from flows.deid import DeidProfile
+from flows.states import report_of
 from flows.sharing import SECRET_ENV, Destination, share_studies
 from orthanc_client import Orthanc
 
@@ -99,7 +100,8 @@ def test_share_to_directory_consistent_pseudonyms_and_dates(
 
     # a re-run delivers nothing new
     again = share_studies(**request)
-    assert again == [] and sorted(out.glob("*.zip")) == zips
+    assert [o.outcome for o in again] == ["delivered_before"] * 2
+    assert sorted(out.glob("*.zip")) == zips
     # another run, elsewhere, with the same secret: the very same pseudonyms
     other = tmp_path / "other"
     second = share_studies(**_request(tmp_path / "second", ids,
@@ -118,7 +120,7 @@ def test_leaky_profile_is_quarantined(research_env, secret_env, research, loaded
                                                                   target=str(out)),
                                    profile=leaky), return_state=True)
     assert state.is_failed() and "1 quarantined" in state.message
-    (outcome,) = state.result(raise_on_failure=False)
+    (outcome,) = report_of(state)
     assert not outcome.verified and not outcome.delivered and outcome.findings
     assert not out.exists() or not list(out.glob("*.zip"))
     for finding in outcome.findings:
@@ -126,6 +128,9 @@ def test_leaky_profile_is_quarantined(research_env, secret_env, research, loaded
             assert value not in finding
     quarantined = list((tmp_path / "staging" / "quarantine").glob("*.zip"))
     assert len(quarantined) == 1
+    assert outcome.outcome == "quarantined"
+    assert not (tmp_path / "private" / "linkage.csv").exists()  # no row unless delivered
+    assert not research.exists("Study", outcome.anonymized_id)
 
 
 def test_share_to_pacs_modality_once(research_env, secret_env, research, pacs, loaded_pacs,
@@ -138,7 +143,8 @@ def test_share_to_pacs_modality_once(research_env, secret_env, research, pacs, l
     assert len(found) == 1
     assert pacs.count_instances("Study", found[0]) == outcome.instances_out
     jobs_before = research.request("GET", "/jobs", safe=True)
-    assert share_studies(**request) == []  # the ledger: no second C-STORE
+    again = share_studies(**request)  # the ledger: no second C-STORE
+    assert [o.outcome for o in again] == ["delivered_before"]
     assert research.request("GET", "/jobs", safe=True) == jobs_before
     pacs.delete("Study", found[0])
 

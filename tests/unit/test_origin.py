@@ -42,6 +42,12 @@ def test_copies_are_known_by_orthancs_own_metadata(variables):
     assert study_origin({"ModifiedFrom": "8a8cf898-ca27c490"}, UID) == "copy"
 
 
+def test_copies_this_package_uploaded_are_copies(variables):
+    """The sharing flow rewrites instances outside Orthanc and uploads them: no AnonymizedFrom,
+    so it marks the new study itself (tasks.origin.mark_copy)."""
+    assert study_origin({"PrefectOrthancSource": "copy:deidentified"}, UID) == "copy"
+
+
 def test_in_flight_retrieval_counts_until_it_is_stale(variables):
     assert study_origin({"LastUpdate": "20261129T152630"}, UID) == "received"
     variables[retrieval_variable(UID)] = {"modality": "pacs", "since": _since(0.01)}

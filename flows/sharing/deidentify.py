@@ -1,0 +1,127 @@
+"""One study de-identified, packaged and scanned (``deidentify_study``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from pydicom import dcmread
+
+from orthanc_client import Level
+from tasks import OrthancCredentials, orthanc_task
+from tasks.origin import mark_copy
+from tasks.policy import short_id
+
+from ..deid import Rewriter, build_request, identifiers_from, risk_reason, scan_zip
+from .ledger import content_version
+from .linkage import pending_linkage
+from .models import SharedStudy, SharingOptions
+
+__all__ = ["deidentify_study"]
+
+
+@orthanc_task(name="deidentify_study", run_name=lambda p: f"deid-{short_id(p['source_id'])}")
+def deidentify_study(credentials: OrthancCredentials, source_id: str,
+                     request: SharingOptions, secret: bytes) -> SharedStudy:
+    """De-identify one study, instance by instance, ZIP it, scan the ZIP.
+
+    Each source file is read (``GET /instances/{id}/file``); risky ones are held back and
+    counted by reason (``flows.deid.risk_reason``); the others go through Orthanc's Basic
+    Profile (``POST /instances/{id}/anonymize``, not stored), then ``flows.deid.Rewriter``
+    (keyed pseudonyms and UIDs, shifted dates, at every depth) and are stored back as a new
+    study. Its ZIP is scanned against the identifiers of the source files. Returns the
+    outcome (``verified``, ``excluded`` or ``quarantined``) with pseudonyms, counts, checksum
+    and the content version it was made from. A verified study's linkage row waits next to
+    its ZIP in staging; ``deliver_study`` appends it to the linkage table once delivered.
+    Run it under ``tasks.study_lock(source_id)`` when other runs may share the same study: it
+    first deletes any anonymized copy a crashed run left.
+
+    Example:
+        ```python
+        shared = deidentify_study(creds, study_id, request, project_secret(None))
+        assert shared.verified, shared.findings
+        ```
+    """
+    profile = request.profile
+    staging = Path(request.staging_dir)
+    findings: list[str] = []
+    with credentials.get_client() as orthanc:
+        instance_ids = orthanc.instances(Level.STUDY, source_id)
+        version = content_version(instance_ids)
+        sources = {i: dcmread(io.BytesIO(orthanc.instance_file(i)), stop_before_pixels=True,
+                              force=True) for i in instance_ids}  # headers only in memory
+        identifiers = identifiers_from(list(sources.values()))
+        body, linkage = build_request(profile, secret, sources[instance_ids[0]])
+        base = {"source_id": source_id, "content_version": version,
+                "instances_in": len(instance_ids), "pseudo_patient": linkage.patient_id,
+                "pseudo_study": linkage.study_id, "pseudonym_from": linkage.patient_key_from}
+        patients = {build_request(profile, secret, ds)[1].patient_id for ds in sources.values()}
+        if len(patients) > 1:  # one Orthanc study, two identities (issuers): never merged
+            return SharedStudy(source_id=source_id, outcome="quarantined",
+                               content_version=version, instances_in=len(instance_ids),
+                               findings=(f"refused: the study's instances belong to "
+                                         f"{len(patients)} patients (PatientID with "
+                                         f"different IssuerOfPatientID)",))
+        reasons = {i: risk_reason(profile, ds) for i, ds in sources.items()}
+        kept = [i for i in instance_ids if reasons[i] is None]
+        excluded = dict(Counter(r for r in reasons.values() if r))
+        for stale in orthanc.find(Level.STUDY, {"StudyInstanceUID": linkage.study_uid}):
+            orthanc.delete(Level.STUDY, stale, missing_ok=True)  # a crashed run's copy
+        if not kept:  # nothing to share: an outcome of its own, not a failure
+            return SharedStudy(**base, outcome="excluded", excluded=len(instance_ids),
+                               excluded_reasons=excluded)
+        rewriter = Rewriter(profile, secret, linkage)
+        parents: set[str] = set()
+        for index, instance in enumerate(kept):
+            data = orthanc.request("POST", f"/instances/{instance}/anonymize", json=body,
+                                   expect="bytes", long=True)
+            try:
+                out = rewriter.rewrite(dcmread(io.BytesIO(data)), sources[instance])
+                data = Rewriter.to_bytes(out)
+            except Exception as error:  # unwritable: never shared, said without values
+                findings.append(f"instance {index}: could not be rewritten "
+                                f"({type(error).__name__})")
+                continue
+            for parent in {r.parent_study for r in orthanc.upload(data) if r.parent_study}:
+                if parent not in parents:  # first instance: mark before it can be stable
+                    mark_copy(orthanc, parent, "deidentified")
+                    parents.add(parent)
+        if not parents:
+            return SharedStudy(**base, outcome="quarantined", excluded=len(instance_ids)
+                               - len(kept), excluded_reasons=excluded,
+                               findings=tuple(findings))
+        if len(parents) > 1:
+            findings.append(f"the rewritten instances landed in {len(parents)} studies")
+        new_id = sorted(parents)[0]
+        out_count = orthanc.count_instances(Level.STUDY, new_id)
+        name = f"{request.package}-{linkage.patient_id}-{linkage.study_id}"
+        pending = pending_linkage(staging / f"{name}.zip")
+        pending.unlink(missing_ok=True)  # a crashed run's: this study is made again
+        archive = orthanc.download_archive(Level.STUDY, new_id, staging / f"{name}.zip")
+    report = scan_zip(archive.path, identifiers)
+    findings = [*(str(f) for f in report.findings), *findings]
+    counts_ok = out_count == len(kept) and report.instances == out_count
+    if not counts_ok:
+        findings.append(f"instance count: {len(instance_ids)} in, "
+                        f"{len(instance_ids) - len(kept)} excluded, {out_count} out, "
+                        f"{report.instances} in the ZIP")
+    verified = report.clean and counts_ok and not findings
+    path = archive.path
+    if verified:  # the linkage row waits for the delivery, owner-side, readable by the owner
+        pending.write_text(json.dumps({**linkage.model_dump(), "source_orthanc_id": source_id}))
+        os.chmod(pending, 0o600)
+    else:  # quarantine: never delivered, kept for the data owner to inspect
+        quarantine = staging / "quarantine"
+        quarantine.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+        path = Path(shutil.move(str(archive.path), quarantine / f"{name}-{stamp}.zip"))
+    return SharedStudy(**base, outcome="verified" if verified else "quarantined",
+                       anonymized_id=new_id, instances_out=out_count,
+                       excluded=len(instance_ids) - len(kept), excluded_reasons=excluded,
+                       file=str(path), size=archive.size, sha256=archive.sha256,
+                       verified=verified, findings=tuple(findings))

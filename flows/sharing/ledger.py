@@ -1,0 +1,59 @@
+"""The delivery ledger: which source study went where, with which content version, as which
+package version. Kept with the data owner (it holds source Orthanc IDs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..deid import DeidProfile
+from .files import append_durably
+from .models import Destination, SharedStudy
+
+__all__ = ["Ledger", "content_version"]
+
+
+def content_version(instance_ids: Sequence[str]) -> str:
+    """A study's content version: its instance count and a hash of its sorted Orthanc
+    instance IDs (themselves hashes of the SOPInstanceUIDs and their parents), e.g.
+    ``"12-3f2a…"``. Changes when an instance arrives or goes; stays when nothing does."""
+    digest = hashlib.sha256("\n".join(sorted(instance_ids)).encode()).hexdigest()[:16]
+    return f"{len(instance_ids)}-{digest}"
+
+
+class Ledger:
+    """Append-only JSON lines, one per delivery: which source study (``study``: source study,
+    destination and profile), which content version, which package version and file. Kept
+    with the data owner (it holds source Orthanc IDs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = path.with_name(path.name + ".lock")
+
+    @staticmethod
+    def study(source_id: str, destination: Destination, profile: DeidProfile) -> str:
+        raw = f"{source_id}|{destination.key}|{profile.name}|{profile.version}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+    def history(self, study: str) -> list[dict[str, Any]]:
+        """Earlier deliveries of ``study``, oldest first."""
+        if not self.path.exists():
+            return []
+        entries = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [e for e in entries if e.get("study") == study]
+
+    def delivered(self, study: str, version: str) -> bool:
+        return any(e.get("content_version") == version for e in self.history(study))
+
+    def record(self, study: str, shared: SharedStudy) -> None:
+        """Append one delivery and fsync (call under ``exclusive(self.lock)``)."""
+        append_durably(self.path, json.dumps({
+            "study": study, "content_version": shared.content_version,
+            "version": shared.version, "source_id": shared.source_id,
+            "file": Path(shared.file).name, "sha256": shared.sha256,
+            "destination": shared.delivered,
+            "at": dt.datetime.now(dt.UTC).isoformat()}) + "\n")

@@ -1,0 +1,132 @@
+"""Deliveries that cannot lose a study: package names never overwritten, atomic directory
+writes, a ledger keyed by content version and fsynced per delivery, one manifest entry per
+study saying which package supersedes which."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from flows.deid import DeidProfile
+from flows.sharing import DeliveryError, Destination, SharedStudy, content_version
+from flows.sharing.delivery import publish
+from flows.sharing.ledger import Ledger
+from flows.sharing.manifest import update_manifest
+
+IDS = [f"{i:08x}-00000000-00000000-00000000-00000000" for i in range(3)]
+SOURCE = "aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee"
+
+
+def test_content_version_is_the_instance_set():
+    assert content_version(IDS) == content_version(list(reversed(IDS)))
+    assert content_version(IDS).startswith("3-")
+    assert content_version(IDS[:2]) != content_version(IDS)  # a study that grew
+    assert content_version([*IDS[:2], IDS[0][:-1] + "1"]) != content_version(IDS)
+
+
+def test_publish_never_overwrites_and_leaves_no_partial(tmp_path):
+    staged = tmp_path / "staging" / "a.zip"
+    staged.parent.mkdir()
+    staged.write_bytes(b"first")
+    final = publish(staged, tmp_path / "out" / "share-P-S-v1.zip")
+    assert final.read_bytes() == b"first"
+    staged.write_bytes(b"second")
+    with pytest.raises(DeliveryError, match="nothing overwritten"):
+        publish(staged, final)
+    assert final.read_bytes() == b"first"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["share-P-S-v1.zip"]
+
+
+def test_publish_races_one_winner(tmp_path):
+    """Two writers of one name at once: one package, one DeliveryError, no partial file."""
+    staged = [tmp_path / f"{i}.zip" for i in range(2)]
+    for i, path in enumerate(staged):
+        path.write_bytes(bytes([i]) * 1_000_000)
+    final = tmp_path / "out" / "share-P-S-v1.zip"
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def write(path):
+        barrier.wait()
+        try:
+            results.append(publish(path, final))
+        except DeliveryError as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in staged]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(isinstance(r, DeliveryError) for r in results) == 1
+    assert final.read_bytes() in (staged[0].read_bytes(), staged[1].read_bytes())
+    assert os.listdir(final.parent) == [final.name]
+
+
+def _shared(version: str, n: int, file: str, supersedes=()) -> SharedStudy:
+    return SharedStudy(source_id=SOURCE, outcome="delivered", content_version=version,
+                       pseudo_patient="PSEUDOPAT", pseudo_study="PSEUDOSTUDY", version=n,
+                       file=file, supersedes=tuple(supersedes), instances_out=n,
+                       sha256=f"{n:064x}", delivered="directory:/out",
+                       pseudonym_from="PatientID")
+
+
+def test_ledger_keys_on_content_version(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    key = Ledger.study(SOURCE, Destination(target="/out"), DeidProfile())
+    other = Ledger.study(SOURCE, Destination(target="/elsewhere"), DeidProfile())
+    assert key != other
+    assert not ledger.delivered(key, "2-aaaa") and ledger.history(key) == []
+    ledger.record(key, _shared("2-aaaa", 1, "/out/share-v1.zip"))
+    assert ledger.delivered(key, "2-aaaa")
+    assert not ledger.delivered(key, "3-bbbb")  # the study grew: to be shared again
+    assert not ledger.delivered(other, "2-aaaa")
+    ledger.record(key, _shared("3-bbbb", 2, "/out/share-v2.zip"))
+    assert [e["version"] for e in ledger.history(key)] == [1, 2]
+    assert [e["file"] for e in ledger.history(key)] == ["share-v1.zip", "share-v2.zip"]
+
+
+def test_manifest_one_entry_per_study_newest_supersedes(tmp_path):
+    profile = DeidProfile()
+    update_manifest(tmp_path, profile, _shared("2-a", 1, "share-P-S-v1.zip"))
+    update_manifest(tmp_path, profile, _shared("3-b", 2, "share-P-S-v2.zip",
+                                                ["share-P-S-v1.zip"]))
+    other = _shared("1-c", 1, "share-P-T-v1.zip").model_copy(update={"pseudo_study": "T"})
+    update_manifest(tmp_path, profile, other)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entries = {e["study"]: e for e in manifest["studies"]}
+    assert len(manifest["studies"]) == 2
+    assert entries["PSEUDOSTUDY"]["file"] == "share-P-S-v2.zip"
+    assert entries["PSEUDOSTUDY"]["version"] == 2
+    assert entries["PSEUDOSTUDY"]["supersedes"] == ["share-P-S-v1.zip"]
+    assert entries["T"]["supersedes"] == []
+    assert SOURCE not in json.dumps(manifest)  # no source ID in what is shared
+    assert os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_linkage_rows_keep_the_table_header(tmp_path):
+    from flows.sharing.linkage import append_linkage
+
+    path = tmp_path / "linkage.csv"
+    append_linkage(path, {"source_patient_id": "A", "patient_id": "P1", "package": "v1.zip"})
+    append_linkage(path, {"source_patient_id": "B", "patient_id": "P2", "package": "v2.zip"})
+    assert path.read_text().splitlines() == ["source_patient_id,patient_id,package",
+                                             "A,P1,v1.zip", "B,P2,v2.zip"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    older = tmp_path / "older.csv"  # a table written by an earlier release: other columns
+    older.write_text("source_patient_id,patient_id,anonymized_at\nA,P1,2026-01-01\n")
+    append_linkage(older, {"source_patient_id": "B", "patient_id": "P2", "package": "x"})
+    assert older.read_text().splitlines()[-1] == "B,P2,"
+
+
+def test_study_locks_are_bounded_stripes_without_the_study_id():
+    from tasks.limits import STUDY_LOCKS, study_lock_name
+
+    ids = [f"{i:08x}-11111111-22222222-33333333-44444444" for i in range(20000)]
+    names = {study_lock_name(i) for i in ids}
+    assert len(names) == STUDY_LOCKS  # every stripe used, no more
+    assert study_lock_name(ids[0]) == study_lock_name(ids[0])  # stable
+    assert all(i[:8] not in study_lock_name(i) for i in ids)
