@@ -553,8 +553,10 @@ def build_request(profile: DeidProfile, secret: bytes,
     # The name pseudonym is keyed by the patient too: one person, one pseudonym, whatever
     # spelling of the name a study carries.
     pseudo_name = pseudonym(secret, "PatientName", key, prefix)
-    pseudo_accession = pseudonym(secret, "AccessionNumber", accession, prefix) if accession \
-        else ""
+    # Keyed by the patient too: two patients under one source accession number (it happens)
+    # must not get one pseudonymous accession, which would link them.
+    pseudo_accession = pseudonym(secret, "AccessionNumber", f"{key}\x00{accession}", prefix) \
+        if accession else ""
     # StudyID is keyed by the study UID: source StudyIDs ("1", "2") repeat across patients.
     pseudo_study_id = pseudonym(secret, "StudyID", f"{key}\x00{study_uid}", prefix)
     new_study_uid = pseudo_uid(secret, study_uid, scope=key)

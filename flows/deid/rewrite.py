@@ -130,12 +130,12 @@ class Rewriter:
             elem.value = "" if not values else (
                 self.link.study_id if depth == 0
                 else self._pseudo("StudyID", f"{self.key}\x00{values[0]}"))
-        elif keyword == "AccessionNumber":
-            _set(elem, [self._pseudo("AccessionNumber", v) if _normalize(v) else ""
-                        for v in self._source_values(elem, source)])
-        elif keyword and is_identifier(int(tag), vr):
-            _set(elem, [self._pseudo("Identifier", v) if _normalize(v) else ""
-                        for v in self._source_values(elem, source)])
+        elif keyword == "AccessionNumber":  # keyed by the patient, as in build_request
+            _set(elem, [self._pseudo("AccessionNumber", f"{self.key}\x00{_normalize(v)}")
+                        if _normalize(v) else "" for v in self._source_values(elem, source)])
+        elif keyword and is_identifier(int(tag), vr):  # keyed by the patient: no cross-links
+            _set(elem, [self._pseudo("Identifier", f"{self.key}\x00{_normalize(v)}")
+                        if _normalize(v) else "" for v in self._source_values(elem, source)])
 
     def _restore_dates(self, ds: Dataset, source: Dataset) -> None:
         """Under the modified-dates option: the source's dates and times the Basic Profile

@@ -341,3 +341,18 @@ def test_burned_in_annotation_excludes_unless_risky():
     custom = DeidProfile(exclude_modalities=("ct",), exclude_sop_classes=(),
                          exclude_sop_class_roots=())
     assert custom.excludes("CT", ct) and not custom.excludes("US", "1.2.840.10008.5.1.4.1.1.6.1")
+
+
+def test_one_source_accession_under_two_patients_gets_two_pseudonyms():
+    """Accession numbers repeat across patients (sites, years, test data): a pseudonymous
+    accession keyed on the value alone would link the two patients; keyed per patient it
+    stays one per patient and study, in every run."""
+    def source(patient_id: str) -> dict[str, str]:
+        return {"PatientID": patient_id, "AccessionNumber": "2008-ACC", "PatientName": "X^Y",
+                "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.77"}
+
+    _, first = build_request(DeidProfile(), SECRET, source("2008-3"))
+    _, second = build_request(DeidProfile(), SECRET, source("2008-4"))
+    _, again = build_request(DeidProfile(), SECRET, source("2008-3"))
+    assert first.accession != second.accession
+    assert first.accession == again.accession
