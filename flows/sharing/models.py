@@ -154,7 +154,9 @@ class SharingRequest(SharingOptions):
     @model_validator(mode="after")
     def _one_selection(self) -> SharingRequest:
         if bool(self.project) == bool(self.study_ids):
-            raise ValueError("give exactly one of project and study_ids")
+            raise ValueError("give exactly one of project and study_ids (to share study_ids "
+                             "from a deployment whose default is a project, also set "
+                             "project to null)")
         return self
 
 
