@@ -350,7 +350,7 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
                                    expected_instances=None, received_instances=0,
                                    reason=getattr(error, "reason_code", type(error).__name__),
                                    failure=f"{type(error).__name__}: {error}"[:300])
-        results[key] = result
+        results[key] = result = _one_patient(result)
         if result.complete:  # marked in the background: the next move starts right away
             marks.append(mark_collected.submit(credentials, result.study_ids, request.project))
         done += 1
@@ -368,6 +368,20 @@ def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
     with credentials.get_client() as orthanc:
         ids = {key: tuple(orthanc.find(Level.STUDY, {"StudyInstanceUID": s.uid}))
                for key, s in present.items()}
-    mark_collected(credentials, [i for found in ids.values() for i in found], request.project)
     for key, found in ids.items():
-        results[key] = results[key].model_copy(update={"study_ids": found})
+        results[key] = _one_patient(results[key].model_copy(update={"study_ids": found}))
+    mark_collected(credentials, [i for key in ids for i in results[key].study_ids
+                                 if results[key].complete], request.project)
+
+
+def _one_patient(result: CollectResult) -> CollectResult:
+    """A study that arrived as the studies of several patients (one StudyInstanceUID under
+    several PatientIDs at the PACS: a C-MOVE by UID brings them all) is not complete: it is
+    not marked for the project, so it is never shared as the cohort's, and the row says why."""
+    if not result.complete or len(set(result.study_ids)) <= 1:
+        return result
+    return result.model_copy(update={
+        "outcome": CollectOutcome.SEVERAL_PATIENTS, "reason": "several_patients",
+        "failure": f"the PACS holds this StudyInstanceUID under {len(set(result.study_ids))} "
+                   f"patients; nothing was marked for the project: check the study at the "
+                   f"PACS (the studies stay unmarked in research)"})

@@ -54,6 +54,9 @@ class CollectOutcome(str, enum.Enum):
     FAILED = "failed"  # nothing arrived
     NOT_FOUND = "not_found"  # the modality does not know the study
     UNVERIFIED = "unverified"  # moved, but the modality did not say how many to expect
+    #: every instance arrived, but as the studies of several patients (the PACS holds one
+    #: StudyInstanceUID under several PatientIDs): not a cohort study until a person checks
+    SEVERAL_PATIENTS = "several_patients"
 
 
 class CountSource(str, enum.Enum):

@@ -301,3 +301,38 @@ def test_capped_cfind_is_split_by_date(capped_lab, monkeypatch, tmp_path):
                                                   project="capped", report_dir=str(tmp_path))
         assert report.studies_found == report.studies_complete == 12
         assert len(research.find("Study")) == 12
+
+
+def test_one_study_uid_under_two_patients_is_not_collected_for_the_project(
+        research_env, research, pacs, tmp_path):
+    """pydicom's rtdose.dcm, and a copy filed under another PatientID with the same
+    StudyInstanceUID (as deid-data's ultrasound files are): a C-MOVE by UID brings both
+    patients. Asked by PatientID, the row must not mark the other patient's study for the
+    project (a later project share would ship a patient who is not in the cohort)."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from tasks.labels import labels_of
+
+    original = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
+    study_uid, patient = generate_uid(), f"TWO-{generate_uid()[-8:]}"
+    for patient_id in (patient, patient + "-OTHER"):
+        copy = original.copy()
+        copy.StudyInstanceUID, copy.PatientID = study_uid, patient_id
+        copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        copy.save_as(buffer, enforce_file_format=True)
+        pacs.upload(buffer.getvalue())
+    path = _write(tmp_path / "two.csv", ["patient_id"], [[patient]])
+    state = collect_cohort(cohort_file=str(path), project="two-patients", return_state=True)
+    assert state.is_failed(), state.message
+    (row,) = report_of(state).rows
+    assert row.status == "several_patients"
+    assert row.note.startswith("several_patients: the PACS holds this StudyInstanceUID under 2")
+    arrived = research.find("Study", {"StudyInstanceUID": study_uid})
+    assert len(arrived) == 2
+    assert all("two-patients" not in labels_of(research, "Study", i) for i in arrived)
+    research.delete_many(arrived)
