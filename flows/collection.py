@@ -126,7 +126,7 @@ class CollectionReport(BaseModel):
 
 def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[str]) -> RowReport:
     if row.status in (RowStatus.NOT_FOUND, RowStatus.AMBIGUOUS, RowStatus.DUPLICATE,
-                      RowStatus.TOO_MANY, RowStatus.EXCLUDED):
+                      RowStatus.TOO_MANY, RowStatus.EXCLUDED, RowStatus.QUERY_FAILED):
         return RowReport(index=row.index, status=row.status.value, note=row.note)
     mine = [results[s.key] for s in row.studies if s.key in results]
     waiting = [s for s in row.studies if s.key in deferred]
@@ -306,11 +306,14 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
                f"{len(deferred)} deferred; not found {counts[RowStatus.NOT_FOUND]}, "
                f"ambiguous {counts[RowStatus.AMBIGUOUS]}; report {path.name}")
     logger.info(summary)
+    if counts[RowStatus.QUERY_FAILED]:
+        summary += (f"; {counts[RowStatus.QUERY_FAILED]} row(s) could not be queried (see "
+                    f"the report)")
     if request.dry_run:
         return Completed(message=f"dry run: {summary}", data=report)
     if deferred:
         return cancel_run(f"time window closed: {summary}; re-run to continue", report)
-    if complete < found:
+    if complete < found or counts[RowStatus.QUERY_FAILED]:
         return fail_run(summary, report)
     return Completed(message=summary, data=report)
 

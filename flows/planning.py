@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orthanc_client import Level, Orthanc, OrthancDimseError, SafeMessageError
+from orthanc_client import (Level, Orthanc, OrthancBadRequest, OrthancDimseError, QueryRefused,
+                            SafeMessageError)
 from orthanc_client.retrieval import uid_key
 
 from .cohort import CohortRow, Criteria
@@ -44,6 +45,9 @@ class RowStatus(str, enum.Enum):
     DUPLICATE = "duplicate"
     TOO_MANY = "too_many_matches"
     EXCLUDED = "excluded"  # answered by the PACS but not matching the criteria: never moved
+    #: this row's C-FIND was refused, or its answers could not be read (e.g. a character set
+    #: Orthanc 1.10.1 cannot decode): the other rows go on
+    QUERY_FAILED = "query_failed"
 
 
 class PlannedStudy(BaseModel):
@@ -114,7 +118,12 @@ def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow], cap: i
     plan: list[PlanRow] = []
     seen: dict[str, int] = {}
     for row in rows:
-        found = _capped_query(orthanc, modality, row.query(), cap)
+        try:
+            found = _capped_query(orthanc, modality, row.query(), cap)
+        except (OrthancBadRequest, QueryRefused) as error:  # this row's, not the PACS's
+            plan.append(PlanRow(index=row.index, status=RowStatus.QUERY_FAILED,
+                                note=f"query_failed: {error}"))
+            continue
         if found is None:
             plan.append(PlanRow(index=row.index, status=RowStatus.TOO_MANY,
                                 note="the PACS answered its cap of matches (find_cap) or "
@@ -133,8 +142,13 @@ def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow], cap: i
             plan.append(PlanRow(index=row.index, status=RowStatus.DUPLICATE,
                                 note=f"same study as row {first}"))
             continue
-        studies = _studies(orthanc, modality,
-                           (t for uid, t in unique.items() if uid not in seen))
+        try:
+            studies = _studies(orthanc, modality,
+                               (t for uid, t in unique.items() if uid not in seen))
+        except (OrthancBadRequest, QueryRefused) as error:
+            plan.append(PlanRow(index=row.index, status=RowStatus.QUERY_FAILED,
+                                note=f"query_failed: {error}"))
+            continue
         for study in studies:
             seen[study.uid] = row.index
         plan.append(PlanRow(index=row.index, status=_status(studies), studies=tuple(studies)))

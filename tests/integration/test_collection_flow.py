@@ -336,3 +336,31 @@ def test_one_study_uid_under_two_patients_is_not_collected_for_the_project(
     assert len(arrived) == 2
     assert all("two-patients" not in labels_of(research, "Study", i) for i in arrived)
     research.delete_many(arrived)
+
+
+def test_a_row_the_pacs_answers_unreadably_fails_alone(research_env, research, pacs_peer,
+                                                       cohort, tmp_path):
+    """pydicom's chrH31.dcm (ISO 2022 IR 87, Japanese): Orthanc 1.10.1 cannot decode
+    dcmqrscp's answer for it (HTTP 400). That row is ``query_failed`` with the reason; the
+    other rows are collected, and the run ends Failed saying a row could not be queried
+    (before: the plan failed and nothing was collected for any row)."""
+    import pydicom
+    from pydicom.data import get_charset_files
+
+    (path,) = [p for p in get_charset_files("chrH31.dcm")]
+    japanese = pydicom.dcmread(path)
+    pacs_peer.store([path])
+    good = cohort.studies[4]
+    _forget(research, [good])
+    cohort_csv = _write(tmp_path / "charset.csv", ["study_instance_uid"],
+                        [[japanese.StudyInstanceUID], [good.study_uid]])
+    state = collect_cohort(cohort_file=str(cohort_csv), project="charset",
+                           source_modality=pacs_peer.modality, return_state=True)
+    rows = report_of(state).rows
+    assert rows[1].status == "collected"
+    if pacs_peer.kind == "orthanc":  # Orthanc as PACS answers in a charset it can read back
+        assert rows[0].status == "collected" and state.is_completed(), state.message
+        return
+    assert rows[0].status == "query_failed", rows  # dcmqrscp answers in ISO 2022 IR 87
+    assert rows[0].note.startswith("query_failed: ")
+    assert state.is_failed() and "1 row(s) could not be queried" in state.message
