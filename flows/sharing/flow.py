@@ -205,9 +205,10 @@ def _report(request: SharingRequest, outcomes: list[SharedStudy], logger: Any
             logger.warning("study %s %s: %s", short_id(study.source_id), study.outcome,
                            finding)
         if study.outcome == "delivered" and study.pseudonym_from == "StudyInstanceUID":
-            logger.info("study %s: no PatientID, its pseudonym is keyed on its "
-                        "StudyInstanceUID (not linked to the patient's other studies)",
-                        short_id(study.source_id))
+            # a warning: the study cannot be linked to its patient's other studies
+            logger.warning("study %s: no PatientID, its pseudonym is keyed on its "
+                           "StudyInstanceUID (not linked to the patient's other studies)",
+                           short_id(study.source_id))
     count = Counter(s.outcome for s in outcomes)
     manifest = " (manifest.json updated)" if count["delivered"] and \
         request.destination.kind == "directory" else ""
