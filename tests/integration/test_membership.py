@@ -68,6 +68,28 @@ def test_a_study_in_two_projects_is_shared_by_each(research_env, monkeypatch, re
         assert len(list(out.glob("*.zip"))) == len(members)
 
 
+def _attach_at_once(research: Orthanc, study_id: str, labels: set[str]) -> list[BaseException]:
+    """One writer per label, each with its own connection (as flows do), released together
+    by a barrier; returns what the writers raised."""
+    barrier = threading.Barrier(len(labels))
+    errors: list[BaseException] = []
+
+    def write(label: str) -> None:
+        with Orthanc(research.settings) as own:
+            barrier.wait()
+            try:
+                attach_labels(own, Level.STUDY, study_id, [label])
+            except BaseException as error:  # noqa: BLE001 - reported to the caller
+                errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(label,)) for label in sorted(labels)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
 def test_concurrent_writers_keep_every_label(research, loaded_pacs, cohort):
     """Eight writers add a label each to the same study at once (the set exists, so every
     write is a compare-and-set on 1.10.1): none is lost."""
@@ -77,23 +99,7 @@ def test_concurrent_writers_keep_every_label(research, loaded_pacs, cohort):
     attach_labels(research, Level.STUDY, study_id, ["seed"])
     before = labels_of(research, Level.STUDY, study_id)
     wanted = {f"writer-{uuid.uuid4().hex[:6]}" for _ in range(8)}
-    barrier = threading.Barrier(len(wanted))
-    errors: list[BaseException] = []
-
-    def write(label: str) -> None:
-        with Orthanc(research.settings) as own:  # one connection per writer, as flows do
-            barrier.wait()
-            try:
-                attach_labels(own, Level.STUDY, study_id, [label])
-            except BaseException as error:  # noqa: BLE001 - reported below
-                errors.append(error)
-
-    threads = [threading.Thread(target=write, args=(label,)) for label in sorted(wanted)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors
+    assert _attach_at_once(research, study_id, wanted) == []
     assert labels_of(research, Level.STUDY, study_id) == before | wanted
 
 
@@ -187,23 +193,7 @@ def test_check_revisions_makes_even_the_first_write_safe(revisions_research, coh
         stored = research.upload(zip_bytes(cohort.studies[round_].files))
         study_id = next(item.parent_study for item in stored if item.parent_study)
         wanted = {f"writer-{i}" for i in range(8)}
-        barrier = threading.Barrier(len(wanted))
-        errors: list[BaseException] = []
-
-        def write(label: str) -> None:
-            with Orthanc(research.settings) as own:
-                barrier.wait()
-                try:
-                    attach_labels(own, Level.STUDY, study_id, [label])
-                except BaseException as error:  # noqa: BLE001 - reported below
-                    errors.append(error)
-
-        threads = [threading.Thread(target=write, args=(label,)) for label in sorted(wanted)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not errors
+        assert _attach_at_once(research, study_id, wanted) == []
         assert labels_of(research, Level.STUDY, study_id) == wanted
     research.set_metadata(Level.STUDY, study_id, "PrefectOrthancRouted", "a")
     research.set_metadata(Level.STUDY, study_id, "PrefectOrthancRouted", "b")  # overwrite
