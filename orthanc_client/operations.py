@@ -399,46 +399,44 @@ class Operations:
         unset: a server with ``CheckRevisions: true`` answers ``OrthancConflict`` when another
         writer set it meanwhile; other servers overwrite (read back to be sure).
         """
-        path, route = self._resource_path(level, resource_id)
-        url, template = f"{path}/metadata/{_seg(name)}", f"{route}/metadata/{{name}}"
-        etag = if_match
-        for _ in range(_OVERWRITE_ATTEMPTS):
-            try:
-                yield from self._call(Call("PUT", url, template, content=value.encode(),
-                                           headers={"If-Match": etag} if etag else None,
-                                           safe=True, expect="none"))
-                return
-            except OrthancConflict:
-                if if_match is not None or if_absent:
-                    raise
-            current = yield from self.metadata_entry.steps(level, resource_id, name)
-            etag = current[1] if current else None
-        raise OrthancConflict(f"PUT {template} failed: the value kept changing while it was "
-                              f"overwritten ({_OVERWRITE_ATTEMPTS} attempts)", method="PUT",
-                              route=template, status_code=409, orthanc_status=None,
-                              orthanc_error=None, details=None)
+        yield from self._metadata_write("PUT", level, resource_id, name, value.encode(),
+                                        if_match=if_match,
+                                        strict=if_match is not None or if_absent)
 
     @operation
     def delete_metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[None]:
         """Remove one metadata value (idempotent), also on servers that check revisions
         (``CheckRevisions: true`` refuses a delete that names no revision: the current ETag is
         read and the delete repeated)."""
+        yield from self._metadata_write("DELETE", level, resource_id, name, None,
+                                        if_match=None, strict=False)
+
+    def _metadata_write(self, method: str, level: Level | str, resource_id: str, name: str,
+                        content: bytes | None, *, if_match: str | None,
+                        strict: bool) -> Steps[None]:
+        """PUT or DELETE one metadata value, naming the revision ``if_match`` (if any). On a
+        conflict (a stale revision, or ``CheckRevisions: true`` refusing a write that names
+        none): raise when ``strict`` (a compare-and-set), else read the current ETag and repeat,
+        ``_OVERWRITE_ATTEMPTS`` times at most. A DELETE of a value already gone is done."""
         path, route = self._resource_path(level, resource_id)
         url, template = f"{path}/metadata/{_seg(name)}", f"{route}/metadata/{{name}}"
-        etag = None
+        etag = if_match
         for _ in range(_OVERWRITE_ATTEMPTS):
             try:
-                yield from self._call(Call("DELETE", url, template, safe=True, expect="none",
-                                           headers={"If-Match": etag} if etag else None))
+                yield from self._call(Call(method, url, template, content=content,
+                                           headers={"If-Match": etag} if etag else None,
+                                           safe=True, expect="none"))
                 return
             except OrthancConflict:
-                pass
+                if strict:
+                    raise
             current = yield from self.metadata_entry.steps(level, resource_id, name)
-            if current is None:
+            if current is None and method == "DELETE":
                 return  # already gone
-            etag = current[1]
-        raise OrthancConflict(f"DELETE {template} failed: the value kept changing while it was "
-                              f"deleted ({_OVERWRITE_ATTEMPTS} attempts)", method="DELETE",
+            etag = current[1] if current else None
+        done = "overwritten" if method == "PUT" else "deleted"
+        raise OrthancConflict(f"{method} {template} failed: the value kept changing while it "
+                              f"was {done} ({_OVERWRITE_ATTEMPTS} attempts)", method=method,
                               route=template, status_code=409, orthanc_status=None,
                               orthanc_error=None, details=None)
 
