@@ -9,6 +9,7 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 from pydicom import dcmread
 
@@ -18,8 +19,10 @@ from tasks.origin import mark_copy
 from tasks.policy import short_id
 
 from ..deid import Rewriter, build_request, identifiers_from, risk_reason, scan_zip
+from .files import deterministic_zip
 from .ledger import content_version
 from .linkage import pending_linkage
+from .staging import remove_staged, work_dir
 from .models import SharedStudy, SharingOptions
 
 __all__ = ["deidentify_study"]
@@ -34,12 +37,15 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
     counted by reason (``flows.deid.risk_reason``); the others go through Orthanc's Basic
     Profile (``POST /instances/{id}/anonymize``, not stored), then ``flows.deid.Rewriter``
     (keyed pseudonyms and UIDs, shifted dates, at every depth) and are stored back as a new
-    study. Its ZIP is scanned against the identifiers of the source files. Returns the
+    study. Its ZIP (downloaded into the study's work folder in staging, then repacked by
+    ``files.deterministic_zip``: the same study makes the same bytes) is scanned against the
+    identifiers of the source files. Returns the
     outcome (``verified``, ``excluded`` or ``quarantined``) with pseudonyms, counts, checksum
     and the content version it was made from. A verified study's linkage row waits next to
     its ZIP in staging; ``deliver_study`` appends it to the linkage table once delivered.
     Run it under ``tasks.study_lock(source_id)`` when other runs may share the same study: it
-    first deletes any anonymized copy a crashed run left.
+    first deletes what a crashed run left of this study (its anonymized copy in Orthanc, its
+    files in staging, found by name).
 
     Example:
         ```python
@@ -100,9 +106,17 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         new_id = sorted(parents)[0]
         out_count = orthanc.count_instances(Level.STUDY, new_id)
         name = f"{request.package}-{linkage.patient_id}-{linkage.study_id}"
-        pending = pending_linkage(staging / f"{name}.zip")
-        pending.unlink(missing_ok=True)  # a crashed run's: this study is made again
-        archive = orthanc.download_archive(Level.STUDY, new_id, staging / f"{name}.zip")
+        staged = staging / f"{name}.zip"
+        pending = pending_linkage(staged)
+        remove_staged(staged)  # a crashed run's: this study is made again
+        work = work_dir(staged)
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            download = orthanc.download_archive(Level.STUDY, new_id, work / "orthanc.zip")
+            size, sha256 = deterministic_zip(download.path, staged)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    archive = SimpleNamespace(path=staged, size=size, sha256=sha256)
     report = scan_zip(archive.path, identifiers)
     findings = [*(str(f) for f in report.findings), *findings]
     counts_ok = out_count == len(kept) and report.instances == out_count

@@ -1,15 +1,23 @@
 """Durable writes for the records that follow a delivery: an exclusive lock across threads
-and processes, fsynced appends, fsynced directories."""
+and processes, fsynced appends (a line torn by a crash is cut off before the next one),
+fsynced directories, checksums, and ZIPs repacked to bytes that depend only on their
+content (``deterministic_zip``), so a package made again is the same file."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["exclusive", "fsync_dir", "append_durably"]
+__all__ = ["exclusive", "fsync_dir", "remove_unlocked", "append_durably", "sha256_of", "deterministic_zip",
+           "ZIP_EPOCH"]
+
+#: the timestamp of every entry of a package (ZIP's earliest): no clock in the bytes
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 @contextlib.contextmanager
@@ -25,6 +33,23 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def remove_unlocked(path: Path) -> bool:
+    """Remove a temporary file unless a live writer holds its ``flock`` (a writer locks its
+    temporary file while writing; a crashed one's lock went with its process). Returns
+    whether it was removed."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -34,11 +59,60 @@ def fsync_dir(path: Path) -> None:
 
 
 def append_durably(path: Path, text: str, mode: int | None = None) -> None:
-    """Append ``text`` to ``path`` and fsync it before returning."""
+    """Append ``text`` (whole lines) to ``path`` and fsync it before returning. A last line
+    without its newline was torn by a crash mid-write (never complete, so never acted on): it
+    is cut off first, so the new line does not run into it. Call under ``exclusive``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as handle:
-        handle.write(text)
+    with path.open("a+b") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        if end:
+            handle.seek(end - 1)
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                kept = handle.read().rfind(b"\n") + 1
+                handle.truncate(kept)
+        handle.seek(0, os.SEEK_END)
+        handle.write(text.encode())
         handle.flush()
         os.fsync(handle.fileno())
     if mode is not None:
         os.chmod(path, mode)
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, hex, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def deterministic_zip(source: Path, target: Path) -> tuple[int, str]:
+    """Rewrite the ZIP ``source`` as ``target`` with bytes that depend only on its entries:
+    sorted by name, each dated ``ZIP_EPOCH``, stored with fixed permissions and no extra
+    fields, deflated at a fixed level (the entries' own bytes are unchanged). Written under a
+    temporary name next to ``target``, fsynced, then renamed; returns ``(size, sha256)``.
+
+    Orthanc's ``/archive`` dates its entries with the time of the download, so two downloads
+    of the same study differ; after this they do not, and a package made again after a crash
+    is recognised byte for byte in the destination."""
+    partial = target.with_name(f".{target.name}.partial")
+    with zipfile.ZipFile(source) as zin, partial.open("wb") as raw:
+        with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zout:
+            for name in sorted(zin.namelist()):
+                if name.endswith("/"):
+                    continue
+                info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                info.create_system = 3
+                big = zin.getinfo(name).file_size >= zipfile.ZIP64_LIMIT
+                with zin.open(name) as entry, zout.open(info, "w", force_zip64=big) as out:
+                    for block in iter(lambda: entry.read(1 << 20), b""):
+                        out.write(block)
+        raw.flush()
+        os.fsync(raw.fileno())
+    partial.replace(target)
+    fsync_dir(target.parent)
+    return target.stat().st_size, sha256_of(target)

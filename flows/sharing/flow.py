@@ -30,6 +30,7 @@ from flows.sharing.ledger import Ledger, content_version
 from flows.sharing.models import (SHARED_DIRECTORY, Destination, SharedStudy, SharingOptions,
                                   SharingRequest)
 from flows.sharing.secret import project_secret
+from flows.sharing.staging import remove_staged
 from flows.site import SiteError, SiteSettings
 from flows.states import fail_run
 
@@ -43,7 +44,8 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
     """One study, start to end, under its lock (``tasks.study_lock``; ``locked=True`` when
     the caller already holds it, as ``share_studies`` does for its whole selection, one
     acquisition per run instead of one per study): skip it if the ledger
-    holds its current content version, else ``deidentify_study`` then, when verified,
+    holds its current content version (removing what a run killed after that record left:
+    its staging files and anonymized copy), else ``deidentify_study`` then, when verified,
     ``deliver_study``; the anonymized copy is then removed whatever happened (unless
     ``keep_anonymized``). Two runs given the same study (duplicate events) take turns: the
     second finds it delivered. Returns the study's ``SharedStudy``; raises what the steps
@@ -59,7 +61,9 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
     with contextlib.nullcontext() if locked else study_lock(source_id):
         with credentials.get_client() as orthanc:
             version = content_version(orthanc.instances(Level.STUDY, source_id))
-        if ledger.delivered(key, version):
+        recorded = ledger.delivery(key, version)
+        if recorded is not None:  # what a run killed after its record left: removed
+            _remove_leftovers(credentials, request, recorded)
             return SharedStudy(source_id=source_id, outcome="delivered_before",
                                content_version=version)
         study = deidentify_study(credentials, source_id, request, secret)
@@ -71,6 +75,17 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
             if study.anonymized_id and not request.keep_anonymized:
                 with credentials.get_client() as orthanc:
                     orthanc.delete(Level.STUDY, study.anonymized_id, missing_ok=True)
+
+
+def _remove_leftovers(credentials: OrthancCredentials, request: SharingOptions,
+                      recorded: dict[str, Any]) -> None:
+    """A delivered study's staging files and anonymized copy, left by a run killed between
+    its ledger record and its clean-up (the record names them)."""
+    if recorded.get("staged"):
+        remove_staged(Path(request.staging_dir) / Path(str(recorded["staged"])).name)
+    if recorded.get("anonymized_id") and not request.keep_anonymized:
+        with credentials.get_client() as orthanc:
+            orthanc.delete(Level.STUDY, str(recorded["anonymized_id"]), missing_ok=True)
 
 
 def _select(credentials: OrthancCredentials, request: SharingRequest) -> list[str]:

@@ -43,17 +43,39 @@ class Ledger:
         """Earlier deliveries of ``study``, oldest first."""
         if not self.path.exists():
             return []
-        entries = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-        return [e for e in entries if e.get("study") == study]
+        return [e for e in self.entries() if e.get("study") == study]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, oldest first. A line torn by a crash mid-append (only ever the last,
+        never complete, so never acted on) is skipped."""
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
 
     def delivered(self, study: str, version: str) -> bool:
-        return any(e.get("content_version") == version for e in self.history(study))
+        return self.delivery(study, version) is not None
 
-    def record(self, study: str, shared: SharedStudy) -> None:
-        """Append one delivery and fsync (call under ``exclusive(self.lock)``)."""
+    def delivery(self, study: str, version: str) -> dict[str, Any] | None:
+        """The entry of ``study``'s delivery of content ``version``, if recorded."""
+        return next((e for e in self.history(study) if e.get("content_version") == version),
+                    None)
+
+    def record(self, study: str, shared: SharedStudy, staged: str = "") -> None:
+        """Append one delivery and fsync (call under ``exclusive(self.lock)``). ``staged``
+        (the package's name in staging) and the anonymized copy's ID let a later run remove
+        what a crash left of them after this record."""
         append_durably(self.path, json.dumps({
             "study": study, "content_version": shared.content_version,
             "version": shared.version, "source_id": shared.source_id,
             "file": Path(shared.file).name, "sha256": shared.sha256,
-            "destination": shared.delivered,
+            "destination": shared.delivered, "staged": staged,
+            "anonymized_id": shared.anonymized_id,
             "at": dt.datetime.now(dt.UTC).isoformat()}) + "\n")

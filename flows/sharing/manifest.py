@@ -18,7 +18,9 @@ __all__ = ["update_manifest"]
 def update_manifest(directory: Path, profile: DeidProfile, study: SharedStudy) -> Path:
     """Put ``study``'s entry in ``manifest.json`` (one entry per study, keyed by its
     pseudonymous StudyID: the newest package, and the packages it supersedes), atomically
-    (temporary file, fsync, rename). Call under the ledger's lock."""
+    (temporary file, fsync, rename). Call under the ledger's lock: a temporary manifest
+    found then is a crashed writer's, and removed. Idempotent: writing the same study's
+    entry again changes nothing."""
     path = directory / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {"studies": []}
     manifest.update({"profile": profile.name, "profile_version": profile.version,
@@ -32,6 +34,8 @@ def update_manifest(directory: Path, profile: DeidProfile, study: SharedStudy) -
                            if e.get("study") != study.pseudo_study
                            and e.get("file") not in (entry["file"], *entry["supersedes"])]
     manifest["studies"].append(entry)
+    for stale in directory.glob(".manifest.json.*.partial"):  # a crashed writer's
+        stale.unlink(missing_ok=True)
     partial = directory / f".manifest.json.{uuid.uuid4().hex}.partial"
     with partial.open("x") as handle:
         handle.write(json.dumps(manifest, indent=2))

@@ -1,0 +1,25 @@
+"""One study's files in staging, found by name: its package (``<name>.zip``), the package's
+temporary name while it is repacked, the work folder its Orthanc ZIP is downloaded into, and
+its waiting linkage row. A crashed run leaves some of them; the next run of the study (under
+its lock) removes them by name (``remove_staged``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .linkage import pending_linkage
+
+__all__ = ["work_dir", "remove_staged"]
+
+
+def work_dir(staged: Path) -> Path:
+    """Where the study's ZIP is downloaded from Orthanc before it is repacked as ``staged``."""
+    return staged.with_name(f".{staged.name}.work")
+
+
+def remove_staged(staged: Path) -> None:
+    """Remove every staging file of the study packaged as ``staged`` (missing ones are fine)."""
+    shutil.rmtree(work_dir(staged), ignore_errors=True)
+    for path in (staged, staged.with_name(f".{staged.name}.partial"), pending_linkage(staged)):
+        path.unlink(missing_ok=True)
