@@ -71,7 +71,10 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
             if study.outcome == "verified":
                 return deliver_study(credentials, study, request)
             return study
-        finally:  # delivered, refused or failed: the anonymized copy is not kept around
+        finally:  # delivered, refused or failed: neither its staged package (made again by
+            # the next run) nor the anonymized copy is kept around
+            if study.outcome == "verified" and study.file:
+                remove_staged(Path(study.file))
             if study.anonymized_id and not request.keep_anonymized:
                 with credentials.get_client() as orthanc:
                     orthanc.delete(Level.STUDY, study.anonymized_id, missing_ok=True)

@@ -201,16 +201,27 @@ def test_a_study_that_grew_is_shared_again_whole_as_a_new_version(research_env, 
         _cleanup(research, study)
 
 
-def test_a_package_name_taken_is_an_error_never_an_overwrite(research_env, secret_env,
-                                                            research, tmp_path):
-    """The ledger is lost, the package is still there: the second delivery would take the
-    same name. It fails with its PHI-free message shown, the package untouched."""
-    study = _upload(research, _ct_copies(2))
+def test_a_package_name_taken_is_recognised_or_refused_never_overwritten(
+        research_env, secret_env, research, tmp_path):
+    """The ledger is lost, the package is still there: the next delivery takes the same
+    name. Packages are byte-deterministic, so the same content is recognised as delivered
+    (recorded again, no second file, no second linkage row); other content under that name
+    (the study grew meanwhile) fails with its PHI-free message shown, the package untouched."""
+    copies = _ct_copies(3)
+    study = _upload(research, copies[:2])
     params = _params(tmp_path, [study])
     try:
         (first,) = share_studies(**params)
         before = Path(first.file).read_bytes()
         (tmp_path / "private" / "ledger.jsonl").unlink()
+        (again,) = share_studies(**params)
+        assert again.outcome == "delivered" and again.file == first.file
+        assert again.sha256 == first.sha256  # the same bytes, made again
+        assert Path(first.file).read_bytes() == before
+        assert len(_linkage_rows(tmp_path)) == 1 and len(_ledger_lines(tmp_path)) == 1
+
+        (tmp_path / "private" / "ledger.jsonl").unlink()
+        research.upload(_bytes(copies[2]))  # the study grew: other bytes, same v1 name
         state = share_studies(**params, return_state=True)
         assert state.is_failed() and "1 failed" in state.message
         (outcome,) = report_of(state)
@@ -221,6 +232,7 @@ def test_a_package_name_taken_is_an_error_never_an_overwrite(research_env, secre
         assert len(_linkage_rows(tmp_path)) == 1  # no row for what was not delivered
         assert research.find("Study", {"PatientID": first.pseudo_patient}) == []  # no copy left
         assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+        assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]
     finally:
         _cleanup(research, study)
 

@@ -130,3 +130,98 @@ def test_study_locks_are_bounded_stripes_without_the_study_id():
     assert len(names) == STUDY_LOCKS  # every stripe used, no more
     assert study_lock_name(ids[0]) == study_lock_name(ids[0])  # stable
     assert all(i[:8] not in study_lock_name(i) for i in ids)
+
+
+def test_ledger_skips_a_line_torn_by_a_crash_and_the_next_append_cuts_it(tmp_path):
+    """A crash mid-append leaves a last line without its newline: never complete, so never
+    acted on. Reading skips it; the next append cuts it off instead of running into it."""
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    key = Ledger.study(SOURCE, Destination(target="/out"), DeidProfile())
+    ledger.record(key, _shared("2-aaaa", 1, "/out/share-v1.zip"))
+    whole = ledger.path.read_bytes()
+    with ledger.path.open("ab") as handle:
+        handle.write(b'{"study": "' + key.encode() + b'", "content_vers')
+    assert [e["version"] for e in ledger.history(key)] == [1]
+    assert not ledger.delivered(key, "3-bbbb")
+    ledger.record(key, _shared("3-bbbb", 2, "/out/share-v2.zip"))
+    assert ledger.path.read_bytes().startswith(whole)
+    lines = ledger.path.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["study"] == key for x in lines)
+    assert ledger.delivered(key, "3-bbbb")
+
+
+def test_linkage_row_appended_once_per_package_and_destination(tmp_path):
+    from flows.sharing.linkage import append_linkage
+
+    path = tmp_path / "linkage.csv"
+    row = {"patient_id": "P", "source_orthanc_id": SOURCE, "package": "share-P-S-v1.zip",
+           "delivered_to": "directory:/out", "delivered_at": "t1"}
+    assert append_linkage(path, row)
+    # the run crashed after this row and before its ledger record: the re-run's row is not
+    # appended again (another time, same package and destination)
+    assert not append_linkage(path, {**row, "delivered_at": "t2"})
+    assert append_linkage(path, {**row, "delivered_to": "modality:partner"})
+    with path.open("ab") as handle:  # a row torn by a crash
+        handle.write(b"P," + SOURCE.encode() + b",share-P-S-v2.z")
+    assert append_linkage(path, {**row, "package": "share-P-S-v2.zip"})
+    import csv
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["package"], r["delivered_to"]) for r in rows] == [
+        ("share-P-S-v1.zip", "directory:/out"), ("share-P-S-v1.zip", "modality:partner"),
+        ("share-P-S-v2.zip", "directory:/out")]
+
+
+def _orthanc_like_zip(path, stamp) -> None:
+    """A ZIP as Orthanc's /archive writes one: entries dated at download time, folders."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr(zipfile.ZipInfo("PSEUDO/", date_time=stamp), b"")
+        for name, data in [("PSEUDO/CT/IM2.dcm", b"b" * 5000), ("PSEUDO/CT/IM1.dcm", b"a" * 900)]:
+            out.writestr(zipfile.ZipInfo(name, date_time=stamp), data)
+
+
+def test_deterministic_zip_depends_only_on_content(tmp_path):
+    import zipfile
+
+    from flows.sharing.files import ZIP_EPOCH, deterministic_zip, sha256_of
+
+    _orthanc_like_zip(tmp_path / "a.zip", (2026, 11, 29, 10, 0, 0))
+    _orthanc_like_zip(tmp_path / "b.zip", (2026, 11, 29, 10, 0, 42))
+    assert sha256_of(tmp_path / "a.zip") != sha256_of(tmp_path / "b.zip")
+    one = deterministic_zip(tmp_path / "a.zip", tmp_path / "one.zip")
+    two = deterministic_zip(tmp_path / "b.zip", tmp_path / "two.zip")
+    assert one == two and one[1] == sha256_of(tmp_path / "one.zip")
+    with zipfile.ZipFile(tmp_path / "one.zip") as package:
+        assert package.namelist() == ["PSEUDO/CT/IM1.dcm", "PSEUDO/CT/IM2.dcm"]
+        assert {i.date_time for i in package.infolist()} == {ZIP_EPOCH}
+        assert package.read("PSEUDO/CT/IM2.dcm") == b"b" * 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "b.zip", "one.zip",
+                                                          "two.zip"]  # no temporary left
+
+
+def test_publish_recognises_its_own_package_and_removes_a_crashed_partial(tmp_path):
+    """A run killed after publishing, before recording: the re-run finds the final name
+    with the package's checksum and takes it as the delivery (nothing written). A partial
+    file a killed writer left is removed; one a live writer holds (flock) is not."""
+    import fcntl
+    import hashlib
+
+    staged = tmp_path / "a.zip"
+    staged.write_bytes(b"package")
+    out = tmp_path / "out"
+    out.mkdir()
+    crashed = out / ".share-P-S-v1.zip.0123.partial"
+    crashed.write_bytes(b"pack")
+    live = out / ".share-P-S-v1.zip.4567.partial"
+    with live.open("wb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        final = publish(staged, out / "share-P-S-v1.zip", hashlib.sha256(b"package").hexdigest())
+        assert live.exists() and not crashed.exists()
+    live.unlink()
+    before = final.stat()
+    again = publish(staged, final, hashlib.sha256(b"package").hexdigest())
+    assert again == final and final.stat().st_ino == before.st_ino
+    with pytest.raises(DeliveryError, match="other content"):
+        publish(staged, final, hashlib.sha256(b"other").hexdigest())
+    assert os.listdir(out) == [final.name]
