@@ -9,7 +9,6 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 from pydicom import dcmread
 
@@ -116,8 +115,7 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
             size, sha256 = deterministic_zip(download.path, staged)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    archive = SimpleNamespace(path=staged, size=size, sha256=sha256)
-    report = scan_zip(archive.path, identifiers)
+    report = scan_zip(staged, identifiers)
     findings = [*(str(f) for f in report.findings), *findings]
     counts_ok = out_count == len(kept) and report.instances == out_count
     if not counts_ok:
@@ -125,7 +123,7 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                         f"{len(instance_ids) - len(kept)} excluded, {out_count} out, "
                         f"{report.instances} in the ZIP")
     verified = report.clean and counts_ok and not findings
-    path = archive.path
+    path = staged
     if verified:  # the linkage row waits for the delivery, owner-side, readable by the owner
         pending.write_text(json.dumps({**linkage.model_dump(), "source_orthanc_id": source_id}))
         os.chmod(pending, 0o600)
@@ -133,9 +131,9 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         quarantine = staging / "quarantine"
         quarantine.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-        path = Path(shutil.move(str(archive.path), quarantine / f"{name}-{stamp}.zip"))
+        path = Path(shutil.move(str(staged), quarantine / f"{name}-{stamp}.zip"))
     return SharedStudy(**base, outcome="verified" if verified else "quarantined",
                        anonymized_id=new_id, instances_out=out_count,
                        excluded=len(instance_ids) - len(kept), excluded_reasons=excluded,
-                       file=str(path), size=archive.size, sha256=archive.sha256,
+                       file=str(path), size=size, sha256=sha256,
                        verified=verified, findings=tuple(findings))

@@ -63,7 +63,10 @@ def append_durably(path: Path, text: str, mode: int | None = None) -> None:
     without its newline was torn by a crash mid-write (never complete, so never acted on): it
     is cut off first, so the new line does not run into it. Call under ``exclusive``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as handle:
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND,
+                 0o666 if mode is None else mode)  # private from its first byte
+    with os.fdopen(fd, "a+b") as handle:
         end = handle.seek(0, os.SEEK_END)
         if end:
             handle.seek(end - 1)
@@ -77,6 +80,8 @@ def append_durably(path: Path, text: str, mode: int | None = None) -> None:
         os.fsync(handle.fileno())
     if mode is not None:
         os.chmod(path, mode)
+    if created:  # the new file's name, durable too
+        fsync_dir(path.parent)
 
 
 def sha256_of(path: Path) -> str:
