@@ -17,6 +17,14 @@ delivery, so a study that grew after being shared is shared again whole as versi
 manifest (one entry per study) says which package supersedes which. Directory deliveries are
 atomic (a hidden temporary name in the destination, fsync, then a no-clobber link).
 
+Exactly once, whatever kills a run: packages are byte-deterministic (keyed pseudonyms and
+UIDs, ZIPs repacked without clocks), and before delivering, the destination itself is asked
+whether a killed run already did it (the final file with the package's checksum; the study
+on a modality, by a C-FIND on its keyed StudyInstanceUID); the manifest entry, linkage row and
+ledger line are idempotent and fsynced, a line torn mid-write is cut off; what a killed run
+left in staging, in the destination (temporary files) or in research (the anonymized copy) is
+removed by the study's next run. See docs/deidentification.md, "Delivery".
+
 Each study ends with an ``outcome``: ``delivered``, ``delivered_before``, ``excluded`` (every
 instance held back by the profile: a warning, not a failure), ``quarantined`` (findings) or
 ``failed`` (an error, its message shown when it is PHI-free). A study without PatientID is
