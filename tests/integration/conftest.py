@@ -6,6 +6,8 @@ import pytest
 
 from orthanc_client import Orthanc
 
+from .session_checks import phi_hits, server_log_problems
+
 
 @pytest.fixture(scope="session")
 def pacs(lab):
@@ -85,8 +87,9 @@ def pacs_peer(request, lab, cohort, tmp_path_factory):
 def prefect_server(tmp_path_factory):
     """One real Prefect server for the session (``prefect server start`` on SQLite, with all
     of its services: scheduler, triggers, late runs...), with the pacs modality's concurrency
-    limits in place (pacs, dcmqr). Yields the ``LocalPrefectServer``; its log is checked for tracebacks from
-    the server's own services at the end of the session (test_zz_prefect_server_log.py)."""
+    limits in place (pacs, dcmqr). Yields the ``LocalPrefectServer``; at the end of the session
+    its log must hold no traceback from the server's own services (``session_checks``): the
+    session then ends with an error at teardown naming them."""
     import asyncio
 
     import prefect.context
@@ -108,8 +111,25 @@ def prefect_server(tmp_path_factory):
                     prefect.context.get_settings_context()):
                 asyncio.run(ensure_limits({"pacs": 2, "dcmqr": 2}))
                 yield server
+        problems = server_log_problems(server.log_path)
     finally:
         server.stop()
+    if problems:
+        pytest.fail(problems, pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_phi_left_in_prefect(prefect_server, lab, cohort):
+    """At the end of the session: no synthetic patient's identifier, no password and no
+    de-identification secret in any file of the session's Prefect home or server database."""
+    yield
+    needles = ({v for v in cohort.phi_values() if len(v) >= 4}
+               | {lab.research.password, DEID_SECRET}
+               | {study.study_uid for study in cohort.studies})
+    hits = phi_hits(needles)
+    if hits:
+        pytest.fail(f"PHI or secret found in {len(hits)} places at the end of the session: "
+                    f"{sorted({where for where, _ in hits})[:10]}", pytrace=False)
 
 
 @pytest.fixture

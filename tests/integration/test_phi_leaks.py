@@ -1,13 +1,11 @@
 """No patient identifier, accession number or password reaches Prefect: not its database
 (runs, task runs, states, logs, events, artifacts), not its result storage, not the console.
 
-Named to run after the other integration tests of the session, so the scan also covers every
-flow and task run they made on the same Prefect test server.
+The same scan runs again when the session ends (``session_checks``, wired in conftest.py), over
+every flow and task run the session's other tests made on the same Prefect test server.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from prefect import flow, get_run_logger
@@ -22,19 +20,6 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 def leaky_by_accident(patient_id: str) -> None:
     """A task whose code raises with a DICOM value in the message, as careless code does."""
     raise KeyError(f"no study for patient {patient_id}")
-
-
-def _prefect_files() -> list[Path]:
-    import prefect.settings as settings
-
-    db_url = settings.PREFECT_SERVER_DATABASE_CONNECTION_URL.value()
-    db = Path(db_url.split(":///", 1)[1]) if db_url and ":///" in db_url else None
-    roots = [Path(settings.PREFECT_HOME.value())]
-    if db is not None:
-        roots.append(db.parent)
-    files = [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file()]
-    assert db is not None and db.exists(), "the test server's database was not found"
-    return files
 
 
 def test_no_identifier_or_secret_anywhere(lab, research_creds, loaded_pacs, cohort, capfd):
@@ -70,13 +55,10 @@ def test_no_identifier_or_secret_anywhere(lab, research_creds, loaded_pacs, coho
     assert failing_query(return_state=True).is_failed()
 
     from .conftest import DEID_SECRET
+    from .session_checks import phi_hits
 
     needles = ({v for v in cohort.phi_values() if len(v) >= 4}
                | {secret, patient.study_uid, DEID_SECRET})
     out, err = capfd.readouterr()
-    hits = []
-    for path in _prefect_files():
-        data = path.read_bytes()
-        hits += [(str(path), n) for n in needles if n.encode() in data]
-    hits += [("console", n) for n in needles if n in out or n in err]
+    hits = phi_hits(needles, out + err)
     assert not hits, f"PHI or secret found in {len(hits)} places: {[h[0] for h in hits][:10]}"
