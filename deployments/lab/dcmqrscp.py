@@ -61,6 +61,7 @@ class Dcmqrscp:
     port: int = 0
     max_associations: int = 16
     address: str = "127.0.0.1"
+    extra_args: tuple[str, ...] | list[str] = ()  # e.g. ("-v",): one log line per C-STORE
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -104,7 +105,8 @@ class Dcmqrscp:
             if not self.port or attempt:
                 self.port = free_ports(1, self.address)[0]
             self.config_path.write_text(self.config(), encoding="utf-8")
-            command = [executable, "-c", str(self.config_path), str(self.port)]
+            command = [executable, *self.extra_args, "-c", str(self.config_path),
+                       str(self.port)]
             if _can_bind_death_signal():  # no dcmqrscp outlives a killed Python
                 command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
             env = {**os.environ, **bind_environment(self.address, self.workdir.parent)}

@@ -487,6 +487,13 @@ class OrthancLab:
             lua_scripts=self.research_lua_scripts,
         ), {"CheckRevisions": True,  # as the README recommends: label sets stay consistent
             **self.research_overrides})
+        if self.address != "127.0.0.1":
+            # Orthanc calls any client other than 127.0.0.1/::1 remote; listening on another
+            # address (another host's view of this one) needs remote access, bounded by the
+            # address it listens on (the bind shim) and research's authentication
+            for config, overrides in ((pacs_config, self.pacs_overrides),
+                                      (research_config, self.research_overrides)):
+                config["RemoteAccessAllowed"] = overrides.get("RemoteAccessAllowed", True)
         common = {"executable": self.executable, "startup_timeout": self.startup_timeout,
                   "address": self.address}
         pacs = OrthancServer("pacs", self.PACS_AET, pacs_http, pacs_dicom, pacs_dir,
