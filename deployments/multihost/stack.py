@@ -314,6 +314,28 @@ class ProductionStack:
         worker.start()
         return worker
 
+    def restart_dead(self) -> list[str]:
+        """Start again whatever stopped (what a service manager's ``Restart=always`` does);
+        returns the names restarted."""
+        restarted = []
+        if self.postgres is not None and (self.postgres._process is None
+                                          or self.postgres._process.poll() is not None):
+            self.postgres.start()
+            restarted.append("postgres")
+        if self.server is not None and not self.server.is_running:
+            self.server.launch()
+            restarted.append("prefect server")
+        if self.lab is not None:
+            for server in self.lab.servers:
+                if not server.is_running:
+                    server.start()
+                    restarted.append(f"orthanc {server.name}")
+        for worker in self.worker_processes:
+            if not worker.is_running:
+                worker.start()
+                restarted.append(worker.name)
+        return restarted
+
     def down(self) -> None:
         """Stop everything (workers first, the database last) and remove the namespaces.
         Data stays in ``root``."""
