@@ -142,6 +142,8 @@ class ProductionStack:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
+        if self.dcmqrscp and "dcmqr=" not in self.modality_limits:
+            self.modality_limits += ",dcmqr=2"  # research's modality for dcmqrscp needs one
         if self.orthanc_index not in {"sqlite", "postgresql"}:
             raise ValueError("orthanc_index is 'sqlite' or 'postgresql'")
 

@@ -140,7 +140,8 @@ def stack():
 
     root = Path(tempfile.mkdtemp(prefix="prefect-orthanc-stack-test-"))
     stack = ProductionStack(root, workers=2, worker_limit=1, netns=True, dcmqrscp=True,
-                            ui=False, env=STACK_ENV)
+                            modality_limits=f"pacs={PACS_LIMIT},dcmqr=2", ui=False,
+                            env=STACK_ENV)
     try:
         stack.up()
         api = Api(stack.api_url)
@@ -503,7 +504,18 @@ def test_kill_the_sharing_flow_mid_delivery(stack, table, kind):
             return _dcmqr_stores(stack) > stores_before
 
         run_id = stack.api.run(SHARING, parameters)
-        _when(delivered_some, timeout=90, what="a first delivery")
+
+        def delivered_or_ended() -> bool:
+            if delivered_some():
+                return True
+            run = stack.api.flow_run(run_id)
+            if run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                raise AssertionError(f"the sharing run ended {run['state']['type']} before "
+                                     f"a first delivery: {run['state'].get('message')}; "
+                                     + " | ".join(stack.api.last_logs(run_id)))
+            return False
+
+        _when(delivered_or_ended, timeout=90, what="a first delivery")
         started = time.monotonic()
         for worker in stack.worker_processes:
             for pid in worker.flow_pids():
