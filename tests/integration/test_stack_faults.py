@@ -46,7 +46,19 @@ STACK_ENV = {
     "PREFECT_ORTHANC_LEASE_SECONDS": "20",
     "PREFECT_ORTHANC_SLOT_WAIT_SECONDS": "120",
 }
-RUN_TIMEOUT = 120.0
+RUN_TIMEOUT = 90.0
+#: rows that fail on this branch because of work other helpers do in parallel (issue 13):
+#: the lead removes each mark once the fix is merged (strict: an unexpected pass fails)
+NEEDS_DEPLOYMENT_LIMIT = pytest.mark.xfail(strict=True, reason=(
+    "prefect.yaml's collection deployment has concurrency_limit 1, so a second cohort waits "
+    "for the first (issue 13 scale-out; owner: the prefect.yaml/planning helper)"))
+NEEDS_ZOMBIE_AUTOMATION = pytest.mark.xfail(strict=True, reason=(
+    "`deployments setup` creates no automation crashing runs whose heartbeats stopped "
+    "(issue 13 item 1; owner: the tasks/limits helper)"))
+NEEDS_ORPHAN_PROOF_LOCKS = pytest.mark.xfail(strict=True, reason=(
+    "the re-run waits for the study locks / slots the killed run holds (300 s leases, no "
+    "reclaim; owner: the tasks/limits helper), then must deliver exactly once (owner: the "
+    "flows/sharing helper)"))
 
 
 def _why_not() -> str | None:
@@ -114,9 +126,16 @@ class Api:
                 return run
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run['name']} still {run['state']['type']} after "
-                                   f"{timeout:.0f} s; its last log lines: "
+                                   f"{timeout:.0f} s; limits with slots taken: "
+                                   f"{self.taken_limits() or 'none'}; its last log lines: "
                                    + " | ".join(self.last_logs(run_id)))
             time.sleep(0.5)
+
+    def taken_limits(self) -> dict[str, int]:
+        """Global concurrency limits with slots in use (PACS slots, study locks)."""
+        limits = self.call("POST", "/v2/concurrency_limits/filter", json={"limit": 200})
+        return {limit["name"]: limit["active_slots"] for limit in limits
+                if limit["active_slots"]}
 
     def last_logs(self, run_id: str, count: int = 4) -> list[str]:
         logs = self.call("POST", "/logs/filter", json={
@@ -385,6 +404,7 @@ def test_every_server_of_the_stack_listens_on_its_own_address_only(stack):
 
 
 
+@NEEDS_DEPLOYMENT_LIMIT
 def test_two_cohorts_at_once_on_two_workers_keep_the_pacs_cap(stack, table):
     with row(table, "two cohorts at once, two workers (no fault)") as entry:
         first, second = _cohort(stack, "cohort-a"), _cohort(stack, "cohort-b")
@@ -420,6 +440,7 @@ def test_kill_a_worker(stack, table):
         _settle(stack, entry, started, cohort)
 
 
+@NEEDS_ZOMBIE_AUTOMATION
 def test_kill_a_worker_and_its_flow_run(stack, table):
     with row(table, "kill a worker and its flow process (lost host)") as entry:
         automations = stack.api.call("POST", "/automations/filter", json={})
@@ -484,6 +505,7 @@ def _dcmqr_stores(stack) -> int:
     return len(re.findall(r"Message Type\s*: C-STORE RQ", text))
 
 
+@NEEDS_ORPHAN_PROOF_LOCKS
 @pytest.mark.parametrize("kind", ["directory", "modality"])
 def test_kill_the_sharing_flow_mid_delivery(stack, table, kind):
     with row(table, f"kill the sharing flow mid-delivery ({kind})") as entry:
