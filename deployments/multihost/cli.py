@@ -8,7 +8,8 @@
 ``up`` starts a supervisor in the background (it owns every process of the stack, restarts
 one that dies, as a service manager would, and stops them all on ``down``), waits until the
 stack answers, and prints where everything is and the settings a client needs. Data stays in
-``--root`` (default ``stack-data``): a later ``up`` finds its runs, blocks, studies and
+``--root`` (default ``/var/lib/prefect-orthanc/stack`` as root, else
+``~/.local/state/prefect-orthanc/stack``): a later ``up`` finds its runs, blocks, studies and
 credentials again. ``docs/production.md`` describes the layout.
 """
 
@@ -26,7 +27,16 @@ from types import FrameType
 
 __all__ = ["main"]
 
-DEFAULT_ROOT = "stack-data"
+def _default_root() -> str:
+    """Outside the checkout (the site data directory may not be inside it), where the
+    ``postgres`` user can reach it when root starts the stack."""
+    if os.geteuid() == 0:
+        return "/var/lib/prefect-orthanc/stack"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "prefect-orthanc", "stack")
+
+
+DEFAULT_ROOT = _default_root()
 READY_TIMEOUT = 300.0
 
 

@@ -1,7 +1,7 @@
 """A production-shaped stack on one machine: Prefect server on PostgreSQL, process workers,
 the research Orthanc and the PACS, optionally each host in its own network namespace.
 
-    stack = ProductionStack(Path("stack-data"), workers=2, netns=True)
+    stack = ProductionStack(Path("/var/lib/prefect-orthanc/stack"), workers=2, netns=True)
     stack.up()            # PostgreSQL, Prefect server, Orthancs, setup, deploy, workers
     stack.client_env()    # PREFECT_API_URL, ORTHANC_*, PREFECT_ORTHANC_* for a client here
     stack.down()
