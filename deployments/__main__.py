@@ -3,6 +3,7 @@
     python -m deployments check                 # validate prefect.yaml strictly
     python -m deployments setup                 # work pool, PACS limits, blocks (from settings)
     python -m deployments serve [--only NAME] [--replace] [--file PATH]   # serve them
+    python -m deployments stack up|status|down [--netns] ...   # the production stack, locally
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     for command in (check, serve):
         command.add_argument("--file", metavar="PATH", default=None,
                              help="a prefect.yaml of your own (default: the shipped one)")
+    commands.add_parser("stack", add_help=False, help="a production-shaped stack on this "
+                        "machine: `stack up|status|down --help`")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["stack"]:
+        from .multihost.cli import main as stack
+
+        return stack(argv[1:])
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

@@ -41,7 +41,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  research  AET {research.aet:<9} {research.url}  DICOM port "
               f"{research.dicom_port}  HTTP user '{research.username}'")
         print(f"  research password: {research.password}")
-        print("    (a throwaway password for this local lab only, new at every start)")
+        print("    (a throwaway password for this local lab only: new at every start of a "
+              "temporary lab, kept in <root>/research-password with --root)")
         if lab.dcmqr is not None:
             print(f"  dcmqrscp  AET {lab.dcmqr.aet:<9} DICOM port {lab.dcmqr.port}  (research's "
                   f"modality 'dcmqr'; load it with storescu -aec {lab.dcmqr.aet} 127.0.0.1 "

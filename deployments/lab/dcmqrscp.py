@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bind_address import bind_environment
 from .processes import stop_group
 from .servers import _can_bind_death_signal, free_ports
 
@@ -45,7 +46,9 @@ def _executable(path: str) -> str:
 
 @dataclass(eq=False)
 class Dcmqrscp:
-    """One ``dcmqrscp`` process on 127.0.0.1 (AET ``aet``) storing into ``workdir/db``.
+    """One ``dcmqrscp`` process listening on ``address`` only (AET ``aet``; dcmqrscp binds
+    0.0.0.0, so it runs with the bind-address shim of ``bind_address.py``) storing into
+    ``workdir/db``.
 
     ``move_destinations`` maps each AET allowed as a C-MOVE destination to its loopback DICOM
     port (dcmqrscp's HostTable); an AET not listed is answered 0xA801 (destination unknown).
@@ -57,6 +60,8 @@ class Dcmqrscp:
     aet: str = "DCMQR"
     port: int = 0
     max_associations: int = 16
+    address: str = "127.0.0.1"
+    extra_args: tuple[str, ...] | list[str] = ()  # e.g. ("-v",): one log line per C-STORE
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -80,7 +85,7 @@ class Dcmqrscp:
 
     def config(self) -> str:
         """dcmqrscp's configuration file (format: ``dcmqrcnf.txt`` in DCMTK's docs)."""
-        hosts = "\n".join(f"{aet.lower()} = ({aet}, 127.0.0.1, {port})"
+        hosts = "\n".join(f"{aet.lower()} = ({aet}, {self.address}, {port})"
                           for aet, port in self.move_destinations.items())
         return (f"NetworkTCPPort  = {self.port}\n"
                 f"MaxPDUSize      = 16384\n"
@@ -98,16 +103,18 @@ class Dcmqrscp:
         last = ""
         for attempt in range(attempts):
             if not self.port or attempt:
-                self.port = free_ports(1)[0]
+                self.port = free_ports(1, self.address)[0]
             self.config_path.write_text(self.config(), encoding="utf-8")
-            command = [executable, "-c", str(self.config_path), str(self.port)]
+            command = [executable, *self.extra_args, "-c", str(self.config_path),
+                       str(self.port)]
             if _can_bind_death_signal():  # no dcmqrscp outlives a killed Python
                 command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
+            env = {**os.environ, **bind_environment(self.address, self.workdir.parent)}
             with open(self.log_path, "ab") as log:
                 self._process = subprocess.Popen(  # noqa: S603 - fixed, local command
                     command,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=self.workdir, start_new_session=True)
+                    cwd=self.workdir, start_new_session=True, env=env)
             if self._wait_until_ready():
                 return self
             last = self.log_tail()
@@ -120,7 +127,7 @@ class Dcmqrscp:
         while time.monotonic() < deadline:
             if not self.is_running:
                 return False
-            done = subprocess.run([echo, "-aec", self.aet, "-to", "2", "127.0.0.1",  # noqa: S603
+            done = subprocess.run([echo, "-aec", self.aet, "-to", "2", self.address,  # noqa: S603
                                    str(self.port)], capture_output=True)
             if done.returncode == 0:
                 return True
@@ -134,7 +141,7 @@ class Dcmqrscp:
         for start in range(0, len(paths), batch):
             for attempt in range(10):
                 done = subprocess.run(  # noqa: S603 - fixed, local command
-                    [store, "-aet", "LOADER", "-aec", self.aet, "127.0.0.1", str(self.port),
+                    [store, "-aet", "LOADER", "-aec", self.aet, self.address, str(self.port),
                      *paths[start:start + batch]], capture_output=True)
                 # with a low MaxAssociations dcmqrscp frees the previous association late and
                 # rejects the next one for a moment; nothing was stored then: try again

@@ -31,15 +31,24 @@ STARTUP_TIMEOUT = 120.0
 
 @dataclass
 class LocalPrefectServer:
-    """One ``prefect server start`` process on 127.0.0.1."""
+    """One ``prefect server start`` process on ``host`` (default 127.0.0.1).
+
+    ``wrapper`` prefixes the command (e.g. ``ip netns exec NS`` to run it on another network
+    namespace); ``env`` adds settings (e.g. ``PREFECT_SERVER_DATABASE_CONNECTION_URL`` for
+    PostgreSQL instead of the SQLite database in ``home``).
+    """
 
     home: Path
     port: int
+    host: str = "127.0.0.1"
+    ui: bool = True
+    wrapper: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -56,34 +65,51 @@ class LocalPrefectServer:
 
     @classmethod
     def start(cls, home: Path, port: int | None = None, *, ui: bool = True,
-              timeout: float = STARTUP_TIMEOUT) -> LocalPrefectServer:
+              timeout: float = STARTUP_TIMEOUT, host: str = "127.0.0.1",
+              wrapper: list[str] | None = None,
+              env: dict[str, str] | None = None) -> LocalPrefectServer:
         home = Path(home).resolve()
         home.mkdir(parents=True, exist_ok=True)
-        server = cls(home=home, port=port or free_ports(1)[0])
+        server = cls(home=home, port=port or free_ports(1, host)[0], host=host, ui=ui,
+                     wrapper=list(wrapper or []), env=dict(env or {}))
+        return server.launch(timeout)
+
+    def launch(self, timeout: float = STARTUP_TIMEOUT) -> LocalPrefectServer:
+        """Start the process (again, after ``stop()``: same port, home and database) and wait
+        until ``/api/health`` answers."""
         prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
-        env = {**os.environ, "PREFECT_HOME": str(home),
+        env = {**os.environ, "PREFECT_HOME": str(self.home),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_UI_API_URL": server.api_url,
-               "PREFECT_UI_ENABLED": "true" if ui else "false"}
+               "PREFECT_UI_API_URL": self.api_url,
+               "PREFECT_UI_ENABLED": "true" if self.ui else "false", **self.env}
         env.pop("PREFECT_API_URL", None)
-        with server.log_path.open("wb") as log:
-            server._process = subprocess.Popen(
-                [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(server.port)],
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [*self.wrapper, prefect, "server", "start", "--host", self.host,
+                 "--port", str(self.port)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if server._process.poll() is not None:
-                tail = server.log_path.read_text(errors="replace")[-2000:]
+            if self._process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"prefect server exited at start:\n{tail}")
             try:
-                if httpx.get(server.api_url + "/health", timeout=2).status_code == 200:
-                    return server
+                if httpx.get(self.api_url + "/health", timeout=2).status_code == 200:
+                    return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        server.stop()
+        self.stop()
         raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s "
-                           f"(log: {server.log_path})")
+                           f"(log: {self.log_path})")
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def stop(self, timeout: float = 20) -> None:
         process, self._process = self._process, None

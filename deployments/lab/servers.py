@@ -73,7 +73,16 @@ def orthanc_executable(executable: str | os.PathLike[str] | None = None) -> str:
     )
 
 
-def free_ports(count: int) -> list[int]:
+def _port_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, address: str = "127.0.0.1") -> list[int]:
     """``count`` distinct loopback TCP ports the kernel reports free right now.
 
     All sockets stay bound until every port is picked, so the ports differ from each other;
@@ -83,7 +92,7 @@ def free_ports(count: int) -> list[int]:
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((address, 0))
             sockets.append(sock)
         return [sock.getsockname()[1] for sock in sockets]
     finally:
@@ -169,10 +178,14 @@ def _can_bind_death_signal() -> bool:
 
 @dataclass(eq=False)
 class OrthancServer:
-    """One Orthanc process on 127.0.0.1 with its own configuration, storage and log.
+    """One Orthanc process listening on ``address`` only (default 127.0.0.1), with its own
+    configuration, storage and log.
 
     ``config`` is the full configuration written (as JSON) to ``workdir/orthanc.json`` on every
     ``start()``; storage lives in ``workdir/storage`` and survives ``stop()``/``restart()``.
+    Orthanc 1.10.1 binds 0.0.0.0 and has no setting against it: the process runs with the
+    bind-address shim (``deployments/lab/bind_address.py``), so its HTTP and DICOM ports are
+    on ``address`` and nowhere else.
     """
 
     name: str
@@ -185,6 +198,7 @@ class OrthancServer:
     password: str | None = field(default=None, repr=False)
     executable: str = DEFAULT_EXECUTABLE
     startup_timeout: float = STARTUP_TIMEOUT
+    address: str = "127.0.0.1"
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -194,7 +208,7 @@ class OrthancServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.address}:{self.http_port}"
 
     @property
     def auth(self) -> tuple[str, str] | None:
@@ -224,6 +238,7 @@ class OrthancServer:
             "name": self.name,
             "aet": self.aet,
             "url": self.url,
+            "address": self.address,
             "http_port": self.http_port,
             "dicom_port": self.dicom_port,
             "username": self.username,
@@ -250,13 +265,16 @@ class OrthancServer:
         command = [executable, str(self.config_path)]
         if _can_bind_death_signal():
             command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
+        from .bind_address import bind_environment
+
+        env = {**os.environ, **bind_environment(self.address, self.workdir.parent)}
         with open(self.log_path, "ab") as log:
             log.write(f"---- prefect-orthanc lab: starting {self.name} "
                       f"(http {self.http_port}, dicom {self.dicom_port})\n".encode())
             log.flush()
             self._process = subprocess.Popen(  # noqa: S603 - fixed, local command
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, close_fds=True,
+                cwd=self.workdir, close_fds=True, env=env,
             )
         with _guard_lock:
             _live_servers.add(self)
@@ -378,7 +396,8 @@ class OrthancLab:
                  executable: str | os.PathLike[str] | None = None,
                  startup_timeout: float = STARTUP_TIMEOUT,
                  attempts: int = START_ATTEMPTS, dcmqrscp: bool = False,
-                 dcmqrscp_options: dict[str, Any] | None = None) -> None:
+                 dcmqrscp_options: dict[str, Any] | None = None,
+                 address: str = "127.0.0.1") -> None:
         self._owns_root = root is None
         self.root = Path(root) if root is not None else Path(
             tempfile.mkdtemp(prefix="prefect-orthanc-lab-"))
@@ -391,7 +410,8 @@ class OrthancLab:
         self.executable = orthanc_executable(executable)
         self.startup_timeout = startup_timeout
         self.attempts = max(1, attempts)
-        self.research_password = secrets.token_urlsafe(16)
+        self.address = address
+        self.research_password = self._password()
         self.pacs: OrthancServer | None = None  # type: ignore[assignment]
         self.research: OrthancServer | None = None  # type: ignore[assignment]
         self.with_dcmqrscp = dcmqrscp
@@ -413,6 +433,40 @@ class OrthancLab:
         return lab
 
     DCMQR_AET = "DCMQR"
+    PASSWORD_FILE = "research-password"
+
+    def _password(self) -> str:
+        """The research server's password: random for a temporary lab; for a lab in a
+        directory of the caller's, made once and kept in ``<root>/research-password`` (0600),
+        so credentials saved by ``python -m deployments setup`` keep working after a
+        restart."""
+        if self._owns_root:
+            return secrets.token_urlsafe(16)
+        path = self.root / self.PASSWORD_FILE
+        try:
+            saved = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            saved = ""
+        if not saved:
+            saved = secrets.token_urlsafe(16)
+            _write_private(path, saved + "\n")
+        return saved
+
+    def _ports(self) -> list[int]:
+        """The lab's five ports: for a lab in a directory of the caller's, the ones of its
+        previous start when they are still free (URLs saved in blocks stay right)."""
+        path = self.root / "ports.json"
+        if not self._owns_root:
+            try:
+                ports = [int(p) for p in json.loads(path.read_text(encoding="utf-8"))]
+                if len(ports) == 5 and all(_port_free(self.address, p) for p in ports):
+                    return ports
+            except (OSError, ValueError, TypeError):
+                pass
+        ports = free_ports(5)
+        if not self._owns_root:
+            _write_private(path, json.dumps(ports))
+        return ports
 
     def _servers_for(self, ports: list[int]) -> tuple[OrthancServer, OrthancServer]:
         pacs_http, pacs_dicom, research_http, research_dicom, dcmqr_port = ports
@@ -420,20 +474,28 @@ class OrthancLab:
         pacs_config = _merge(base_config(
             name="pacs", aet=self.PACS_AET, http_port=pacs_http, dicom_port=pacs_dicom,
             workdir=pacs_dir, stable_age=self.stable_age,
-            modalities={"research": [self.RESEARCH_AET, "127.0.0.1", research_dicom]},
+            modalities={"research": [self.RESEARCH_AET, self.address, research_dicom]},
             lua_scripts=self.pacs_lua_scripts,
         ), self.pacs_overrides)
         research_config = _merge(base_config(
             name="research", aet=self.RESEARCH_AET, http_port=research_http,
             dicom_port=research_dicom, workdir=research_dir, stable_age=self.stable_age,
             users={self.RESEARCH_USER: self.research_password},
-            modalities={"pacs": [self.PACS_AET, "127.0.0.1", pacs_dicom],
-                        **({"dcmqr": [self.DCMQR_AET, "127.0.0.1", dcmqr_port]}
+            modalities={"pacs": [self.PACS_AET, self.address, pacs_dicom],
+                        **({"dcmqr": [self.DCMQR_AET, self.address, dcmqr_port]}
                            if self.with_dcmqrscp else {})},
             lua_scripts=self.research_lua_scripts,
         ), {"CheckRevisions": True,  # as the README recommends: label sets stay consistent
             **self.research_overrides})
-        common = {"executable": self.executable, "startup_timeout": self.startup_timeout}
+        if self.address != "127.0.0.1":
+            # Orthanc calls any client other than 127.0.0.1/::1 remote; listening on another
+            # address (another host's view of this one) needs remote access, bounded by the
+            # address it listens on (the bind shim) and research's authentication
+            for config, overrides in ((pacs_config, self.pacs_overrides),
+                                      (research_config, self.research_overrides)):
+                config["RemoteAccessAllowed"] = overrides.get("RemoteAccessAllowed", True)
+        common = {"executable": self.executable, "startup_timeout": self.startup_timeout,
+                  "address": self.address}
         pacs = OrthancServer("pacs", self.PACS_AET, pacs_http, pacs_dicom, pacs_dir,
                              pacs_config, **common)
         research = OrthancServer("research", self.RESEARCH_AET, research_http, research_dicom,
@@ -447,7 +509,7 @@ class OrthancLab:
             _live_labs.add(self)
         last_error: Exception | None = None
         for _attempt in range(self.attempts):
-            ports = free_ports(5)
+            ports = self._ports() if _attempt == 0 else free_ports(5)
             self.pacs, self.research = self._servers_for(ports)
             try:
                 self.pacs.start()
@@ -458,6 +520,7 @@ class OrthancLab:
                     self.dcmqr = Dcmqrscp(self.root / "dcmqr",
                                           {self.RESEARCH_AET: self.research.dicom_port},
                                           aet=self.DCMQR_AET, port=ports[4],
+                                          address=self.address,
                                           **self.dcmqrscp_options)
                     self.dcmqr.boot(attempts=1)
                 return self
