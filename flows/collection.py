@@ -155,6 +155,20 @@ def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[s
     )
 
 
+def _publish(request: CollectionRequest, reports: Sequence[RowReport]) -> Path:
+    """The run's report: the CSV (``_write_csv``) and the ``collection-report`` table
+    artifact (counts and statuses, no identifiers, no Orthanc IDs). Returns the CSV's path."""
+    from prefect.runtime import flow_run
+
+    path = _write_csv(request, reports, str(flow_run.get_id() or "local"))
+    create_table_artifact(
+        key="collection-report",
+        table=[{k: v for k, v in r.model_dump().items() if k != "study_ids"} for r in reports],
+        description=f"Collection of project {request.project}: per-row outcome "
+                    f"(row numbers refer to the cohort; no identifiers here).")
+    return path
+
+
 def _write_csv(request: CollectionRequest, reports: Sequence[RowReport], run_id: str) -> Path:
     """The full per-row outcome. Next to a cohort file it repeats that file's own columns (the
     user's identifiers: keep it where the cohort is kept); for criteria it holds none."""
@@ -290,9 +304,7 @@ def _not_planned(request: CollectionRequest, rows: list[CohortRow] | None,
     """Cancelled before (or during) planning: every row deferred, nothing moved."""
     reports = [RowReport(index=row.index, status="deferred",
                          note="outside the transfer window: not queried") for row in rows or ()]
-    from prefect.runtime import flow_run
-
-    path = _write_csv(request, reports, str(flow_run.get_id() or "local"))
+    path = _publish(request, reports)
     report = CollectionReport(rows=tuple(reports), studies_found=0, studies_complete=0,
                               studies_moved=0, deferred=len(reports), report_path=str(path))
     message = f"not planned: {error}; re-run inside the window (report {path.name})"
@@ -326,14 +338,7 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
         else [RowReport(index=r.index, status=r.status.value, studies=len(r.studies),
                         expected_instances=sum(s.expected or 0 for s in r.studies),
                         note=r.note) for r in plan]
-    from prefect.runtime import flow_run
-
-    path = _write_csv(request, reports, str(flow_run.get_id() or "local"))
-    create_table_artifact(
-        key="collection-report",
-        table=[{k: v for k, v in r.model_dump().items() if k != "study_ids"} for r in reports],
-        description=f"Collection of project {request.project}: per-row outcome "
-                    f"(row numbers refer to the cohort; no identifiers here).")
+    path = _publish(request, reports)
     found = sum(len(r.studies) for r in plan if r.status in (RowStatus.FOUND,
                                                              RowStatus.ALREADY_PRESENT))
     complete = sum(r.complete for r in results.values())
