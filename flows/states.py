@@ -11,8 +11,10 @@ memory (it is never pickled with it, so Prefect's result storage gets the messag
 The engine still logs "Engine execution exited with unexpected exception" with a traceback of
 its own code for such a state, in the run's logs and the worker's output, although the run's
 "Finished in state Failed('...')" line already says everything: ``PurposefulFailureFilter``
-(installed on ``prefect.flow_runs`` when this module is imported, which every flow module
-does) drops exactly those records.
+(installed on ``prefect.flow_runs`` and ``prefect.task_runs`` when this module is imported,
+which every flow module does) drops exactly those records, and keeps only the one-line
+message of a task that stopped on purpose (``flows.window.OutsideWindow``: the window
+closed before its next PACS exchange).
 An exception a flow raises is not a ``RunIncomplete`` and keeps its traceback.
 
     state = collect_cohort(cohort_file="cohort.csv", return_state=True)
