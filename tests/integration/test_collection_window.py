@@ -68,8 +68,8 @@ def _cohort_file(tmp_path: Path, studies) -> Path:
     path = tmp_path / "window.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["accession_number"])
-        writer.writerows([s.accession] for s in studies)
+        writer.writerow(["study_instance_uid"])
+        writer.writerows([s.study_uid] for s in studies)
     return path
 
 
@@ -137,3 +137,30 @@ def test_a_window_closing_during_planning_stops_at_the_next_cfind(
     if peer_log:
         assert peer_log.count(FIND_RECEIVED) == 2 and peer_log.count(MOVE_RECEIVED) == 0
     assert [r.status for r in report_of(state).rows] == ["deferred"] * 4
+
+
+def test_a_window_closing_during_retrieval_defers_the_rest_and_moves_nothing_more(
+        research_env, research, pacs, lab, loaded_pacs, cohort, tmp_path, monkeypatch):
+    """Closed once planning is done and the first study submitted: that study's first
+    exchange is refused inside its task, the other studies are never submitted; all four
+    are deferred (a re-run collects them), the Orthanc PACS saw the four planning C-FINDs
+    and no C-MOVE, and the run ends Cancelled."""
+    studies = cohort.studies[:4]
+    for study in studies:
+        research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
+    path = _cohort_file(tmp_path, studies)
+    answers = iter([True] * 6)  # admit, 4 planning C-FINDs, the first submission
+    monkeypatch.setattr(TimeWindow, "is_open", lambda self, now: next(answers, False))
+    research_log, pacs_log = DicomLog(research, lab.research.log_path), DicomLog(
+        pacs, lab.pacs.log_path)
+    with _recording(research_log, pacs_log):
+        state = collect_cohort(cohort_file=str(path), project="window",
+                               source_modality="pacs", time_window=_closed_window(),
+                               return_state=True)
+    assert state.is_cancelled() and "time window closed" in state.message, state
+    assert pacs_log.count(FIND_RECEIVED) == 4 and pacs_log.count(MOVE_RECEIVED) == 0
+    assert research_log.count(SCU_OPENED, lab.PACS_AET) == 4
+    report = report_of(state)
+    assert report.deferred == 4 and report.studies_moved == 0
+    assert [r.status for r in report.rows] == ["deferred"] * 4
+    assert all(not research.find("Study", {"StudyInstanceUID": s.study_uid}) for s in studies)

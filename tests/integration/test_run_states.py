@@ -83,8 +83,8 @@ def test_a_cancelled_collection_logs_its_reason_once_and_keeps_its_report(
     start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
     window = TimeWindow(start=start.strftime("%H:%M"),
                         end=(start + dt.timedelta(hours=1)).strftime("%H:%M"), timezone="UTC")
-    path = _cohort(tmp_path, "cancelled", "accession_number",
-                   [s.accession for s in cohort.studies[:2]])
+    path = _cohort(tmp_path, "cancelled", "study_instance_uid",
+                   [s.study_uid for s in cohort.studies[:2]])
     state = collect_cohort(cohort_file=str(path), project="states", time_window=window,
                            return_state=True)
     assert state.is_cancelled() and "outside the transfer window" in state.message

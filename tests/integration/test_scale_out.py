@@ -113,8 +113,8 @@ def _wait_final(run_ids: list, log: Path) -> list:
 def _cohort(path: Path, studies) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["accession_number"])
-        writer.writerows([s.accession] for s in studies)
+        writer.writerow(["study_instance_uid"])
+        writer.writerows([s.study_uid] for s in studies)
 
 
 def test_two_cohorts_run_at_once_on_a_worker_elsewhere(remote_worker, research, loaded_pacs,
