@@ -21,7 +21,8 @@ from flows.cohort import TimeWindow
 from flows.collection import collect_cohort
 from flows.sharing import Destination, share_studies
 from flows.states import report_of
-from tasks import UnknownModality, query_modality
+from tasks import (UnknownModality, echo_modality, query_modality, retrieve_study,
+                   store_to_modality)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -116,8 +117,14 @@ def test_an_unknown_modality_is_reported_as_unknown(research_env, research, rese
     assert "PUT /modalities/pcas" in state.message
     assert not state.message.startswith("collection not started: no Prefect global")
 
-    with pytest.raises(UnknownModality, match="no DICOM modality named 'pcas'"):
-        query_modality.fn(research_creds, "pcas", "Study", {"PatientID": ""})
+    for task_call in (lambda: query_modality.fn(research_creds, "pcas", "Study",
+                                                {"PatientID": ""}),
+                      lambda: echo_modality.fn(research_creds, "pcas"),
+                      lambda: retrieve_study.fn(research_creds, "pcas", "1.2.3"),
+                      # routing's forward rule and any C-STORE go through this task
+                      lambda: store_to_modality.fn(research_creds, "pcas", ["x"])):
+        with pytest.raises(UnknownModality, match="no DICOM modality named 'pcas'"):
+            task_call()
 
     monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
     shared = share_studies(study_ids=["-".join(["0" * 8] * 5)], destination=Destination(kind="modality",

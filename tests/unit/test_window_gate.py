@@ -180,3 +180,15 @@ def test_a_task_refused_by_the_window_logs_one_line_without_traceback():
     record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed",
                                None, bug)
     assert check.filter(record) and "Traceback" in logging.Formatter().format(record)
+
+
+def test_admit_waits_for_a_window_that_opens_within_the_bound(monkeypatch):
+    """``outside="wait"``: one sleep until the opening, then admitted (the sleep is recorded,
+    not slept)."""
+    import flows.window as window_module
+
+    slept: list[float] = []
+    monkeypatch.setattr(window_module.time, "sleep", slept.append)
+    admit(_window(open_now=False, outside="wait", max_wait_hours=3))
+    (delay,) = slept
+    assert 3600 < delay <= 2 * 3600 + 60  # opens in about two hours
