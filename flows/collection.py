@@ -349,16 +349,22 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
     summary = (f"{complete}/{found} studies complete, {report.studies_moved} moved, "
                f"{len(deferred)} deferred; not found {counts[RowStatus.NOT_FOUND]}, "
                f"ambiguous {counts[RowStatus.AMBIGUOUS]}; report {path.name}")
-    logger.info(summary)
     if counts[RowStatus.QUERY_FAILED]:
         summary += (f"; {counts[RowStatus.QUERY_FAILED]} row(s) could not be queried (see "
                     f"the report)")
+    # the outcome in one line, at a level that reaches the run's logs whatever the site's
+    # PREFECT_LOGGING_LEVEL (Prefect's own "Finished in state" line is INFO)
     if request.dry_run:
+        logger.info("dry run: %s", summary)
         return Completed(message=f"dry run: {summary}", data=report)
     if deferred:
-        return cancel_run(f"time window closed: {summary}; re-run to continue", report)
+        message = f"time window closed: {summary}; re-run to continue"
+        logger.warning(message)
+        return cancel_run(message, report)
     if complete < found or counts[RowStatus.QUERY_FAILED]:
+        logger.error("collection incomplete: %s", summary)
         return fail_run(summary, report)
+    logger.info(summary)
     return Completed(message=summary, data=report)
 
 
