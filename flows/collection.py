@@ -1,7 +1,8 @@
 """Research data collection: a cohort in, exactly those studies in the research Orthanc, verified.
 
 Plan first (every row resolved by C-FIND, nothing moved), then retrieve only what is missing,
-one task per study, within the PACS's global concurrency limit and the allowed hours; each
+one task per study, within the PACS's global concurrency limit and the allowed hours (every
+PACS exchange of the run, planning included, passes ``flows.window``'s gate); each
 study is counted against the PACS and marked collected only when complete. Re-running the same
 cohort moves nothing that is already complete, so an interrupted run is finished by re-running.
 
@@ -16,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import datetime as dt
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
 from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc
-from tasks import OrthancCredentials, modality_slot, orthanc_task, retrieve_study
+from tasks import (OrthancCredentials, UnknownModality, modality_slot, orthanc_task,
+                   require_modality, retrieve_study)
 from tasks.labels import attach_labels
 
 from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
@@ -42,6 +42,7 @@ from .states import cancel_run, fail_run
 from .parameters import described_by, request_from
 from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
 from .site import DATA_DIR_ENV, SiteError, SiteSettings
+from .window import OutsideWindow, admit, window_gate
 
 __all__ = ["collect_cohort", "plan_cohort", "mark_collected", "CollectionReport"]
 
@@ -63,12 +64,14 @@ def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest,
         plan = plan_cohort(creds, request, read_cohort(request.cohort_file))
         ```
     """
-    with modality_slot(request.source_modality), credentials.get_client() as orthanc:
-        if rows is not None:
-            return plan_rows(orthanc, request.source_modality, rows, request.find_cap)
-        assert request.criteria is not None
-        return plan_criteria(orthanc, request.source_modality, request.criteria,
-                             request.find_cap)
+    with credentials.get_client() as orthanc:
+        require_modality(orthanc, request.source_modality)
+        with modality_slot(request.source_modality):
+            if rows is not None:
+                return plan_rows(orthanc, request.source_modality, rows, request.find_cap)
+            assert request.criteria is not None
+            return plan_criteria(orthanc, request.source_modality, request.criteria,
+                                 request.find_cap)
 
 
 def _mark(orthanc: Orthanc, study_id: str, project: str) -> str:
@@ -152,6 +155,20 @@ def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[s
     )
 
 
+def _publish(request: CollectionRequest, reports: Sequence[RowReport]) -> Path:
+    """The run's report: the CSV (``_write_csv``) and the ``collection-report`` table
+    artifact (counts and statuses, no identifiers, no Orthanc IDs). Returns the CSV's path."""
+    from prefect.runtime import flow_run
+
+    path = _write_csv(request, reports, str(flow_run.get_id() or "local"))
+    create_table_artifact(
+        key="collection-report",
+        table=[{k: v for k, v in r.model_dump().items() if k != "study_ids"} for r in reports],
+        description=f"Collection of project {request.project}: per-row outcome "
+                    f"(row numbers refer to the cohort; no identifiers here).")
+    return path
+
+
 def _write_csv(request: CollectionRequest, reports: Sequence[RowReport], run_id: str) -> Path:
     """The full per-row outcome. Next to a cohort file it repeats that file's own columns (the
     user's identifiers: keep it where the cohort is kept); for criteria it holds none."""
@@ -180,22 +197,6 @@ def _write_csv(request: CollectionRequest, reports: Sequence[RowReport], run_id:
             writer.writerow(cells + extra)
     tmp.replace(path)
     return path
-
-
-def _wait_for_window(request: CollectionRequest) -> bool:
-    """True when moving is allowed now (after waiting if so configured)."""
-    window = request.time_window
-    if window is None:
-        return True
-    now = dt.datetime.now(dt.timezone.utc)
-    if window.is_open(now):
-        return True
-    delay = window.seconds_until_open(now)
-    if window.outside == "stop" or delay > window.max_wait_hours * 3600:
-        return False
-    get_run_logger().info("outside the transfer window: waiting %.0f s", delay)
-    time.sleep(delay)
-    return True
 
 
 def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, list[CohortRow] | None]:
@@ -263,7 +264,57 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
              credentials_block: str | None) -> State[CollectionReport]:
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)
-    plan = plan_cohort(credentials, request, rows)
+    try:  # a typo in the modality is reported as such, before its concurrency limit
+        with credentials.get_client() as orthanc:
+            require_modality(orthanc, request.source_modality)
+    except UnknownModality as error:
+        logger.error("collection not started: %s", error)
+        return fail_run(f"collection not started: {error}")
+    with window_gate(request.time_window):  # every PACS exchange below, in every task
+        try:
+            plan = _plan(credentials, request, rows)
+        except OutsideWindow as error:
+            return _not_planned(request, rows, error)
+        return _run_plan(credentials, request, plan)
+
+
+#: planning attempts when the window closes during planning and outside="wait"
+PLAN_ATTEMPTS = 3
+
+
+def _plan(credentials: OrthancCredentials, request: CollectionRequest,
+          rows: list[CohortRow] | None) -> list[PlanRow]:
+    """The plan, planned while the window is open; ``OutsideWindow`` when it is closed (and
+    ``outside="stop"``, or it would not open within ``max_wait_hours``)."""
+    logger = get_run_logger()
+    for attempt in range(1, PLAN_ATTEMPTS + 1):
+        admit(request.time_window, log=logger)  # waits, or raises: nothing sent yet
+        try:
+            return plan_cohort(credentials, request, rows)
+        except OutsideWindow:
+            if attempt == PLAN_ATTEMPTS:
+                raise
+            logger.warning("the transfer window closed during planning: planning again when "
+                           "it opens")
+    raise AssertionError("unreachable")
+
+
+def _not_planned(request: CollectionRequest, rows: list[CohortRow] | None,
+                 error: OutsideWindow) -> State[CollectionReport]:
+    """Cancelled before (or during) planning: every row deferred, nothing moved."""
+    reports = [RowReport(index=row.index, status="deferred",
+                         note="outside the transfer window: not queried") for row in rows or ()]
+    path = _publish(request, reports)
+    report = CollectionReport(rows=tuple(reports), studies_found=0, studies_complete=0,
+                              studies_moved=0, deferred=len(reports), report_path=str(path))
+    message = f"not planned: {error}; re-run inside the window (report {path.name})"
+    get_run_logger().warning(message)
+    return cancel_run(message, report)
+
+
+def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
+              plan: list[PlanRow]) -> State[CollectionReport]:
+    logger = get_run_logger()
     todo = {s.key: s for row in plan if row.status is RowStatus.FOUND
             for s in row.studies if not s.present}
     present = {s.key: s for row in plan if row.status in (RowStatus.FOUND,
@@ -287,14 +338,7 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
         else [RowReport(index=r.index, status=r.status.value, studies=len(r.studies),
                         expected_instances=sum(s.expected or 0 for s in r.studies),
                         note=r.note) for r in plan]
-    from prefect.runtime import flow_run
-
-    path = _write_csv(request, reports, str(flow_run.get_id() or "local"))
-    create_table_artifact(
-        key="collection-report",
-        table=[{k: v for k, v in r.model_dump().items() if k != "study_ids"} for r in reports],
-        description=f"Collection of project {request.project}: per-row outcome "
-                    f"(row numbers refer to the cohort; no identifiers here).")
+    path = _publish(request, reports)
     found = sum(len(r.studies) for r in plan if r.status in (RowStatus.FOUND,
                                                              RowStatus.ALREADY_PRESENT))
     complete = sum(r.complete for r in results.values())
@@ -305,16 +349,22 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
     summary = (f"{complete}/{found} studies complete, {report.studies_moved} moved, "
                f"{len(deferred)} deferred; not found {counts[RowStatus.NOT_FOUND]}, "
                f"ambiguous {counts[RowStatus.AMBIGUOUS]}; report {path.name}")
-    logger.info(summary)
     if counts[RowStatus.QUERY_FAILED]:
         summary += (f"; {counts[RowStatus.QUERY_FAILED]} row(s) could not be queried (see "
                     f"the report)")
+    # the outcome in one line, at a level that reaches the run's logs whatever the site's
+    # PREFECT_LOGGING_LEVEL (Prefect's own "Finished in state" line is INFO)
     if request.dry_run:
+        logger.info("dry run: %s", summary)
         return Completed(message=f"dry run: {summary}", data=report)
     if deferred:
-        return cancel_run(f"time window closed: {summary}; re-run to continue", report)
+        message = f"time window closed: {summary}; re-run to continue"
+        logger.warning(message)
+        return cancel_run(message, report)
     if complete < found or counts[RowStatus.QUERY_FAILED]:
+        logger.error("collection incomplete: %s", summary)
         return fail_run(summary, report)
+    logger.info(summary)
     return Completed(message=summary, data=report)
 
 
@@ -326,28 +376,34 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
     progress = create_progress_artifact(progress=0.0, key="collection-progress",
                                         description="Studies of this run retrieved so far.")
     pending = list(studies)
-    in_flight: dict[PrefectFuture[CollectResult], str] = {}
+    in_flight: dict[PrefectFuture[CollectResult], Any] = {}
     marks: list[PrefectFuture[str]] = []
     done = 0
     window_open = True
     while pending or in_flight:
         while pending and len(in_flight) < request.concurrency and window_open:
-            window_open = _wait_for_window(request)
-            if not window_open:
+            try:
+                admit(request.time_window, log=get_run_logger())  # may wait for the window
+            except OutsideWindow:
+                window_open = False
                 break
             study = pending.pop(0)
             future = retrieve_study.submit(credentials, request.source_modality, study.uid,
                                            job_timeout=request.job_timeout)
-            in_flight[future] = study.key
+            in_flight[future] = study
         if not window_open:
             deferred.update(s.key for s in pending)
             pending.clear()
         if not in_flight:
             break
         finished = next(as_completed(list(in_flight)))
-        key = in_flight.pop(finished)
+        study = in_flight.pop(finished)
+        key = study.key
         try:
             result = finished.result()
+        except OutsideWindow:  # the window closed before one of its exchanges: not a failure
+            pending.insert(0, study)  # the next admit() waits for the window, or defers it
+            continue
         except Exception as error:  # retries exhausted: record it, let the other studies finish
             result = CollectResult(key=key, outcome=CollectOutcome.FAILED,
                                    expected_instances=None, received_instances=0,

@@ -11,8 +11,10 @@ memory (it is never pickled with it, so Prefect's result storage gets the messag
 The engine still logs "Engine execution exited with unexpected exception" with a traceback of
 its own code for such a state, in the run's logs and the worker's output, although the run's
 "Finished in state Failed('...')" line already says everything: ``PurposefulFailureFilter``
-(installed on ``prefect.flow_runs`` when this module is imported, which every flow module
-does) drops exactly those records.
+(installed on ``prefect.flow_runs`` and ``prefect.task_runs`` when this module is imported,
+which every flow module does) drops exactly those records, and keeps only the one-line
+message of a task that stopped on purpose (``flows.window.OutsideWindow``: the window
+closed before its next PACS exchange).
 An exception a flow raises is not a ``RunIncomplete`` and keeps its traceback.
 
     state = collect_cohort(cohort_file="cohort.csv", return_state=True)
@@ -67,20 +69,33 @@ def report_of(state: State[Any]) -> Any:
 
 
 class PurposefulFailureFilter(logging.Filter):
-    """Drop log records whose exception is a ``RunIncomplete`` (a purposeful Failed or
-    Cancelled state, already logged by its one-line message)."""
+    """For log records whose exception is purposeful (a ``RunIncomplete``, or any exception
+    with ``purposeful_failure = True`` such as ``flows.window.OutsideWindow``): on
+    ``prefect.flow_runs`` drop the record (the engine's second report of a state the run
+    already logged in one line); on ``prefect.task_runs`` keep its one-line message and drop
+    the traceback (a task refused on purpose is not a crash)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not getattr(exc, "purposeful_failure", False)
+        if not getattr(exc, "purposeful_failure", False):
+            return True
+        if record.name == "prefect.flow_runs":
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+#: the Prefect loggers the filter is installed on
+_FILTERED = ("prefect.flow_runs", "prefect.task_runs")
 
 
 def install_log_filter() -> None:
-    """Add ``PurposefulFailureFilter`` to ``prefect.flow_runs`` once (idempotent, also when
-    this module is loaded twice under two names)."""
-    logger = logging.getLogger("prefect.flow_runs")
-    if not any(type(f).__name__ == "PurposefulFailureFilter" for f in logger.filters):
-        logger.addFilter(PurposefulFailureFilter())
+    """Add ``PurposefulFailureFilter`` to Prefect's flow-run and task-run loggers once
+    (idempotent, also when this module is loaded twice under two names)."""
+    for name in _FILTERED:
+        logger = logging.getLogger(name)
+        if not any(type(f).__name__ == "PurposefulFailureFilter" for f in logger.filters):
+            logger.addFilter(PurposefulFailureFilter())
 
 
 install_log_filter()  # every flow module imports this one, whatever the entrypoint loads

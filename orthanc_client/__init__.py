@@ -47,10 +47,11 @@ from .models import (
     UploadResult,
 )
 from .retrieval import CollectOutcome, CollectResult, CountSource, ExpectedCount, Settle
+from .operations import dicom_gate
 from .settings import OrthancSettings
 
 __all__ = [
-    "Orthanc", "AsyncOrthanc", "OrthancSettings",
+    "Orthanc", "AsyncOrthanc", "OrthancSettings", "dicom_gate",
     "OrthancError", "OrthancHTTPError", "OrthancBadRequest", "OrthancUnauthorized",
     "OrthancNotFound", "OrthancConflict", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
     "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",

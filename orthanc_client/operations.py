@@ -7,9 +7,11 @@ Reached through ``Orthanc`` it runs with blocking I/O and returns the value; rea
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from urllib.parse import quote
@@ -81,6 +83,30 @@ class operation(Generic[P, R]):
         return bound
 
 
+#: the check ``dicom_gate`` installs for the current context (thread, task, coroutine)
+_DICOM_GATE: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "orthanc_dicom_gate", default=None)
+
+
+@contextlib.contextmanager
+def dicom_gate(check: Callable[[str], None]) -> Iterator[None]:
+    """Call ``check(route)`` before every request, by any client in this context, that makes
+    Orthanc start a DICOM exchange with a remote modality: C-ECHO, C-FIND, C-MOVE, C-STORE
+    (a ``POST`` under ``/modalities/{name}/`` or ``/queries/{id}/``; reading a query's
+    answers or Orthanc's modality list is not one). ``check`` raises to refuse the exchange;
+    nothing is sent then. The gate follows the context: Prefect's thread-pool task runner
+    copies it into the tasks a flow submits.
+
+    >>> with dicom_gate(lambda route: refuse_outside_hours()):
+    ...     orthanc.query("pacs", "Study", {"PatientID": "X"})
+    """
+    token = _DICOM_GATE.set(check)
+    try:
+        yield
+    finally:
+        _DICOM_GATE.reset(token)
+
+
 def _seg(value: str) -> str:
     """Quote one path segment (an Orthanc ID, a modality or label name)."""
     return quote(str(value), safe="")
@@ -98,6 +124,10 @@ class Operations:
         return core.RetryPolicy(retries=self.settings.retries, base=self.settings.backoff)
 
     def _call(self, call: Call) -> Steps[Any]:
+        gate = _DICOM_GATE.get()
+        if gate is not None and call.method == "POST" and call.route.startswith(
+                core._DICOM_ROUTES):
+            gate(call.route)  # the one place every DICOM exchange passes
         return core.request(call, self._policy(), self.settings.safe_url)
 
     def _get(self, path: str, route: str, params: Mapping[str, str] | None = None,

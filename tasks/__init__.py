@@ -15,10 +15,12 @@ from .jobs import wait_for_job
 from .limits import (ModalityLimitMissing, ensure_limits, limit_name, modality_slot,
                      study_lock)
 from .network import (
+    UnknownModality,
     echo_modality,
     query_modality,
     retrieve_study,
     store_to_modality,
+    require_modality,
     store_to_peer,
 )
 from .policy import TaskFailure, is_transient, orthanc_task
@@ -27,6 +29,7 @@ from .resources import add_labels, delete_resources, find_resources, set_metadat
 __all__ = [
     "OrthancCredentials",
     "echo_modality", "query_modality", "retrieve_study", "store_to_modality", "store_to_peer",
+    "require_modality", "UnknownModality",
     "find_resources", "delete_resources", "set_metadata", "add_labels",
     "anonymize_resource", "modify_resource", "download_archive", "wait_for_job",
     "read_changes", "advance_changes_cursor", "ChangesBatch",

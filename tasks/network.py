@@ -1,14 +1,17 @@
 """Tasks for DICOM networking through Orthanc: C-ECHO, C-FIND, C-MOVE, C-STORE.
 
-Every operation against a modality holds that modality's concurrency slot (see ``limits``)
-for its whole life, Orthanc job included.
+Every operation against a modality first checks that Orthanc knows the modality
+(``require_modality``: one function for every entry point that takes a modality name, tasks
+and flows alike), then holds that modality's concurrency slot (see ``limits``) for its whole
+life, Orthanc job included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from orthanc_client import CollectResult, JobInfo, Level, Orthanc, OrthancJobFailed, QueryResult
+from orthanc_client import (CollectResult, JobInfo, Level, Orthanc, OrthancJobFailed, QueryResult,
+                            SafeMessageError)
 from orthanc_client.errors import store_failure
 
 from .credentials import OrthancCredentials
@@ -17,7 +20,43 @@ from .origin import end_retrieval, mark_retrieved, register_retrieval
 from .policy import orthanc_task, uid_key
 
 __all__ = ["echo_modality", "query_modality", "retrieve_study", "store_to_modality",
-           "store_to_peer"]
+           "store_to_peer", "require_modality", "UnknownModality"]
+
+
+class UnknownModality(SafeMessageError, ValueError):
+    """Orthanc has no DICOM modality of that name. The message lists the names it has
+    (configuration, not patient data) and how to register one."""
+
+    reason_code = "unknown_modality"
+
+    def __init__(self, modality: str, known: list[str]) -> None:
+        names = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"Orthanc has no DICOM modality named {modality!r} (it knows: {names}): use one "
+            f"of those names, or register it in Orthanc's configuration (\"DicomModalities\": "
+            f"{{\"{modality}\": [\"AET\", \"host\", 104]}}, then restart Orthanc) or with "
+            f"`PUT /modalities/{modality}` and {{\"AET\", \"Host\", \"Port\"}}, then give it a "
+            f"concurrency limit: `prefect-orthanc-limits {modality}=2`")
+        self.modality, self.known = modality, sorted(known)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (UnknownModality, (self.modality, self.known))
+
+
+def require_modality(orthanc: Orthanc, modality: str) -> None:
+    """Raise ``UnknownModality`` unless Orthanc's own list (``GET /modalities``) has
+    ``modality`` (names are case-sensitive, as in Orthanc). Call it before anything else
+    about a modality (its concurrency limit, a C-FIND), so a typo is reported as a typo.
+
+    Example:
+        ```python
+        with creds.get_client() as orthanc:
+            require_modality(orthanc, "pacs")
+        ```
+    """
+    known = [str(name) for name in orthanc.modalities()]
+    if modality not in known:
+        raise UnknownModality(modality, known)
 
 
 @orthanc_task(name="echo_modality", run_name=lambda p: f"echo-{p['modality']}")
@@ -30,6 +69,7 @@ def echo_modality(credentials: OrthancCredentials, modality: str) -> bool:
         ```
     """
     with credentials.get_client() as orthanc:
+        require_modality(orthanc, modality)
         orthanc.echo(modality)
     return True
 
@@ -51,8 +91,10 @@ def query_modality(credentials: OrthancCredentials, modality: str, level: Level 
         print(len(result.answers))
         ```
     """
-    with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
-        return orthanc.query(modality, level, query)
+    with credentials.get_client() as orthanc:
+        require_modality(orthanc, modality)
+        with modality_slot(modality, timeout=slot_timeout):
+            return orthanc.query(modality, level, query)
 
 
 @orthanc_task(name="retrieve_study",
@@ -75,14 +117,16 @@ def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: st
         assert result.complete, (result.expected_instances, result.received_instances)
         ```
     """
-    with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
-        register_retrieval(study_uid, modality)  # before the move: see tasks.origin
-        result = orthanc.collect(modality, study_uid, job_timeout=job_timeout,
-                                 refetch_rounds=refetch_rounds)
-        if result.moved:
-            mark_retrieved(orthanc, result.study_ids, modality)
-        end_retrieval(study_uid)
-        return result
+    with credentials.get_client() as orthanc:
+        require_modality(orthanc, modality)
+        with modality_slot(modality, timeout=slot_timeout):
+            register_retrieval(study_uid, modality)  # before the move: see tasks.origin
+            result = orthanc.collect(modality, study_uid, job_timeout=job_timeout,
+                                     refetch_rounds=refetch_rounds)
+            if result.moved:
+                mark_retrieved(orthanc, result.study_ids, modality)
+            end_retrieval(study_uid)
+            return result
 
 
 @orthanc_task(name="store_to_modality",
@@ -101,10 +145,12 @@ def store_to_modality(credentials: OrthancCredentials, modality: str,
         print(job.content.get("InstancesCount"))
         ```
     """
-    with modality_slot(modality, timeout=slot_timeout), credentials.get_client() as orthanc:
-        job_id = orthanc.store(modality, list(resource_ids))
-        assert job_id is not None
-        return _wait_for_send(orthanc, job_id, job_timeout, "C-STORE")
+    with credentials.get_client() as orthanc:
+        require_modality(orthanc, modality)
+        with modality_slot(modality, timeout=slot_timeout):
+            job_id = orthanc.store(modality, list(resource_ids))
+            assert job_id is not None
+            return _wait_for_send(orthanc, job_id, job_timeout, "C-STORE")
 
 
 @orthanc_task(name="store_to_peer",

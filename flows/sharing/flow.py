@@ -15,7 +15,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from orthanc_client import Level
-from tasks import OrthancCredentials, orthanc_task, study_lock
+from tasks import OrthancCredentials, UnknownModality, orthanc_task, require_modality, study_lock
 from tasks.labels import project_studies
 from tasks.policy import short_id
 
@@ -171,6 +171,13 @@ def _share(request: SharingRequest, credentials_block: str | None
     logger = get_run_logger()
     secret = project_secret(request.secret_block)
     credentials = load_credentials(credentials_block)
+    if request.destination.kind == "modality":  # a typo is reported as one, before any work
+        try:
+            with credentials.get_client() as orthanc:
+                require_modality(orthanc, request.destination.target)
+        except UnknownModality as error:
+            logger.error("sharing not started: %s", error)
+            return fail_run(f"sharing not started: {error}")
     selected = _select(credentials, request)
     if not selected:
         return _nothing_selected(request)

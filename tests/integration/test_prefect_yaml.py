@@ -60,7 +60,8 @@ def test_nightly_collection_schedule_and_concurrency(deployed):
     [schedule] = nightly.schedules
     assert schedule.active
     assert schedule.schedule.cron == "0 19 * * *" and schedule.schedule.timezone == "UTC"
-    assert nightly.global_concurrency_limit.limit == 1
+    # two cohorts at once (the PACS is capped by its own limit, not by this one)
+    assert nightly.global_concurrency_limit.limit == 4
     assert nightly.concurrency_options.collision_strategy.value == "ENQUEUE"
     assert nightly.parameters["time_window"] == {
         "start": "19:00", "end": "07:00", "timezone": "UTC", "outside": "stop"}

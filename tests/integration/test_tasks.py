@@ -16,10 +16,10 @@ from orthanc_client import (
     CollectOutcome,
     JobState,
     Level,
-    OrthancNotFound,
 )
 from tasks import (
     ModalityLimitMissing,
+    UnknownModality,
     add_labels,
     advance_changes_cursor,
     anonymize_resource,
@@ -97,8 +97,12 @@ def test_partial_result_is_honest_when_refetch_is_off(research_creds, research, 
     assert not result.complete
 
 
-def test_unknown_modality_fails_without_retry(research_creds, modality_limit):
-    asyncio.run(modality_limit("no-such-pacs", 1))  # the limit exists; the modality does not
+@pytest.mark.parametrize("with_limit", [False, True])
+def test_unknown_modality_fails_without_retry(research_creds, modality_limit, with_limit):
+    """Reported as an unknown modality, with or without a concurrency limit of that name
+    (before: "no concurrency limit", then, once it was created, OrthancNotFound)."""
+    if with_limit:
+        asyncio.run(modality_limit("no-such-pacs", 1))  # the limit exists; the modality not
 
     states = []
 
@@ -109,7 +113,7 @@ def test_unknown_modality_fails_without_retry(research_creds, modality_limit):
 
     run()
     (state,) = states
-    with pytest.raises(OrthancNotFound):
+    with pytest.raises(UnknownModality, match="no DICOM modality named 'no-such-pacs'"):
         state.result()
     assert state.state_details.task_run_id is not None
     task_run = asyncio.run(_read_task_run(state.state_details.task_run_id))

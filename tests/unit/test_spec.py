@@ -22,7 +22,7 @@ def test_the_project_file_is_valid(specs):
                           "sweep-failed-routes/every-15-minutes"}
     nightly = specs["collect-research-cohort/nightly"]
     assert nightly.schedules == [{"cron": "0 19 * * *", "timezone": "UTC", "active": True}]
-    assert nightly.prefect_concurrency().limit == 1
+    assert nightly.prefect_concurrency().limit == 4  # cohorts at once; the PACS has its own cap
     assert nightly.prefect_concurrency().collision_strategy.value == "ENQUEUE"
     assert nightly.parameters["time_window"]["outside"] == "stop"
     sharing = specs["share-deidentified/ad-hoc"]

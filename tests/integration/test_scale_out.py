@@ -1,0 +1,150 @@
+"""README's deploy path with a worker elsewhere: ``prefect deploy`` from this checkout, a
+process worker started with ``--limit 2`` in another directory, running a copy of the
+project at another path (named by ``PYTHONPATH``, as on another host). Two cohort runs of the
+shipped collection deployment (its own concurrency limit, pull step and parameters) run at
+the same time there, and the code that ran is the copy's."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.lab.processes import stop_group
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "orthanc-scaleout"  # a pool of its own: no other test's runs reach this worker
+NAME = "collect-research-cohort/scaleout"
+RUN_BOUND = 180  # seconds for both runs to be picked up and finish
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _copy_of_the_project(dest: Path) -> Path:
+    """What a worker host needs: the packages and prefect.yaml (no .git, no venv)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in ("flows", "tasks", "orthanc_client", "deployments"):
+        shutil.copytree(REPO / package, dest / package, ignore=ignore)
+    for name in ("prefect.yaml", "pyproject.toml"):
+        shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def _derived_yaml(tmp: Path) -> Path:
+    """The shipped nightly collection as ``scaleout``: unscheduled, on its own pool, reading
+    the research Orthanc from the worker's ORTHANC_* environment; all else as shipped."""
+    shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    [nightly] = [copy.deepcopy(d) for d in shipped["deployments"]
+                 if d["entrypoint"].endswith(":collect_cohort")]
+    nightly["name"], nightly["schedules"] = "scaleout", []
+    nightly["work_pool"] = {**nightly["work_pool"], "name": POOL}
+    nightly["parameters"]["credentials_block"] = None
+    shipped["deployments"] = [nightly]
+    path = tmp / "prefect.yaml"
+    path.write_text(yaml.safe_dump(shipped, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def remote_worker(lab, tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
+    """(the copy the worker runs, the worker's data directory, its log)"""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL
+
+    tmp = tmp_path_factory.mktemp("scaleout")
+    project = _copy_of_the_project(tmp / "other-host" / "opt" / "prefect-orthanc")
+    data, elsewhere = tmp / "site-data", tmp / "worker-cwd"
+    (data / "cohorts").mkdir(parents=True)
+    elsewhere.mkdir()
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+        except ObjectAlreadyExists:
+            pass
+    api = str(PREFECT_API_URL.value())
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
+                             str(_derived_yaml(tmp))], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PREFECT_API_URL": api}, timeout=300)
+    assert deploy.returncode == 0, (deploy.stdout + deploy.stderr)[-3000:]
+    env = {**os.environ, "PREFECT_API_URL": api, "PWD": str(elsewhere),
+           "PYTHONPATH": str(project), "PREFECT_ORTHANC_DATA_DIR": str(data),
+           "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
+           "ORTHANC_PASSWORD": lab.research.password}
+    log = tmp / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--limit", "2"],
+                                  cwd=elsewhere, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield project, data, log
+    finally:
+        stop_group(worker)
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(client.read_deployment_by_name(NAME).id)
+
+
+def _wait_final(run_ids: list, log: Path) -> list:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + RUN_BOUND
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = [client.read_flow_run(run_id) for run_id in run_ids]
+        if all(r.state and r.state.is_final() for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            pytest.fail(f"runs not finished in {RUN_BOUND} s: {[r.state for r in runs]}\n"
+                        + log.read_text(errors="replace")[-3000:])
+        time.sleep(1)
+
+
+def _cohort(path: Path, studies) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["study_instance_uid"])
+        writer.writerows([s.study_uid] for s in studies)
+
+
+def test_two_cohorts_run_at_once_on_a_worker_elsewhere(remote_worker, research, loaded_pacs,
+                                                       cohort):
+    from prefect.deployments import run_deployment
+
+    project, data, log = remote_worker
+    cohorts = {"a": cohort.studies[0:2], "b": cohort.studies[2:4]}
+    for name, studies in cohorts.items():
+        for study in studies:
+            research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
+        _cohort(data / "cohorts" / f"{name}.csv", studies)
+    started = [run_deployment(NAME, timeout=0, parameters={
+        "cohort_file": f"cohorts/{name}.csv", "project": f"scale-{name}",
+        "time_window": None}) for name in cohorts]
+    runs = _wait_final([r.id for r in started], log)
+    assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    first, second = runs
+    # at the same time: each started before the other ended (the worker's --limit 2 and the
+    # deployment's limit let both run; a limit of 1 queued the second behind the first)
+    assert first.start_time < second.end_time and second.start_time < first.end_time, (
+        first.start_time, first.end_time, second.start_time, second.end_time)
+    for name, studies in cohorts.items():
+        with (data / "cohorts" / f"{name}.report.csv").open() as handle:
+            assert [r["result_status"] for r in csv.DictReader(handle)] == ["collected"] * 2
+
+    # the code that ran is the copy's: a report_dir inside the copy is refused as "inside
+    # the code checkout <copy>" (the deploy host's checkout would not refuse it)
+    (proof,) = _wait_final([run_deployment(NAME, timeout=0, parameters={
+        "cohort_file": "cohorts/a.csv", "report_dir": str(project / "reports")}).id], log)
+    assert proof.state.is_failed()
+    assert f"is inside the code checkout {project}" in proof.state.message, proof.state.message
+    assert "Traceback" not in log.read_text(errors="replace")
