@@ -49,9 +49,6 @@ STACK_ENV = {
 RUN_TIMEOUT = 90.0
 #: rows that fail on this branch because of work other helpers do in parallel (issue 13):
 #: the lead removes each mark once the fix is merged (strict: an unexpected pass fails)
-NEEDS_DEPLOYMENT_LIMIT = pytest.mark.xfail(strict=True, reason=(
-    "prefect.yaml's collection deployment has concurrency_limit 1, so a second cohort waits "
-    "for the first (issue 13 scale-out; owner: the prefect.yaml/planning helper)"))
 NEEDS_ZOMBIE_AUTOMATION = pytest.mark.xfail(strict=True, reason=(
     "`deployments setup` creates no automation crashing runs whose heartbeats stopped "
     "(issue 13 item 1; owner: the tasks/limits helper)"))
@@ -404,7 +401,6 @@ def test_every_server_of_the_stack_listens_on_its_own_address_only(stack):
 
 
 
-@NEEDS_DEPLOYMENT_LIMIT
 def test_two_cohorts_at_once_on_two_workers_keep_the_pacs_cap(stack, table):
     with row(table, "two cohorts at once, two workers (no fault)") as entry:
         first, second = _cohort(stack, "cohort-a"), _cohort(stack, "cohort-b")
