@@ -19,7 +19,6 @@ docs/concurrency.md gives the argument and the measured recovery times.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import logging
 import os
@@ -129,6 +128,19 @@ def _client() -> Iterator[Any]:
         yield client
 
 
+def _connector() -> Any:
+    """A factory of fresh clients on the current settings' server, for a thread that must
+    not share a flow run's client (it closes when the run ends while the thread lives on)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:  # ephemeral mode: whatever get_client makes in that thread
+        return _client
+    auth, key = PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value()
+    return lambda: SyncPrefectClient(url, auth_string=auth, api_key=key)
+
+
 def _status(error: BaseException) -> int | None:
     if isinstance(error, httpx.HTTPStatusError):
         return error.response.status_code
@@ -179,10 +191,10 @@ class _Registry:
         self._version = 0
         self._written_version = 0
         self._shards: set[str] = set()  # variable names this process has created
+        self._failing = False
         self._wake = threading.Event()
-        context = contextvars.copy_context()  # the settings (API URL) of the first holder
-        self._thread = threading.Thread(target=context.run, args=(self._run,),
-                                        name="slot-keeper", daemon=True)
+        self._connect = _connector()  # the server of the first holder (registries: per URL)
+        self._thread = threading.Thread(target=self._run, name="slot-keeper", daemon=True)
         self._thread.start()
 
     # -- changes by holders
@@ -228,12 +240,15 @@ class _Registry:
                 return
             current, records = self._snapshot()
             try:
-                with _client() as client:
+                with self._connect() as client:
                     self._write_shards(client, records)
                 self._written_version = current
+                self._failing = False
             except Exception as error:  # noqa: BLE001 - retried on the next tick
-                log.warning("could not publish this process's slot holder record (%s)",
-                            type(error).__name__)
+                if not self._failing:  # once per outage, not once a second
+                    log.warning("could not publish this process's slot holder record (%s); "
+                                "retrying every second", type(error).__name__)
+                self._failing = True
                 self._wake.set()
 
     def _write_shards(self, client: Any, records: list[LeaseRecord]) -> None:
@@ -284,7 +299,7 @@ class _Registry:
     def _tick(self, leases: list[LeaseRecord]) -> bool:
         failed = False
         try:
-            with _client() as client:
+            with self._connect() as client:
                 for record in leases:
                     try:
                         client.renew_concurrency_lease(UUID(record.lease_id),
