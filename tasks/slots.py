@@ -192,6 +192,7 @@ class _Registry:
         self._written_version = 0
         self._shards: set[str] = set()  # variable names this process has created
         self._failing = False
+        self._keeper_client: Any = None
         self._wake = threading.Event()
         self._connect = _connector()  # the server of the first holder (registries: per URL)
         self._thread = threading.Thread(target=self._run, name="slot-keeper", daemon=True)
@@ -199,21 +200,21 @@ class _Registry:
 
     # -- changes by holders
 
-    def add(self, record: LeaseRecord) -> None:
+    def add(self, record: LeaseRecord, client: Any = None) -> None:
         with self._lock:
             self._leases[record.lease_id] = record
             self._renewed[record.lease_id] = time.monotonic()
             self._version += 1
             version = self._version
-        self._publish(version)
+        self._publish(version, client)
 
-    def remove(self, lease_id: str) -> LeaseRecord | None:
+    def remove(self, lease_id: str, client: Any = None) -> LeaseRecord | None:
         with self._lock:
             record = self._leases.pop(lease_id, None)
             self._renewed.pop(lease_id, None)
             self._version += 1
             version = self._version
-        self._publish(version)
+        self._publish(version, client)
         return record
 
     def is_lost(self, lease_id: str) -> bool:
@@ -231,7 +232,7 @@ class _Registry:
                        for r in self._leases.values()]
             return self._version, records
 
-    def _publish(self, version: int | None = None) -> None:
+    def _publish(self, version: int | None = None, client: Any = None) -> None:
         """Write the records (coalesced: a writer that finds its version already written by
         another thread's write returns at once). Errors are logged, not raised: the next
         tick writes again, and until then readers still count the previous records."""
@@ -240,8 +241,8 @@ class _Registry:
                 return
             current, records = self._snapshot()
             try:
-                with self._connect() as client:
-                    self._write_shards(client, records)
+                with contextlib.nullcontext(client) if client else self._connect() as using:
+                    self._write_shards(using, records)
                 self._written_version = current
                 self._failing = False
             except Exception as error:  # noqa: BLE001 - retried on the next tick
@@ -299,24 +300,34 @@ class _Registry:
     def _tick(self, leases: list[LeaseRecord]) -> bool:
         failed = False
         try:
-            with self._connect() as client:
-                for record in leases:
-                    try:
-                        client.renew_concurrency_lease(UUID(record.lease_id),
-                                                       self.settings.lease_seconds)
-                    except Exception as error:  # noqa: BLE001
-                        if _status(error) == 410:
-                            self._mark_lost(record.lease_id)
-                        else:
-                            failed = True
-                        continue
-                    with self._lock:
-                        if record.lease_id in self._renewed:
-                            self._renewed[record.lease_id] = time.monotonic()
+            if self._keeper_client is None:  # one client for the thread's life (CSRF once)
+                self._keeper_client = self._connect().__enter__()
+            client = self._keeper_client
+            for record in leases:
+                try:
+                    client.renew_concurrency_lease(UUID(record.lease_id),
+                                                   self.settings.lease_seconds)
+                except Exception as error:  # noqa: BLE001
+                    if _status(error) == 410:
+                        self._mark_lost(record.lease_id)
+                    else:
+                        failed = True
+                    continue
+                with self._lock:
+                    if record.lease_id in self._renewed:
+                        self._renewed[record.lease_id] = time.monotonic()
         except Exception:  # noqa: BLE001 - no client (server down)
             failed = True
-        self._publish()
+        if failed:
+            self._drop_keeper_client()
+        self._publish(client=self._keeper_client)
         return failed
+
+    def _drop_keeper_client(self) -> None:
+        client, self._keeper_client = self._keeper_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.__exit__(None, None, None)
 
     def _mark_lost(self, lease_id: str) -> None:
         with self._lock:
@@ -556,7 +567,7 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
         if missing:  # a missing limit is never "unlimited"
             client.release_concurrency_slots_with_lease(UUID(lease_id))
             raise SlotLimitMissing(missing[0])
-        registry.add(LeaseRecord(lease_id, tuple(names), 1, flow_run))
+        registry.add(LeaseRecord(lease_id, tuple(names), 1, flow_run), client)
         return lease_id
 
 
@@ -584,13 +595,12 @@ def hold(names: str | Sequence[str], *, wait: float | None = None,
                             settings.wait_seconds if wait is None else wait,
                             min(poll or settings.poll_seconds, settings.poll_seconds),
                             registry)
-    try:
-        yield lease_id
-    finally:
-        lost = registry.is_lost(lease_id)
         try:
-            if not lost:  # a lost lease may have been repossessed: never decrement blindly
-                with _client() as client:
-                    client.release_concurrency_slots_with_lease(UUID(lease_id))
+            yield lease_id
         finally:
-            registry.remove(lease_id)
+            try:
+                if not registry.is_lost(lease_id):  # a lost lease may have been
+                    # repossessed and its slot given to another: never decrement blindly
+                    client.release_concurrency_slots_with_lease(UUID(lease_id))
+            finally:
+                registry.remove(lease_id, client)
