@@ -1,6 +1,6 @@
 """A process that takes one slot with ``tasks.slots.hold`` and reports, for the slot tests.
 
-    python tests/integration/slot_holder.py LIMIT STOP_FILE [WAIT_SECONDS]
+    python tests/integration/slot_holder.py LIMIT[,LIMIT...] STOP_FILE [WAIT_SECONDS]
 
 Prints ``acquired <unix time>`` once it holds the slot, keeps it until STOP_FILE exists,
 then prints ``released <unix time>``; or prints ``exceeded <message>`` when the wait bound
@@ -18,7 +18,7 @@ def main(limit: str, stop_file: str, wait: str | None = None) -> int:
     from tasks.slots import SlotWaitExceeded, hold
 
     try:
-        with hold(limit, wait=float(wait) if wait else None):
+        with hold(limit.split(","), wait=float(wait) if wait else None):
             print(f"acquired {time.time():.3f}", flush=True)
             while not Path(stop_file).exists():
                 time.sleep(0.1)

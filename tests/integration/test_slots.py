@@ -104,22 +104,29 @@ def _records(api_url: str) -> list[dict]:
 
 def test_a_killed_holders_slot_is_free_within_the_bound(prefect_server, modality_limit,
                                                         holders, tmp_path):
-    from tasks.limits import limit_name
+    """The holder holds a PACS slot and ten study locks in one lease (a sharing selection):
+    all are free again within the bound after SIGKILL, nothing freed twice."""
+    from tasks.limits import _ensure_lock, limit_name
     from tasks.slots import SlotSettings, hold
 
     asyncio.run(modality_limit("slot-kill", 1))
+    locks = [f"orthanc-study-lock-{stripe:04d}" for stripe in range(1000, 1010)]
+    for lock in locks:
+        _ensure_lock(lock)
     name, api = limit_name("slot-kill"), prefect_server.api_url
-    holders.append(Holder(api, name, tmp_path, "killed"))
+    names = [name, *locks]
+    holders.append(Holder(api, ",".join(names), tmp_path, "killed"))
     holders[0].expect("acquired", 60)
     process = holders[0].process.pid
-    assert any(f'"pid":{process}' in r["value"] for r in _records(api))  # it published
+    record = [r["value"] for r in _records(api) if f'"pid":{process}' in r["value"]]
+    assert len(record) == 1 and '"stripes"' in record[0]  # published, stripes as a bitmap
     holders[0].kill()
     died = time.monotonic()
     settings = SlotSettings(**SHORT)
-    with hold(name, settings=settings, wait=60):
+    with hold(names, settings=settings, wait=60):
         recovered = time.monotonic() - died
-        assert _active(api, name) == 1  # the waiter's slot only: nothing freed twice
-    assert _active(api, name) == 0
+        assert all(_active(api, n) == 1 for n in names)  # the waiter's: nothing freed twice
+    assert all(_active(api, n) == 0 for n in names)
     assert not any(f'"pid":{process}' in r["value"] for r in _records(api))  # record gone
     bound = settings.stale_seconds + 2 * settings.check_seconds + settings.settle_seconds + 5
     print(f"\nkilled holder: slot free again {recovered:.1f} s after SIGKILL "
