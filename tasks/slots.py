@@ -497,14 +497,16 @@ def reclaim(client: Any, names: Sequence[str], settings: SlotSettings, *,
             with contextlib.suppress(httpx.HTTPStatusError):
                 client.request("DELETE", "/variables/name/{name}",
                                path_params={"name": variable})
-        first_active = _active_slots(client, names)
+        # records first, then the counts: a holder acquiring in between shows as an orphan
+        # in this observation but has published by the next one (docs/concurrency.md)
         now, entries = read_holders(client)
+        first_active = _active_slots(client, names)
         first = plan_reclaim(entries, first_active, now, **bounds)
         if not any(first.orphans.values()):
             return freed
         time.sleep(settings.settle_seconds)
-        second_active = _active_slots(client, names)
         now, entries = read_holders(client)
+        second_active = _active_slots(client, names)
         second = plan_reclaim(entries, second_active, now, **bounds)
         orphans = stable_orphans(first, first_active, second, second_active)
         if not mutex.fresh:
