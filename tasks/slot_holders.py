@@ -73,23 +73,27 @@ class LeaseRecord:
                    renewed_ago=float(data.get("r", 0.0)))  # type: ignore[arg-type]
 
 
+def _size(value: object) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
 def pack_shards(process: Mapping[str, object], leases: Iterable[LeaseRecord]
-                ) -> list[str]:
-    """The JSON values of one process's records: its leases packed greedily into shards that
-    fit Prefect's variable size limit (one shard unless the process holds many leases)."""
+                ) -> list[dict[str, object]]:
+    """The values (JSON objects) of one process's records: its leases packed greedily into
+    shards that fit Prefect's variable size limit (measured as compact JSON, as Prefect
+    does; one shard unless the process holds many leases)."""
     shards: list[list[dict[str, object]]] = [[]]
-    base = len(json.dumps({**process, "leases": []}))
+    base = _size({**process, "leases": []})
     size = base
     for lease in leases:
         item = lease.to_json()
-        item_size = len(json.dumps(item)) + 2
+        item_size = _size(item) + 1
         if shards[-1] and size + item_size > MAX_VALUE_CHARS:
             shards.append([])
             size = base
         shards[-1].append(item)
         size += item_size
-    return [json.dumps({**process, "leases": shard}, separators=(",", ":"))
-            for shard in shards]
+    return [{**process, "leases": shard} for shard in shards]
 
 
 def unpack_leases(value: object) -> list[LeaseRecord]:

@@ -118,8 +118,8 @@ def test_a_killed_holders_slot_is_free_within_the_bound(prefect_server, modality
     holders.append(Holder(api, ",".join(names), tmp_path, "killed"))
     holders[0].expect("acquired", 60)
     process = holders[0].process.pid
-    record = [r["value"] for r in _records(api) if f'"pid":{process}' in r["value"]]
-    assert len(record) == 1 and '"stripes"' in record[0]  # published, stripes as a bitmap
+    record = [r["value"] for r in _records(api) if r["value"]["pid"] == process]
+    assert len(record) == 1 and "stripes" in record[0]["leases"][0]  # stripes as a bitmap
     holders[0].kill()
     died = time.monotonic()
     settings = SlotSettings(**SHORT)
@@ -127,7 +127,7 @@ def test_a_killed_holders_slot_is_free_within_the_bound(prefect_server, modality
         recovered = time.monotonic() - died
         assert all(_active(api, n) == 1 for n in names)  # the waiter's: nothing freed twice
     assert all(_active(api, n) == 0 for n in names)
-    assert not any(f'"pid":{process}' in r["value"] for r in _records(api))  # record gone
+    assert not any(r["value"]["pid"] == process for r in _records(api))  # record gone
     bound = settings.stale_seconds + 2 * settings.check_seconds + settings.settle_seconds + 5
     print(f"\nkilled holder: slot free again {recovered:.1f} s after SIGKILL "
           f"(bound {bound:.0f} s with stale {settings.stale_seconds:.0f} s)")
