@@ -113,6 +113,8 @@ class HolderEntry:
     #: the newest ``updated`` of its records (server clock): its last heartbeat
     heartbeat: datetime
     leases: list[LeaseRecord] = field(default_factory=list)
+    #: a record could not be read: what it holds is unknown
+    unreadable: bool = False
 
 
 @dataclass
@@ -150,15 +152,21 @@ def plan_reclaim(entries: Iterable[HolderEntry], active: Mapping[str, int], now:
     still counts for it is an orphan.
 
     ``orphans[name] = active[name] - accounted[name]`` (never negative) for each name in
-    ``active``.
+    ``active``; none at all while a record that is unreadable may still stand for leases
+    (what it holds is unknown, so nothing can be called an orphan).
     """
     plan = ReclaimPlan()
+    unknown = False
     accounted: dict[str, int] = {}
     accounted_leases: set[str] = set()
     for entry in entries:
         age = (now - entry.heartbeat).total_seconds()
         live = age <= stale_seconds or not trust_staleness
-        keep = False
+        # an unreadable record may hold anything until its leases are certainly gone
+        doubtful = entry.unreadable and (
+            live or age <= lease_seconds + repossessor_seconds + margin_seconds)
+        unknown = unknown or doubtful
+        keep = doubtful
         for lease in entry.leases:
             expires_in = lease_seconds - lease.renewed_ago - age
             if live:
@@ -179,7 +187,7 @@ def plan_reclaim(entries: Iterable[HolderEntry], active: Mapping[str, int], now:
             plan.delete.extend(entry.variables)
     plan.accounted = accounted
     plan.accounted_leases = frozenset(accounted_leases)
-    plan.orphans = {name: max(0, value - accounted.get(name, 0))
+    plan.orphans = {name: 0 if unknown else max(0, value - accounted.get(name, 0))
                     for name, value in active.items()}
     return plan
 

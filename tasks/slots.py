@@ -386,7 +386,9 @@ def read_holders(client: Any) -> tuple[datetime, list[HolderEntry]]:
             try:
                 entry.leases.extend(unpack_leases(variable["value"]))
             except (ValueError, KeyError, TypeError):
-                log.warning("ignoring an unreadable slot holder record")
+                entry.unreadable = True
+                log.warning("a slot holder record is unreadable: no orphan is freed while "
+                            "its holder is live")
         if len(page) < 200:
             return now, list(entries.values())
         offset += 200

@@ -101,6 +101,19 @@ def test_orphans_are_freed_only_when_both_observations_agree():
     assert stable_orphans(first, {PACS: 2}, plan(records, {PACS: 2}), {PACS: 2}) == {PACS: 1}
 
 
+def test_an_unreadable_live_record_means_no_orphans_a_dead_one_is_deleted():
+    unreadable = entry("odd", 1)
+    unreadable.unreadable = True
+    assert plan([unreadable], {PACS: 2}).orphans == {PACS: 0}
+    recent = entry("odd", 50)  # dead, but its leases may still be on the server
+    recent.unreadable = True
+    assert plan([recent], {PACS: 2}).orphans == {PACS: 0} and not plan([recent], {}).delete
+    stale = entry("odd", 200)
+    stale.unreadable = True
+    result = plan([stale], {PACS: 2})
+    assert result.orphans == {PACS: 2} and result.delete == ["orthanc-slot-holder-odd-0"]
+
+
 def test_two_limits_of_one_lease_count_on_each():
     study = "orthanc-study-lock-0007"
     result = plan([entry("a", 1, lease("1", PACS, study))], {PACS: 1, study: 1})
