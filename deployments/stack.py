@@ -2,7 +2,9 @@
 
 ``setup()`` is idempotent: it checks and creates the site's data directory
 (``PREFECT_ORTHANC_DATA_DIR``, refused inside the checkout: ``flows.site``), creates (or
-updates) the process work pool, one global concurrency
+updates) the process work pool, reports whether the server's concurrency leases survive a
+restart and makes the automation that marks runs whose heartbeats stopped Crashed
+(``deployments.server_setup``), one global concurrency
 limit per PACS (``orthanc-modality-<name>``), the ``OrthancCredentials`` block for the research
 Orthanc (from ``ORTHANC_*``) and, when ``PREFECT_ORTHANC_DEID_SECRET`` is set, the Secret block
 holding the de-identification secret. ``serve()`` runs every deployment of prefect.yaml from
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["StackSettings", "SetupError", "setup", "serve", "wait_until_served", "deployment_runs",
@@ -54,6 +56,20 @@ class StackSettings(BaseSettings):
     ownership_check_seconds: float = Field(5.0, gt=0, le=300, description="How often `serve` "
                                            "checks that `prefect deploy` has not given its "
                                            "deployments to a work pool meanwhile.")
+    heartbeat_seconds: int = Field(30, ge=30, le=3600, description="Flow run heartbeat "
+                                   "interval of served runs (PREFECT_FLOWS_HEARTBEAT_"
+                                   "FREQUENCY; prefect.yaml sets the same for workers).")
+    zombie_seconds: float = Field(90.0, ge=60, description="A flow run without heartbeat "
+                                  "this long is marked Crashed by the automation `setup` "
+                                  "makes (at least 2 heartbeats).")
+
+    @model_validator(mode="after")
+    def _zombie_after_two_heartbeats(self) -> StackSettings:
+        if self.zombie_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("PREFECT_ORTHANC_ZOMBIE_SECONDS must be at least twice "
+                             "PREFECT_ORTHANC_HEARTBEAT_SECONDS (one late heartbeat is no "
+                             "crash)")
+        return self
 
     @field_validator("modality_limits")
     @classmethod
@@ -149,6 +165,7 @@ def setup(settings: StackSettings | None = None, *, rotate_secret: bool = False
         _checked_secret(secret, settings.secret_block, rotate_secret)
     done: dict[str, str] = {"data directory": f"{site.ensure()} (PREFECT_ORTHANC_DATA_DIR)"}
     done[f"work pool {settings.work_pool}"] = asyncio.run(_ensure_work_pool(settings.work_pool))
+    done.update(_server_for_crashes(settings))
     for name, what in asyncio.run(ensure_limits(settings.limits)).items():
         done[f"limit {name}"] = what
     OrthancCredentials.register_type_and_schema()
@@ -161,6 +178,18 @@ def setup(settings: StackSettings | None = None, *, rotate_secret: bool = False
     else:
         done[f"block secret/{settings.secret_block}"] = f"skipped: {SECRET_ENV} is not set"
     return done
+
+
+def _server_for_crashes(settings: StackSettings) -> dict[str, str]:
+    """The server's lease storage (reported) and the zombie-run automation (made)."""
+    from prefect.client.orchestration import get_client
+
+    from .server_setup import ZOMBIE_AUTOMATION, ensure_zombie_automation, lease_storage_report
+
+    with get_client(sync_client=True) as client:
+        return {"server lease storage": lease_storage_report(client),
+                f"automation {ZOMBIE_AUTOMATION}": ensure_zombie_automation(
+                    client, settings.zombie_seconds)}
 
 
 async def _worker_deployments(names: list[str], delete: bool) -> list[str]:
@@ -233,6 +262,7 @@ def serve(only: set[str] | None = None, settings: StackSettings | None = None,
                          "with --replace to delete and serve them here")
     deployments = runner_deployments(specs)
     runner.setdefault("query_seconds", settings.serve_poll_seconds)
+    runner.setdefault("heartbeat_seconds", settings.heartbeat_seconds)  # zombie detection
     taken_later: list[str] = []
     stop = threading.Event()
     threading.Thread(target=_watch_ownership, name="deployment-ownership", daemon=True,

@@ -12,8 +12,8 @@ from .archives import download_archive
 from .changes import ChangesBatch, advance_changes_cursor, read_changes
 from .credentials import OrthancCredentials
 from .jobs import wait_for_job
-from .limits import (ModalityLimitMissing, ensure_limits, limit_name, modality_slot,
-                     study_lock)
+from .limits import (ModalityLimitMissing, SlotWaitExceeded, ensure_limits, limit_name,
+                     modality_slot, study_lock)
 from .network import (
     UnknownModality,
     echo_modality,
@@ -33,6 +33,7 @@ __all__ = [
     "find_resources", "delete_resources", "set_metadata", "add_labels",
     "anonymize_resource", "modify_resource", "download_archive", "wait_for_job",
     "read_changes", "advance_changes_cursor", "ChangesBatch",
-    "ModalityLimitMissing", "ensure_limits", "limit_name", "modality_slot", "study_lock",
+    "ModalityLimitMissing", "SlotWaitExceeded", "ensure_limits", "limit_name", "modality_slot",
+    "study_lock",
     "TaskFailure", "is_transient", "orthanc_task",
 ]

@@ -4,7 +4,9 @@ per-study locks (``study_lock``) so two flow runs never work on one study at onc
 Every C-FIND and C-MOVE against a modality holds one slot of the limit named
 ``orthanc-modality-<name>`` for as long as the Orthanc job runs (not just while it is
 submitted), so the number of operations in flight against one PACS never exceeds its limit,
-across all flow runs and workers. A missing limit is an error, never "unlimited".
+across all flow runs and workers. A missing limit is an error, never "unlimited". Slots are
+held through ``tasks.slots``: a dead holder's slot is free again within a bound, and no one
+waits without bound (docs/concurrency.md).
 
 Create or update limits (needs ``PREFECT_API_URL``, or uses the embedded server)::
 
@@ -18,17 +20,14 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import logging
 import re
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping
-from uuid import UUID
 
 import httpx
 
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
@@ -37,8 +36,10 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from orthanc_client.errors import SafeMessageError
 
-__all__ = ["ModalityLimitMissing", "limit_name", "modality_slot", "ensure_limits", "study_lock",
-           "study_lock_name"]
+from .slots import SlotLimitMissing, SlotWaitExceeded, hold
+
+__all__ = ["ModalityLimitMissing", "SlotWaitExceeded", "limit_name", "modality_slot",
+           "ensure_limits", "study_lock", "study_lock_name"]
 
 PREFIX = "orthanc-modality-"
 STUDY_LOCK_PREFIX = "orthanc-study-lock-"
@@ -48,7 +49,6 @@ STUDY_LOCKS = 1024
 #: a waiter on a study lock polls at least this often (Prefect's Retry-After follows the
 #: limit's average occupancy and can reach 30 s)
 STUDY_LOCK_POLL_SECONDS = 0.25
-LEASE_SECONDS = 300.0
 
 
 class ModalityLimitMissing(SafeMessageError, RuntimeError):
@@ -72,19 +72,34 @@ def limit_name(modality: str) -> str:
 
 
 @contextlib.contextmanager
-def modality_slot(modality: str, *, timeout: float | None = None,
-                  lease_seconds: float = LEASE_SECONDS) -> Iterator[None]:
+def modality_slot(modality: str, *, timeout: float | None = None) -> Iterator[None]:
     """Hold one slot of the modality's limit for the duration of the block.
 
-    ``timeout`` bounds the wait for a slot (``TimeoutError``); None waits as long as needed.
-    The slot is a Prefect lease, renewed while held: if this process dies, the slot frees
-    itself when the lease expires (``lease_seconds``).
+    The slot is a short Prefect lease renewed while held, published in this process's holder
+    record, and reclaimed by waiters once this process is dead (``tasks.slots``;
+    docs/concurrency.md gives the bounds). ``timeout`` bounds the wait for a slot (default
+    ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS``, 1 h): then ``SlotWaitExceeded`` (a
+    ``TimeoutError``) naming the limit and the wait. ``ModalityLimitMissing`` when the limit
+    does not exist.
 
     Talks to the Prefect API with its synchronous client directly: Prefect 3.8's
     ``concurrency()`` context manager takes ~2 s per acquisition when several tasks acquire at
     once (sync-to-async bridging), which would dominate short C-MOVEs.
+
+    Example:
+        ```python
+        with modality_slot("pacs"):
+            ...  # one C-FIND or C-MOVE
+        ```
     """
-    with _slot(limit_name(modality), timeout, lease_seconds):
+    name = limit_name(modality)
+    try:
+        slot = hold(name, wait=timeout)
+        slot.__enter__()
+    except SlotLimitMissing:
+        raise ModalityLimitMissing(name) from None
+    with contextlib.ExitStack() as stack:
+        stack.push(slot)
         yield
 
 
@@ -97,14 +112,14 @@ def study_lock_name(orthanc_id: str) -> str:
 
 
 @contextlib.contextmanager
-def study_lock(*orthanc_ids: str, timeout: float | None = None,
-               lease_seconds: float = LEASE_SECONDS) -> Iterator[None]:
+def study_lock(*orthanc_ids: str, timeout: float | None = None) -> Iterator[None]:
     """Hold the locks of one or more studies (or any Orthanc resources) across every flow
     run and worker for the duration of the block: Prefect global concurrency limits of 1
     (created on first use), all taken at once in one lease (never some held while waiting
-    for others: no deadlock), renewed like ``modality_slot``, so a crashed holder frees them
-    when its lease expires. Two studies may share a stripe: they then wait for each other,
-    which is safe. ``TimeoutError`` after ``timeout`` seconds (None: wait as needed).
+    for others: no deadlock), held like ``modality_slot`` (a crashed holder's locks are
+    reclaimed by the next waiter). Two studies may share a stripe: they then wait for each
+    other, which is safe. ``SlotWaitExceeded`` after ``timeout`` seconds (default
+    ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS``).
 
     One call for a run's whole selection costs one acquisition (about 60 ms on a local
     server, spikes of 2 s under concurrent acquisitions on SQLite) instead of one per study.
@@ -122,13 +137,13 @@ def study_lock(*orthanc_ids: str, timeout: float | None = None,
     for name in names:
         _ensure_lock(name)
     try:
-        slot = _slot(names, timeout, lease_seconds, poll=STUDY_LOCK_POLL_SECONDS)
+        slot = hold(names, wait=timeout, poll=STUDY_LOCK_POLL_SECONDS)
         slot.__enter__()
-    except ModalityLimitMissing:  # deleted since this process made them: make them again
+    except SlotLimitMissing:  # deleted since this process made them: make them again
         for name in names:
             _LOCKS_MADE.discard(name)
             _ensure_lock(name)
-        slot = _slot(names, timeout, lease_seconds, poll=STUDY_LOCK_POLL_SECONDS)
+        slot = hold(names, wait=timeout, poll=STUDY_LOCK_POLL_SECONDS)
         slot.__enter__()
     with contextlib.ExitStack() as stack:
         stack.push(slot)
@@ -155,65 +170,6 @@ def _ensure_lock(name: str) -> None:
                 except (ObjectAlreadyExists, httpx.HTTPStatusError):  # another process
                     client.read_global_concurrency_limit_by_name(name)
         _LOCKS_MADE.add(name)
-
-
-@contextlib.contextmanager
-def _slot(names: str | list[str], timeout: float | None, lease_seconds: float,
-          poll: float | None = None) -> Iterator[None]:
-    names = [names] if isinstance(names, str) else names
-    name = names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        lease_id = _acquire(client, names, deadline, lease_seconds, poll)
-        stop = threading.Event()
-        renewer = threading.Thread(target=_renew, args=(lease_id, lease_seconds, stop),
-                                   name=f"lease-{name}", daemon=True)
-        renewer.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            renewer.join(timeout=5)
-            client.release_concurrency_slots_with_lease(lease_id)
-
-
-def _acquire(client: SyncPrefectClient, names: list[str], deadline: float | None,
-             lease_seconds: float, poll: float | None = None) -> UUID:
-    name = ", ".join(names)
-    while True:
-        try:
-            response = client.increment_concurrency_slots_with_lease(
-                names=names, slots=1, mode="concurrency", lease_duration=lease_seconds)
-        except httpx.HTTPStatusError as error:
-            if error.response.status_code != 423:  # 423 Locked: every slot is taken
-                raise
-            wait = float(error.response.headers.get("Retry-After", "1"))
-            if poll is not None:
-                wait = min(wait, poll)
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no free slot on {name!r} in time") from None
-                wait = min(wait, left)
-            time.sleep(wait)
-            continue
-        body = response.json()
-        found = {limit.get("name") for limit in body.get("limits") or []}
-        missing = [n for n in names if n not in found]
-        if missing:  # a missing limit is never "unlimited"
-            if body.get("lease_id"):
-                client.release_concurrency_slots_with_lease(UUID(str(body["lease_id"])))
-            raise ModalityLimitMissing(missing[0])
-        return UUID(str(body["lease_id"]))
-
-
-def _renew(lease_id: UUID, lease_seconds: float, stop: threading.Event) -> None:
-    with get_client(sync_client=True) as client:
-        while not stop.wait(lease_seconds * 0.5):
-            try:
-                client.renew_concurrency_lease(lease_id, lease_seconds)
-            except Exception:  # the next renewal may succeed; the holder keeps working
-                logging.getLogger(__name__).warning("could not renew concurrency lease")
 
 
 async def ensure_limits(limits: Mapping[str, int]) -> dict[str, str]:

@@ -1,0 +1,79 @@
+"""What ``setup`` does on the server for crashes and restarts (deployments.server_setup): it
+says whether leases survive a restart, makes the zombie-run automation once, and that
+automation marks a run Crashed when its heartbeats stop (real server, real trigger)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def test_setup_reports_the_lease_storage_and_makes_the_zombie_automation_once():
+    from prefect.client.orchestration import get_client
+
+    from deployments.server_setup import (FILESYSTEM_LEASES, LEASE_STORAGE_ENV,
+                                          ZOMBIE_AUTOMATION, lease_storage_report)
+    from deployments.stack import StackSettings, _server_for_crashes
+
+    with get_client(sync_client=True) as client:
+        report = lease_storage_report(client)
+        # the suite's server keeps leases in memory (Prefect's default)
+        assert "LOST when the server restarts" in report
+        assert f"{LEASE_STORAGE_ENV}={FILESYSTEM_LEASES}" in report
+        assert "every 15 s" in report  # the repossessor's loop, read from the server
+        first = _server_for_crashes(StackSettings())
+        again = _server_for_crashes(StackSettings())
+        assert first[f"automation {ZOMBIE_AUTOMATION}"].startswith(("created", "up to date"))
+        assert again[f"automation {ZOMBIE_AUTOMATION}"].startswith("up to date")
+        found = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        assert len(found) == 1 and found[0].enabled
+        assert found[0].trigger.within.total_seconds() == 90
+        assert found[0].actions[0].state.value == "CRASHED"
+
+
+def test_the_zombie_automation_crashes_a_run_whose_heartbeats_stopped():
+    """A run that sent one heartbeat and then nothing (its host died) is Crashed within the
+    automation's bound (10 s here, Prefect's minimum; 90 s in production)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from deployments.server_setup import ensure_zombie_automation
+
+    @flow(name="slot-zombie-probe")
+    def probe() -> None:
+        pass
+
+    name = f"zombie-test-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        ensure_zombie_automation(client, 10, name=name)
+        try:
+            run = client.create_flow_run(probe)
+            client.set_flow_run_state(run.id, Running(), force=True)
+            time.sleep(1)  # the automation's trigger is loaded by the server's triggers service
+            client.request("POST", "/events", json=[{
+                "id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+                "event": "prefect.flow-run.heartbeat",
+                "resource": {"prefect.resource.id": f"prefect.flow-run.{run.id}"},
+                "payload": {}}])
+            beat = time.monotonic()
+            state = None
+            while time.monotonic() - beat < 45:
+                state = client.read_flow_run(run.id).state
+                if state.type.value == "CRASHED":
+                    break
+                time.sleep(0.5)
+            crashed_after = time.monotonic() - beat
+            print(f"\nzombie run marked Crashed {crashed_after:.1f} s after its last heartbeat "
+                  f"(automation bound 10 s)")
+            assert state is not None and state.type.value == "CRASHED", state
+            assert "No heartbeat for 10 s" in (state.message or "")
+            assert crashed_after >= 9
+        finally:
+            for automation in client.read_automations_by_name(name):
+                client.delete_automation(automation.id)
