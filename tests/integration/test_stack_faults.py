@@ -43,21 +43,15 @@ SLOT_LIMIT = "orthanc-modality-pacs"
 STACK_ENV = {
     "PREFECT_WORKER_QUERY_SECONDS": "1",
     "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
-    "PREFECT_ORTHANC_LEASE_SECONDS": "20",
+    "PREFECT_ORTHANC_SLOT_RENEW_SECONDS": "2",
+    "PREFECT_ORTHANC_SLOT_STALE_SECONDS": "6",
+    "PREFECT_ORTHANC_SLOT_CHECK_SECONDS": "2",
+    "PREFECT_ORTHANC_SLOT_SETTLE_SECONDS": "1",
+    "PREFECT_ORTHANC_SLOT_POLL_SECONDS": "0.5",
     "PREFECT_ORTHANC_SLOT_WAIT_SECONDS": "120",
+    "PREFECT_ORTHANC_ZOMBIE_SECONDS": "60",  # heartbeats every 30 s (Prefect's minimum)
 }
 RUN_TIMEOUT = 90.0
-#: rows that fail on this branch because of work other helpers do in parallel (issue 13):
-#: the lead removes each mark once the fix is merged (strict: an unexpected pass fails)
-NEEDS_ZOMBIE_AUTOMATION = pytest.mark.xfail(strict=True, reason=(
-    "`deployments setup` creates no automation crashing runs whose heartbeats stopped "
-    "(issue 13 item 1; owner: the tasks/limits helper)"))
-NEEDS_ORPHAN_PROOF_LOCKS = pytest.mark.xfail(strict=True, reason=(
-    "the re-run waits for the study locks / slots the killed run holds (300 s leases, no "
-    "reclaim; owner: the tasks/limits helper), then must deliver exactly once (owner: the "
-    "flows/sharing helper)"))
-
-
 def _why_not() -> str | None:
     if os.geteuid() != 0:
         return "network namespaces need root"
@@ -436,7 +430,6 @@ def test_kill_a_worker(stack, table):
         _settle(stack, entry, started, cohort)
 
 
-@NEEDS_ZOMBIE_AUTOMATION
 def test_kill_a_worker_and_its_flow_run(stack, table):
     with row(table, "kill a worker and its flow process (lost host)") as entry:
         automations = stack.api.call("POST", "/automations/filter", json={})
@@ -501,7 +494,6 @@ def _dcmqr_stores(stack) -> int:
     return len(re.findall(r"Message Type\s*: C-STORE RQ", text))
 
 
-@NEEDS_ORPHAN_PROOF_LOCKS
 @pytest.mark.parametrize("kind", ["directory", "modality"])
 def test_kill_the_sharing_flow_mid_delivery(stack, table, kind):
     with row(table, f"kill the sharing flow mid-delivery ({kind})") as entry:
