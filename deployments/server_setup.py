@@ -11,7 +11,10 @@
   Flow runs emit ``prefect.flow-run.heartbeat`` events every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``
   seconds (``serve`` sets it, and prefect.yaml's work pool ``env`` for workers); the
   automation made here marks a run Crashed when no heartbeat (and no final state) follows
-  one within ``zombie_seconds`` (3 heartbeats: 90 s by default).
+  one within ``zombie_seconds`` (3 heartbeats: 90 s by default). It only watches runs tagged
+  ``prefect-orthanc`` (``HEARTBEAT_TAG``: every deployment of prefect.yaml carries it), whose
+  heartbeats are known to come every 30 s: other flows on the same server keep Prefect's
+  default of one heartbeat every 180 s, and a 90 s bound would crash them mid-run.
 
     python -m deployments setup
 """
@@ -22,12 +25,15 @@ from datetime import timedelta
 from typing import Any
 
 __all__ = ["FILESYSTEM_LEASES", "MEMORY_LEASES", "LEASE_STORAGE_ENV", "ZOMBIE_AUTOMATION",
-           "lease_storage_report", "ensure_zombie_automation"]
+           "HEARTBEAT_TAG", "lease_storage_report", "ensure_zombie_automation"]
 
 LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"
 ZOMBIE_AUTOMATION = "orthanc-crash-zombie-flow-runs"
+#: the tag of the runs the zombie automation watches (prefect.yaml puts it on every
+#: deployment, whose runs send a heartbeat every 30 s)
+HEARTBEAT_TAG = "prefect-orthanc"
 
 
 def _server_settings(client: Any) -> dict[str, Any]:
@@ -56,7 +62,7 @@ def lease_storage_report(client: Any) -> str:
     return f"{storage} (custom storage: check it survives a restart){every}"
 
 
-def _zombie_automation(within_seconds: float, name: str) -> Any:
+def _zombie_automation(within_seconds: float, name: str, tag: str) -> Any:
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
@@ -66,13 +72,16 @@ def _zombie_automation(within_seconds: float, name: str) -> Any:
         name=name,
         description=("Marks a flow run Crashed when its heartbeats stop (its process or host "
                      f"died): no heartbeat and no final state within {within_seconds:g} s "
-                     "of a heartbeat. Made by `python -m deployments setup`."),
+                     f"of a heartbeat, for runs tagged {tag!r} (heartbeats every 30 s). "
+                     "Made by `python -m deployments setup`."),
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
                     "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
                     "prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "tag",
+                                                 "prefect.resource.id": f"prefect.tag.{tag}"}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -86,10 +95,10 @@ def _zombie_automation(within_seconds: float, name: str) -> Any:
 
 
 def ensure_zombie_automation(client: Any, within_seconds: float,
-                             name: str = ZOMBIE_AUTOMATION) -> str:
+                             name: str = ZOMBIE_AUTOMATION, tag: str = HEARTBEAT_TAG) -> str:
     """Create the zombie-run automation, or bring an existing one (same name) up to date;
     returns what was done."""
-    automation = _zombie_automation(within_seconds, name)
+    automation = _zombie_automation(within_seconds, name, tag)
     found = client.read_automations_by_name(name)
     if not found:
         client.create_automation(automation)

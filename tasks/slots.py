@@ -201,12 +201,24 @@ class _Registry:
     # -- changes by holders
 
     def add(self, record: LeaseRecord, client: Any = None) -> None:
+        """Hold ``record`` and publish it before returning: a waiter that reads the records
+        must see this lease as soon as its holder can use it, or it would count the slot as
+        an orphan, free it, and the server would free it a second time when the lease
+        expires. Raises (after Prefect's client's own retries) when it cannot be published;
+        the lease is then dropped from the records and the caller releases it."""
         with self._lock:
             self._leases[record.lease_id] = record
             self._renewed[record.lease_id] = time.monotonic()
             self._version += 1
             version = self._version
-        self._publish(version, client)
+        try:
+            self._publish(version, client, strict=True)
+        except Exception:
+            with self._lock:
+                self._leases.pop(record.lease_id, None)
+                self._renewed.pop(record.lease_id, None)
+                self._version += 1
+            raise
 
     def remove(self, lease_id: str, client: Any = None) -> LeaseRecord | None:
         with self._lock:
@@ -232,10 +244,12 @@ class _Registry:
                        for r in self._leases.values()]
             return self._version, records
 
-    def _publish(self, version: int | None = None, client: Any = None) -> None:
+    def _publish(self, version: int | None = None, client: Any = None,
+                 strict: bool = False) -> None:
         """Write the records (coalesced: a writer that finds its version already written by
         another thread's write returns at once). Errors are logged, not raised: the next
-        tick writes again, and until then readers still count the previous records."""
+        tick writes again, and until then readers still count the previous records; with
+        ``strict`` they are raised too (a new lease is not held until it is published)."""
         with self._write:
             if version is not None and self._written_version >= version:
                 return
@@ -251,6 +265,8 @@ class _Registry:
                                 "retrying every second", type(error).__name__)
                 self._failing = True
                 self._wake.set()
+                if strict:
+                    raise
 
     def _write_shards(self, client: Any, records: list[LeaseRecord]) -> None:
         values = pack_shards(self.identity, records) if records else []
@@ -584,7 +600,12 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
         if missing:  # a missing limit is never "unlimited"
             client.release_concurrency_slots_with_lease(UUID(lease_id))
             raise SlotLimitMissing(missing[0])
-        registry.add(LeaseRecord(lease_id, tuple(names), 1, flow_run), client)
+        try:
+            registry.add(LeaseRecord(lease_id, tuple(names), 1, flow_run), client)
+        except BaseException:
+            with contextlib.suppress(Exception):  # unpublished: never hold it unseen
+                client.release_concurrency_slots_with_lease(UUID(lease_id))
+            raise
         return lease_id
 
 

@@ -37,11 +37,13 @@ def test_setup_reports_the_lease_storage_and_makes_the_zombie_automation_once():
 
 
 def test_the_zombie_automation_crashes_a_run_whose_heartbeats_stopped():
-    """A run that sent one heartbeat and then nothing (its host died) is Crashed within the
-    automation's bound (10 s here, Prefect's minimum; 90 s in production)."""
+    """A run of ours (tagged) that sent one heartbeat and then nothing (its host died) is
+    Crashed within the automation's bound (10 s here, Prefect's minimum; 90 s in
+    production); another flow's run on the same server (untagged: Prefect's default
+    heartbeat is every 180 s) is left alone."""
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.states import Running
+    from prefect.states import Cancelled, Running
 
     from deployments.server_setup import ensure_zombie_automation
 
@@ -50,21 +52,26 @@ def test_the_zombie_automation_crashes_a_run_whose_heartbeats_stopped():
         pass
 
     name = f"zombie-test-{uuid.uuid4().hex[:8]}"
+    tag = f"{name}-tag"  # this test's own: no other run on the session's server is watched
     with get_client(sync_client=True) as client:
-        ensure_zombie_automation(client, 10, name=name)
+        ensure_zombie_automation(client, 10, name=name, tag=tag)
         try:
-            run = client.create_flow_run(probe)
-            client.set_flow_run_state(run.id, Running(), force=True)
+            ours = client.create_flow_run(probe, tags=[tag])
+            other = client.create_flow_run(probe, tags=["someone-else"])
+            for run in (ours, other):
+                client.set_flow_run_state(run.id, Running(), force=True)
             time.sleep(1)  # the automation's trigger is loaded by the server's triggers service
             client.request("POST", "/events", json=[{
                 "id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
                 "event": "prefect.flow-run.heartbeat",
                 "resource": {"prefect.resource.id": f"prefect.flow-run.{run.id}"},
-                "payload": {}}])
+                "related": [{"prefect.resource.id": f"prefect.tag.{t}",
+                             "prefect.resource.role": "tag"} for t in run.tags],
+                "payload": {}} for run in (ours, other)])
             beat = time.monotonic()
             state = None
             while time.monotonic() - beat < 45:
-                state = client.read_flow_run(run.id).state
+                state = client.read_flow_run(ours.id).state
                 if state.type.value == "CRASHED":
                     break
                 time.sleep(0.5)
@@ -74,6 +81,11 @@ def test_the_zombie_automation_crashes_a_run_whose_heartbeats_stopped():
             assert state is not None and state.type.value == "CRASHED", state
             assert "No heartbeat for 10 s" in (state.message or "")
             assert crashed_after >= 9
+            time.sleep(3)  # the other run's bound passed as long ago as ours, plus 3 s
+            assert client.read_flow_run(other.id).state.type.value == "RUNNING"
         finally:
             for automation in client.read_automations_by_name(name):
                 client.delete_automation(automation.id)
+            for run in (locals().get("ours"), locals().get("other")):
+                if run is not None:
+                    client.set_flow_run_state(run.id, Cancelled(), force=True)

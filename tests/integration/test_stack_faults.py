@@ -42,6 +42,7 @@ SLOT_LIMIT = "orthanc-modality-pacs"
 #: the server's lease sweeper runs every 2 s)
 STACK_ENV = {
     "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_LOGGING_LEVEL": "INFO",  # the workers log the runs they start (_worker_of)
     "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
     "PREFECT_ORTHANC_SLOT_RENEW_SECONDS": "2",
     "PREFECT_ORTHANC_SLOT_STALE_SECONDS": "6",
