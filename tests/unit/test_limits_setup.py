@@ -46,8 +46,11 @@ def test_filesystem_storage_survives_and_errors_still_say_what_to_set():
 
 
 def test_the_zombie_automation_expects_a_heartbeat_or_a_final_state_per_run():
-    automation = _zombie_automation(90, "orthanc-crash-zombie-flow-runs")
+    automation = _zombie_automation(90, "orthanc-crash-zombie-flow-runs", "prefect-orthanc")
     trigger = automation.trigger
+    # only runs of ours: other flows send a heartbeat every 180 s (Prefect's default)
+    assert trigger.match_related.root == {"prefect.resource.role": "tag",
+                                          "prefect.resource.id": "prefect.tag.prefect-orthanc"}
     assert trigger.posture.value == "Proactive" and trigger.within.total_seconds() == 90
     assert trigger.after == {"prefect.flow-run.heartbeat"}
     assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Crashed"} <= trigger.expect
