@@ -448,6 +448,8 @@ def test_kill_a_worker_and_its_flow_run(stack, table):
         # heartbeats every 30 s (Prefect's minimum): the zombie automation marks it Crashed
         run = stack.api.wait_final(run_id, timeout=180)
         assert run["state"]["type"] == "CRASHED", run["state"]
+        entry["note"] = (f"Crashed {time.monotonic() - started:.1f} s after the kill: "
+                         f"{(run['state'].get('message') or '')[:90]}")
         _until_completed(stack, _collect(stack, "lost-host"), "lost-host")
         _settle(stack, entry, started, cohort)
 
