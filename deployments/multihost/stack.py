@@ -27,6 +27,7 @@ shared packages, linkage) and the secrets made once (``root/secrets``, 0600): a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -103,12 +104,20 @@ class Worker:
         return [int(pid) for pid in children]
 
     def kill(self, *, flows: bool) -> None:
-        """SIGKILL the worker alone (its flow runs go on as orphans), or with ``flows`` its
-        whole process group (the worker and every flow run it started: a lost host)."""
+        """SIGKILL the worker alone (its flow runs go on as orphans), or with ``flows`` the
+        worker and every process under it at once, as a host losing power would: all are
+        stopped (SIGSTOP) before any is killed, so none can tell the server (a flow process
+        that outlives its worker by a moment reports itself Crashed, which a dead host never
+        does)."""
         if self._process is None:
             return
         try:
             if flows:
+                tree = [self._process.pid, *_descendants(self._process.pid)]
+                for sig in (signal.SIGSTOP, signal.SIGKILL):
+                    for pid in tree:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, sig)
                 os.killpg(self._process.pid, signal.SIGKILL)
             else:
                 self._process.kill()
@@ -119,6 +128,20 @@ class Worker:
     def stop(self) -> None:
         if self._process is not None:
             stop_group(self._process, timeout=15)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children first, then theirs), from /proc."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(c) for c in children]
+        queue += [int(c) for c in children]
+    return found
 
 
 @dataclass(eq=False)
