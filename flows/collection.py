@@ -32,13 +32,13 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
-from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc
+from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc, SafeMessageError
 from tasks import (OrthancCredentials, UnknownModality, modality_slot, orthanc_task,
                    require_modality, retrieve_study)
 from tasks.labels import attach_labels
 
 from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
-from .states import cancel_run, fail_run
+from .states import cancel_run, fail_run, stop_run
 from .parameters import described_by, request_from
 from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
 from .site import DATA_DIR_ENV, SiteError, SiteSettings
@@ -272,10 +272,13 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
         return fail_run(f"collection not started: {error}")
     with window_gate(request.time_window):  # every PACS exchange below, in every task
         try:
-            plan = _plan(credentials, request, rows)
-        except OutsideWindow as error:
-            return _not_planned(request, rows, error)
-        return _run_plan(credentials, request, plan)
+            try:
+                plan = _plan(credentials, request, rows)
+            except OutsideWindow as error:
+                return _not_planned(request, rows, error)
+            return _run_plan(credentials, request, plan)
+        except SafeMessageError as error:  # e.g. SlotWaitExceeded: one line, what to fix
+            return stop_run("collection stopped", error)
 
 
 #: planning attempts when the window closes during planning and outside="wait"

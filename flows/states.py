@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Failed, State
 
 from orthanc_client import SafeMessageError
 
-__all__ = ["RunIncomplete", "fail_run", "cancel_run", "report_of", "PurposefulFailureFilter",
+__all__ = ["RunIncomplete", "fail_run", "cancel_run", "stop_run", "report_of", "PurposefulFailureFilter",
            "install_log_filter"]
 
 
@@ -60,6 +60,26 @@ def fail_run(message: str, report: Any = None) -> State[Any]:
 def cancel_run(message: str, report: Any = None) -> State[Any]:
     """A Cancelled state with ``message`` (identifier-free) and ``report`` kept in memory."""
     return Cancelled(message=message, data=RunIncomplete(message, report))
+
+
+def stop_run(stage: str, error: SafeMessageError) -> State[Any]:
+    """A Failed state for an operational error that stopped a flow's work (a PACS slot wait
+    past its bound, a server that does not answer...): its PHI-free message, which says what
+    to fix, in one line of the run's log, and no traceback.
+
+    Example:
+        ```python
+        try:
+            ...
+        except SafeMessageError as error:
+            return stop_run("collection stopped", error)
+        ```
+    """
+    from prefect import get_run_logger
+
+    message = f"{stage}: {error}"
+    get_run_logger().error(message)
+    return fail_run(message)
 
 
 def report_of(state: State[Any]) -> Any:

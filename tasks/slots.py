@@ -101,8 +101,11 @@ class SlotLimitMissing(SafeMessageError, RuntimeError):
         return (type(self), (self.limit,))
 
 
-class SlotWaitExceeded(SafeMessageError, TimeoutError):
-    """No slot became free within the wait bound; names the limit and the wait."""
+class SlotWaitExceeded(SafeMessageError, RuntimeError):
+    """No slot became free within the wait bound; names the limit and the wait.
+
+    Not a ``TimeoutError``: Prefect records a run ended by a ``TimeoutError`` as TimedOut (a
+    run past its own ``timeout_seconds``), which this is not."""
 
     def __init__(self, limit: str, waited: float, setting: str = "") -> None:
         bound = f" (the bound: {setting})" if setting else ""

@@ -14,7 +14,7 @@ from prefect.futures import as_completed
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from orthanc_client import Level
+from orthanc_client import Level, SafeMessageError
 from tasks import OrthancCredentials, UnknownModality, orthanc_task, require_modality, study_lock
 from tasks.labels import project_studies
 from tasks.policy import short_id
@@ -32,7 +32,7 @@ from flows.sharing.models import (SHARED_DIRECTORY, Destination, SharedStudy, Sh
 from flows.sharing.secret import project_secret
 from flows.sharing.staging import remove_staged
 from flows.site import SiteError, SiteSettings
-from flows.states import fail_run
+from flows.states import fail_run, stop_run
 
 __all__ = ["share_studies", "share_study"]
 
@@ -185,16 +185,19 @@ def _share(request: SharingRequest, credentials_block: str | None
     outcomes: list[SharedStudy] = []
     # every selected study's lock, taken at once for the run: another run given one of
     # them (a duplicate event) waits, then finds it in the ledger
-    with study_lock(*selected):
-        futures = {share_study.submit(credentials, s, request, secret, locked=True): s
-                   for s in selected}
-        for future in as_completed(list(futures)):
-            try:
-                outcomes.append(future.result())
-            except Exception as error:  # sanitized by the task policy: PHI-free only
-                outcomes.append(SharedStudy(
-                    source_id=futures[future], outcome="failed",
-                    findings=(f"{type(error).__name__}: {error}"[:300],)))
+    try:
+        with study_lock(*selected):
+            futures = {share_study.submit(credentials, s, request, secret, locked=True): s
+                       for s in selected}
+            for future in as_completed(list(futures)):
+                try:
+                    outcomes.append(future.result())
+                except Exception as error:  # sanitized by the task policy: PHI-free only
+                    outcomes.append(SharedStudy(
+                        source_id=futures[future], outcome="failed",
+                        findings=(f"{type(error).__name__}: {error}"[:300],)))
+    except SafeMessageError as error:  # the locks' wait past its bound: nothing delivered
+        return stop_run("sharing stopped", error)
     order = {source_id: row for row, source_id in enumerate(selected, start=1)}
     outcomes.sort(key=lambda s: order[s.source_id])
     return _report(request, outcomes, logger)

@@ -210,6 +210,14 @@ DEID_SECRET = "test-only-deid-secret-7c41f0a2"
 
 
 @pytest.fixture
+def secret_env(monkeypatch):
+    """The de-identification secret in the environment, as sharing reads it."""
+    from flows.sharing import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
+
+
+@pytest.fixture
 def research_env(lab, monkeypatch):
     """Flows read the research Orthanc from ORTHANC_* (no saved block needed)."""
     env = {"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,

@@ -6,6 +6,7 @@ Orthanc's own list, before any concurrency limit is looked at."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import time
@@ -139,3 +140,47 @@ def test_an_unknown_modality_is_reported_as_unknown(research_env, research, rese
     assert shared.is_failed()
     assert shared.message.startswith(f"sharing not started: {expected}"), shared.message
     assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["collection", "sharing"])
+def test_a_run_whose_slot_wait_passes_its_bound_fails_in_one_line(
+        kind, research_env, secret_env, research, loaded_pacs, cohort, monkeypatch, tmp_path):
+    """Every slot it needs is held by a live holder (this test, with a record the run's
+    reclaim checks read as live): the run waits ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS`` (3 s
+    here), then ends Failed (not TimedOut: the wait is not the run's own timeout) with one
+    line naming the limit and the bound, and no traceback."""
+    from tasks.limits import modality_slot, study_lock
+
+    monkeypatch.setenv("PREFECT_ORTHANC_SLOT_WAIT_SECONDS", "3")
+    study, added = cohort.studies[0], set()
+    if kind == "collection":
+        holds = [modality_slot("pacs", timeout=10) for _ in range(2)]  # the pacs limit's 2
+    else:
+        from pydicom.data import get_testdata_file
+
+        before = set(research.find("Study"))
+        stored = research.upload(Path(get_testdata_file("CT_small.dcm")))  # a real file
+        ids = [stored[0].parent_study]
+        added = set(ids) - before  # removed afterwards: other tests count research's studies
+        holds = [study_lock(*ids, timeout=10)]
+    with contextlib.ExitStack() as held:
+        for slot in holds:
+            held.enter_context(slot)
+        if kind == "collection":
+            state = collect_cohort(
+                cohort_file=str(_cohort(tmp_path, "waits", "study_instance_uid",
+                                        [study.study_uid])),
+                project="states-wait", return_state=True)
+            line = "collection stopped: no free slot"
+        else:
+            state = share_studies(study_ids=ids, destination=Destination(
+                kind="directory", target=str(tmp_path / "out")),
+                linkage_path=str(tmp_path / "private" / "linkage.csv"),
+                staging_dir=str(tmp_path / "staging"),
+                ledger_path=str(tmp_path / "private" / "ledger.jsonl"), return_state=True)
+            line = "sharing stopped: no free slot"
+    for study_id in added:
+        research.delete("Study", study_id, missing_ok=True)
+    assert state.is_failed() and state.type.value == "FAILED", state
+    assert state.message.startswith(line) and "PREFECT_ORTHANC_SLOT_WAIT_SECONDS" in state.message
+    _assert_one_outcome(_run_logs(state.state_details.flow_run_id, line), line)

@@ -84,11 +84,6 @@ print("COMPLETED")
 """
 
 
-@pytest.fixture
-def secret_env(monkeypatch):
-    monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
-
-
 def _study(name: str, count: int, patient: str) -> list[pydicom.Dataset]:
     """``count`` instances of a new study made from a pydicom test file (a real header):
     new study, series and SOP instance UIDs and PatientID, the rest as its authors wrote."""

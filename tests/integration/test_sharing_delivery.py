@@ -27,11 +27,6 @@ from .conftest import DEID_SECRET
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-@pytest.fixture
-def secret_env(monkeypatch):
-    monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
-
-
 def _params(tmp_path: Path, ids, **extra) -> dict:
     return dict(study_ids=ids, destination=Destination(kind="directory",
                                                        target=str(tmp_path / "out")),

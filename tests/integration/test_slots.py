@@ -153,7 +153,7 @@ def test_a_waiter_gives_up_after_the_wait_bound_naming_the_limit(prefect_server,
     message = str(caught.value)
     assert name in message and "after waiting 5 s" in message
     assert "PREFECT_ORTHANC_SLOT_WAIT_SECONDS" in message
-    assert isinstance(caught.value, TimeoutError)
+    assert not isinstance(caught.value, TimeoutError)  # Prefect would call the run TimedOut
     # the live holder kept its slot through the waiter's reclaim checks
     assert _active(api, name) == 1 and holders[0].process.poll() is None
     holders[0].stop()

@@ -148,6 +148,6 @@ def test_the_wait_error_names_the_limit_and_the_wait_and_pickles():
     from orthanc_client.errors import SafeMessageError
 
     error = SlotWaitExceeded("orthanc-modality-pacs", 3600.4, "PREFECT_ORTHANC_SLOT_WAIT_SECONDS")
-    assert isinstance(error, SafeMessageError) and isinstance(error, TimeoutError)
+    assert isinstance(error, SafeMessageError) and not isinstance(error, TimeoutError)
     assert "'orthanc-modality-pacs' after waiting 3600 s" in str(error)
     assert str(pickle.loads(pickle.dumps(error))) == str(error)
