@@ -35,7 +35,8 @@ class UnknownModality(SafeMessageError, ValueError):
             f"Orthanc has no DICOM modality named {modality!r} (it knows: {names}): use one "
             f"of those names, or register it in Orthanc's configuration (\"DicomModalities\": "
             f"{{\"{modality}\": [\"AET\", \"host\", 104]}}, then restart Orthanc) or with "
-            f"`PUT /modalities/{modality}` and {{\"AET\", \"Host\", \"Port\"}}, then give it a "
+            f"`PUT /modalities/{modality}` with the body {{\"AET\": \"AET\", \"Host\": \"host\", "
+            f"\"Port\": 104}}, then give it a "
             f"concurrency limit: `prefect-orthanc-limits {modality}=2`")
         self.modality, self.known = modality, sorted(known)
 
