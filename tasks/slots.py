@@ -546,6 +546,18 @@ def reclaim(client: Any, names: Sequence[str], settings: SlotSettings, *,
 # ------------------------------------------------------------------ holding
 
 
+def _run_log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The current flow or task run's logger (its lines reach the run's log in Prefect),
+    else this module's."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
 def _label(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
 
@@ -583,6 +595,10 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
                                        "PREFECT_ORTHANC_SLOT_WAIT_SECONDS") from None
             if (status == 423 and now - blocked_since >= settings.check_seconds
                     and (last_check is None or now - last_check >= settings.check_seconds)):
+                if last_check is None:  # once per wait: a run that waits says so
+                    _run_log().warning(
+                        "waiting for a free slot of %s: every slot is in use (gives up after "
+                        "%.0f s, PREFECT_ORTHANC_SLOT_WAIT_SECONDS)", _label(names), wait)
                 last_check = now
                 # live holders publish within renew_seconds of the server answering: only
                 # then does a stale heartbeat mean death, not a server that was down
