@@ -36,6 +36,7 @@ from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc, SafeMe
 from tasks import (OrthancCredentials, UnknownModality, modality_slot, orthanc_task,
                    require_modality, retrieve_study)
 from tasks.labels import attach_labels
+from tasks.origin import end_retrievals_left_behind
 
 from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
 from .states import cancel_run, fail_run, stop_run
@@ -434,6 +435,8 @@ def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
         results[key] = _one_patient(results[key].model_copy(update={"study_ids": found}))
     mark_collected(credentials, [i for key in ids for i in results[key].study_ids
                                  if results[key].complete], request.project)
+    # a run killed mid-move left its "being retrieved" records: the studies are here now
+    end_retrievals_left_behind(key for key in ids if results[key].complete)
 
 
 def _one_patient(result: CollectResult) -> CollectResult:

@@ -42,7 +42,8 @@ from .variables import put_variable
 
 __all__ = ["RETRIEVED_METADATA", "COPY_METADATA", "COPY_SOURCE_PREFIX", "IN_FLIGHT_HOURS",
            "Origin", "mark_copy",
-           "retrieval_variable", "register_retrieval", "end_retrieval", "mark_retrieved",
+           "retrieval_variable", "register_retrieval", "end_retrieval",
+           "end_retrievals_left_behind", "mark_retrieved",
            "study_origin"]
 
 #: on a study: the modality it was retrieved from by ``retrieve_study``
@@ -55,9 +56,13 @@ IN_FLIGHT_HOURS = 6.0
 Origin = Literal["retrieved", "copy", "received"]
 
 
+#: name prefix of the in-flight records (``retrieval_variable``)
+RETRIEVING_PREFIX = "orthanc_retrieving_"
+
+
 def retrieval_variable(study_uid: str) -> str:
     """The Prefect Variable naming an in-flight retrieval of ``study_uid`` (hashed)."""
-    return f"orthanc_retrieving_{uid_key(study_uid)}"
+    return f"{RETRIEVING_PREFIX}{uid_key(study_uid)}"
 
 
 def register_retrieval(study_uid: str, modality: str) -> None:
@@ -70,6 +75,31 @@ def register_retrieval(study_uid: str, modality: str) -> None:
 def end_retrieval(study_uid: str) -> None:
     """Drop the in-flight record (once the study is marked, or nothing arrived)."""
     Variable.unset(retrieval_variable(study_uid))
+
+
+def end_retrievals_left_behind(keys: Iterable[str]) -> int:
+    """Drop the in-flight records a killed run left for studies now known complete (``keys``:
+    ``uid_key`` of their StudyInstanceUIDs, as planning has them); returns how many. One
+    listing of the records (by pages of 200), then one delete per record left behind."""
+    from prefect.client.orchestration import get_client
+
+    wanted = {f"{RETRIEVING_PREFIX}{key}" for key in keys}
+    if not wanted:
+        return 0
+    names: list[str] = []
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while True:
+            page = client.request("POST", "/variables/filter", json={
+                "variables": {"name": {"like_": RETRIEVING_PREFIX}}, "limit": 200,
+                "offset": offset}).json()
+            names += [v["name"] for v in page if v["name"] in wanted]
+            if len(page) < 200:
+                break
+            offset += 200
+    for name in names:
+        Variable.unset(name)
+    return len(names)
 
 
 #: ``RETRIEVED_METADATA`` value prefix of a copy this package made by uploading (the sharing

@@ -253,6 +253,11 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
         child.wait()
     assert 1 <= len(collected) < len(studies), "the run was not interrupted half-way"
 
+    # what a kill between a study's marking and the end of its retrieval leaves (the kill
+    # above lands anywhere): its "being retrieved" record
+    from tasks.origin import register_retrieval
+
+    register_retrieval(collected[0], "pacs")
     jobs_before = _move_jobs(research)
     report = collect_cohort(cohort_file=str(path), project="resume")
     assert report.studies_complete == len(studies)
@@ -263,6 +268,13 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
                    for job in _move_jobs(research) - jobs_before
                    for answer in research.job(job).content.get("Query", [])}
     assert moved_again and not moved_again & set(collected)
+    # nothing of the killed run is left: no "being retrieved" record of any of its studies
+    from prefect.variables import Variable
+
+    from tasks.origin import retrieval_variable
+
+    left = [s for s in studies if Variable.get(retrieval_variable(s.study_uid)) is not None]
+    assert not left, f"{len(left)} in-flight record(s) left behind by the killed run"
 
 
 @pytest.fixture(scope="module")
