@@ -83,6 +83,10 @@ class Dcmqrscp:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def config(self) -> str:
         """dcmqrscp's configuration file (format: ``dcmqrcnf.txt`` in DCMTK's docs)."""
         hosts = "\n".join(f"{aet.lower()} = ({aet}, {self.address}, {port})"

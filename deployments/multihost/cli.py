@@ -104,6 +104,9 @@ def _print_state(state: dict, root: Path) -> None:
     for name, orthanc in state["orthanc"].items():
         print(f"  orthanc {name:<8} host machine   {orthanc['url']}  DICOM {orthanc['aet']}@"
               f"{orthanc['dicom']}")
+    if state.get("dcmqrscp"):
+        print(f"  dcmqrscp         host machine   DICOM {state['dcmqrscp']['dicom']} "
+              f"(research's modality dcmqr)")
     for name, worker in state["workers"].items():
         print(f"  {name:<16} host {worker['host']:<9} {worker['address']}  --limit "
               f"{worker['limit']}  pid {worker['pid']}")
@@ -125,6 +128,7 @@ def _status(args: argparse.Namespace) -> int:
             ("postgres", state["postgres"]["pid"], None),
             ("prefect server", state["prefect_server"]["pid"], state["prefect_api_url"] + "/health"),
             *((f"orthanc {n}", o["pid"], None) for n, o in state["orthanc"].items()),
+            *([("dcmqrscp", state["dcmqrscp"]["pid"], None)] if state.get("dcmqrscp") else []),
             *((n, w["pid"], None) for n, w in state["workers"].items())]
     healthy = True
     for name, pid, url in rows:

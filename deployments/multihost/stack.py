@@ -355,6 +355,9 @@ class ProductionStack:
                 if not server.is_running:
                     server.start()
                     restarted.append(f"orthanc {server.name}")
+            if self.lab.dcmqr is not None and not self.lab.dcmqr.is_running:
+                self.lab.dcmqr.boot(attempts=1)  # on its port: research's modality names it
+                restarted.append("dcmqrscp")
         for worker in self.worker_processes:
             if not worker.is_running:
                 worker.start()
@@ -397,6 +400,9 @@ class ProductionStack:
                                "pid": server.pid}
                         for name, server in (("pacs", self.lab.pacs),
                                              ("research", self.lab.research))},
+            "dcmqrscp": ({"dicom": f"{self.lab.dcmqr.aet}@{self.lab.dcmqr.address}:"
+                                   f"{self.lab.dcmqr.port}", "pid": self.lab.dcmqr.pid}
+                         if self.lab.dcmqr is not None else None),
             "workers": {w.name: {"host": w.host.name, "address": w.host.address,
                                  "pid": w.pid, "limit": w.limit}
                         for w in self.worker_processes},
