@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bind_address import bind_environment
-from .processes import stop_group
+from .processes import ChildProcess, stop_group
 from .servers import _can_bind_death_signal, free_ports
 
 __all__ = ["Dcmqrscp", "DCMQRSCP", "STORESCU"]
@@ -45,7 +45,7 @@ def _executable(path: str) -> str:
 
 
 @dataclass(eq=False)
-class Dcmqrscp:
+class Dcmqrscp(ChildProcess):
     """One ``dcmqrscp`` process listening on ``address`` only (AET ``aet``; dcmqrscp binds
     0.0.0.0, so it runs with the bind-address shim of ``bind_address.py``) storing into
     ``workdir/db``.
@@ -78,14 +78,6 @@ class Dcmqrscp:
     @property
     def log_path(self) -> Path:
         return self.workdir / "dcmqrscp.log"
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def config(self) -> str:
         """dcmqrscp's configuration file (format: ``dcmqrcnf.txt`` in DCMTK's docs)."""

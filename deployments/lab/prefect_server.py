@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from .processes import stop_group
+from .processes import ChildProcess, stop_group
 from .servers import free_ports
 
 __all__ = ["LocalPrefectServer"]
@@ -30,7 +30,7 @@ STARTUP_TIMEOUT = 120.0
 
 
 @dataclass
-class LocalPrefectServer:
+class LocalPrefectServer(ChildProcess):
     """One ``prefect server start`` process on ``host`` (default 127.0.0.1).
 
     ``wrapper`` prefixes the command (e.g. ``ip netns exec NS`` to run it on another network
@@ -102,14 +102,6 @@ class LocalPrefectServer:
         self.stop()
         raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s "
                            f"(log: {self.log_path})")
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def stop(self, timeout: float = 20) -> None:
         process, self._process = self._process, None

@@ -1,4 +1,5 @@
-"""Stopping child processes started in a session of their own (``start_new_session=True``)."""
+"""Child processes started in a session of their own (``start_new_session=True``): stopping
+them, and what a class that keeps one in ``_process`` says of it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,21 @@ import os
 import signal
 import subprocess
 
-__all__ = ["stop_group"]
+__all__ = ["stop_group", "ChildProcess"]
+
+
+class ChildProcess:
+    """``pid`` and ``is_running`` of the child process a class keeps in ``_process``."""
+
+    _process: subprocess.Popen[bytes] | None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
 
 def stop_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -35,6 +35,8 @@ from typing import Any, Iterable
 
 import httpx
 
+from .processes import ChildProcess
+
 __all__ = [
     "DEFAULT_EXECUTABLE",
     "OrthancLab",
@@ -177,7 +179,7 @@ def _can_bind_death_signal() -> bool:
 
 
 @dataclass(eq=False)
-class OrthancServer:
+class OrthancServer(ChildProcess):
     """One Orthanc process listening on ``address`` only (default 127.0.0.1), with its own
     configuration, storage and log.
 
@@ -224,14 +226,6 @@ class OrthancServer:
     @property
     def log_path(self) -> Path:
         return self.workdir / "orthanc.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def connection_info(self) -> dict[str, Any]:
         return {

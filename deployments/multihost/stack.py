@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lab.prefect_server import LocalPrefectServer
-from ..lab.processes import stop_group
+from ..lab.processes import ChildProcess, stop_group
 from ..lab.servers import OrthancLab, free_ports
 from .network import Host, HostNetwork
 from .postgres import PostgresCluster
@@ -60,7 +60,7 @@ def _bin(name: str) -> str:
 
 
 @dataclass(eq=False)
-class Worker:
+class Worker(ChildProcess):
     """One ``prefect worker start`` process on its host; its flow runs are its children."""
 
     name: str
@@ -73,14 +73,6 @@ class Worker:
     @property
     def log_path(self) -> Path:
         return self.home / "worker.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self) -> "Worker":
         self.home.mkdir(parents=True, exist_ok=True)
