@@ -209,6 +209,29 @@ def flaky_study(flaky_study_factory):
 DEID_SECRET = "test-only-deid-secret-7c41f0a2"
 
 
+def delete_deployment(client, deployment_id) -> None:
+    """Delete a test's deployment the way a test must: first end its runs that are not final
+    (a serve or worker stopped by the test can leave them Running), then delete it. A run
+    left Running outlives its deployment, and the zombie automation `setup` made crashes it
+    later; with the deployment and its concurrency limit gone, Prefect's server answers that
+    state change with a 500 and a traceback in its log (``_release_concurrency_lease``)."""
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId,
+                                                FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        not_any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED,
+                  StateType.CANCELLED])))
+    for run in client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=unfinished, limit=200):
+        client.set_flow_run_state(run.id, Cancelled(message="the test deleting its "
+                                                            "deployment"), force=True)
+    client.delete_deployment(deployment_id)
+
+
 @pytest.fixture
 def secret_env(monkeypatch):
     """The de-identification secret in the environment, as sharing reads it."""

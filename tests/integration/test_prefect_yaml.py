@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import delete_deployment
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -38,7 +40,7 @@ def deployed(lab):
     yield deployments
     with get_client(sync_client=True) as client:  # leave the names free for serve
         for deployment in deployments.values():
-            client.delete_deployment(deployment.id)
+            delete_deployment(client, deployment.id)
 
 
 def test_setup_made_the_work_pool_limits_and_block(deployed):

@@ -21,6 +21,8 @@ import yaml
 
 from deployments.lab.processes import stop_group
 
+from .conftest import delete_deployment
+
 REPO = Path(__file__).resolve().parents[2]
 POOL = "orthanc-scaleout"  # a pool of its own: no other test's runs reach this worker
 NAME = "collect-research-cohort/scaleout"
@@ -92,7 +94,7 @@ def remote_worker(lab, tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
     finally:
         stop_group(worker)
         with get_client(sync_client=True) as client:
-            client.delete_deployment(client.read_deployment_by_name(NAME).id)
+            delete_deployment(client, client.read_deployment_by_name(NAME).id)
 
 
 def _wait_final(run_ids: list, log: Path) -> list:

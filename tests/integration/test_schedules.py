@@ -28,6 +28,8 @@ import yaml
 from deployments.lab.processes import stop_group
 from deployments.stack import deployment_runs, wait_until_served
 
+from .conftest import delete_deployment
+
 REPO = Path(__file__).resolve().parents[2]
 WATCHER = "watch-orthanc-changes"
 #: cron with a seconds field (croniter's sixth field): a run every 5 s, so no test waits minutes
@@ -99,7 +101,7 @@ def _delete(names: list[str]) -> None:
 
     with get_client(sync_client=True) as client:
         for name in names:
-            client.delete_deployment(client.read_deployment_by_name(name).id)
+            delete_deployment(client, client.read_deployment_by_name(name).id)
 
 
 def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import delete_deployment
+
 REPO = Path(__file__).resolve().parents[2]
 SHARING = "share-deidentified/ad-hoc"
 
@@ -57,4 +59,4 @@ def test_deploy_while_serving_stops_serve(lab, tmp_path):
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name(SHARING)
             assert deployment.work_pool_name == "orthanc-process"
-            client.delete_deployment(deployment.id)
+            delete_deployment(client, deployment.id)

@@ -355,8 +355,12 @@ def _ended(run: dict) -> float:
 
 
 def _worker_of(stack, run_id: str):
+    """The worker that started the run: both may try to (each logs "submitting flow run
+    '<id>'"), the server lets one, the other logs "Aborted submission of flow run '<id>'"."""
     for worker in stack.worker_processes:
-        if run_id in worker.log_path.read_text(errors="replace"):
+        text = worker.log_path.read_text(errors="replace")
+        if (f"submitting flow run '{run_id}'" in text
+                and f"Aborted submission of flow run '{run_id}'" not in text):
             return worker
     return None
 
