@@ -39,7 +39,7 @@ METHODS = ("client", "client-async", "raw-stream", "raw-read")
 def child(method: str, url: str, study_id: str, dest: Path) -> dict[str, float]:
     import httpx
 
-    from orthanc_client import AsyncOrthanc, Orthanc
+    from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc
 
     before = peak_rss_mb()
     started = time.perf_counter()
@@ -117,8 +117,8 @@ def main() -> int:
         print(json.dumps(child(args.child, args.url, args.study, args.dest)))
         return 0
 
-    from deployments.lab.servers import OrthancLab
-    from orthanc_client import Orthanc
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.orthanc_client import Orthanc
 
     with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
         with Orthanc(url=lab.pacs.url) as pacs:

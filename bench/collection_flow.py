@@ -60,10 +60,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
 
-    from deployments.lab.servers import OrthancLab
-    from deployments.lab.synthetic import load_into, make_cohort
-    from flows.collection import collect_cohort
-    from tasks.limits import ensure_limits
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
+    from prefect_orthanc.flows.collection import collect_cohort
+    from prefect_orthanc.tasks.limits import ensure_limits
 
     asyncio.run(ensure_limits({"pacs": args.concurrency}))
     rows = []

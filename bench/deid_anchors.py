@@ -154,8 +154,8 @@ def run_orthanc(tool: str, research, creds, stored) -> tuple[dict, dict, float]:
     """``project`` or ``orthanc`` on the studies stored in the lab."""
     import pydicom
 
-    from flows.deid import DeidProfile
-    from flows.sharing import Destination, SharingRequest, deidentify_study
+    from prefect_orthanc.flows.deid import DeidProfile
+    from prefect_orthanc.flows.sharing import Destination, SharingRequest, deidentify_study
 
     outputs, ids = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,9 +190,9 @@ def run_orthanc(tool: str, research, creds, stored) -> tuple[dict, dict, float]:
 def main() -> int:
     import pydicom
 
-    from deployments.lab.servers import OrthancLab
-    from orthanc_client import Orthanc
-    from tasks import OrthancCredentials
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.orthanc_client import Orthanc
+    from prefect_orthanc.tasks import OrthancCredentials
 
     studies = corpus()
     sources = {key: [pydicom.dcmread(p, force=True) for p in paths]

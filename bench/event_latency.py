@@ -34,8 +34,8 @@ changes) for the route run to finish before the next study. What is timed, per s
 
 Setup, all torn down at the end (also on Ctrl-C): a Prefect server on a free loopback port with
 a temporary PREFECT_HOME (or ``--api-url`` to use a running one), an ``OrthancLab`` whose
-research server runs the Lua emitter pointed at it, then ``python -m deployments setup`` and
-``python -m deployments serve --only on-stable-study --only research-changes`` as
+research server runs the Lua emitter pointed at it, then ``python -m prefect_orthanc.deployments setup`` and
+``python -m prefect_orthanc.deployments serve --only on-stable-study --only research-changes`` as
 subprocesses (runner poll ``PREFECT_ORTHANC_SERVE_POLL_SECONDS``, 2 s unless
 ``--serve-poll``). The watcher deployment's interval schedule is switched off while measuring,
 so that only the watcher run started here reports studies.
@@ -73,17 +73,22 @@ from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect  # noqa: E402
-from deployments.lab.processes import stop_group  # noqa: E402 - no Prefect import
-from deployments.stack import (FINAL_STATES, ROUTE_DEPLOYMENT, new_study_runs,  # noqa: E402
-                               wait_until_final, wait_until_served)
-
 import httpx  # noqa: E402
+
+from bench._common import quiet_prefect  # noqa: E402
+from prefect_orthanc.deployments.lab.processes import stop_group  # noqa: E402 - no Prefect import
+from prefect_orthanc.deployments.stack import (  # noqa: E402
+    FINAL_STATES,
+    ROUTE_DEPLOYMENT,
+    new_study_runs,
+    wait_until_final,
+    wait_until_served,
+)
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
-    from deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
 
 LUA = ROOT / "deployments" / "orthanc" / "study_events.lua"
 SERVER = "research"
@@ -99,7 +104,7 @@ PROBE_SECONDS = 0.1
 
 def orthanc_time(stamp: str) -> float:
     """Orthanc's ``20261123T110605`` (UTC in 1.10.1, also in change-log Dates) as epoch s."""
-    moment = dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc)
+    moment = dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
     return moment.timestamp()
 
 
@@ -125,7 +130,7 @@ def spawn(command: Sequence[str], env: dict[str, str], log: Path) -> subprocess.
     with log.open("ab") as out:
         return subprocess.Popen(list(command), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_child_setup)  # noqa: PLW1509
+                                preexec_fn=_child_setup)
 
 
 # ------------------------------------------------------------------ Orthanc
@@ -172,8 +177,8 @@ def store_new_study(pacs_url: str, workdir: Path, seed: int, instances: int
                     ) -> tuple[str, float]:
     """A fresh synthetic study uploaded to the pacs, then C-STOREd (synchronously) into
     research. Returns its Orthanc ID and the wall clock when the C-STORE returned."""
-    from deployments.lab.synthetic import make_cohort, zip_bytes
-    from orthanc_client import Orthanc
+    from prefect_orthanc.deployments.lab.synthetic import make_cohort, zip_bytes
+    from prefect_orthanc.orthanc_client import Orthanc
 
     cohort = make_cohort(workdir / f"study-{seed}", patients=1, studies_per_patient=1,
                          series_per_study=1, instances_per_series=instances, seed=seed)
@@ -333,7 +338,7 @@ class Bench:
 
 def measure_flow_study(bench: Bench, mode: str) -> Sample:
     """lua/changes: one study from C-STORE to its finished route run."""
-    from flows.events import study_event_id
+    from prefect_orthanc.flows.events import study_event_id
 
     study_id, sample = bench.fresh_study(mode)
     last_update = bench.changes.http.get(f"/studies/{study_id}/metadata/LastUpdate").text
@@ -566,7 +571,7 @@ def main() -> int:
         if args.api_url:
             api = args.api_url.rstrip("/")
         else:
-            from deployments.lab.prefect_server import LocalPrefectServer
+            from prefect_orthanc.deployments.lab.prefect_server import LocalPrefectServer
 
             print("starting a Prefect server ...", flush=True)
             server = LocalPrefectServer.start(logs / "prefect-home", ui=False)
@@ -574,8 +579,9 @@ def main() -> int:
             api = server.api_url
         os.environ["PREFECT_API_URL"] = api  # before Prefect is imported
 
-        from deployments.lab.servers import OrthancLab
         from prefect.client.orchestration import get_client
+
+        from prefect_orthanc.deployments.lab.servers import OrthancLab
 
         lab = OrthancLab.start(home / "lab", stable_age=args.stable_age,
                                research_lua_scripts=[LUA],
@@ -587,13 +593,13 @@ def main() -> int:
                "ORTHANC_PASSWORD": lab.research.password or "", "PYTHONPATH": str(ROOT)}
         if args.serve_poll:
             env["PREFECT_ORTHANC_SERVE_POLL_SECONDS"] = str(args.serve_poll)
-        setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=ROOT,
+        setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=ROOT,
                                env=env, capture_output=True, text=True, timeout=180,
                                check=False)
         if setup.returncode != 0:
-            raise SystemExit("`python -m deployments setup` failed:\n" + setup.stderr[-3000:])
+            raise SystemExit("`python -m prefect_orthanc.deployments setup` failed:\n" + setup.stderr[-3000:])
         serve_log = logs / "serve.log"
-        serve = spawn([sys.executable, "-m", "deployments", "serve", "--only", "on-stable-study",
+        serve = spawn([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only", "on-stable-study",
                        "--only", "research-changes"], env, serve_log)
         stack.callback(stop_group, serve)
         client = stack.enter_context(get_client(sync_client=True))

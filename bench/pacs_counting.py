@@ -46,7 +46,7 @@ def _asynchronous(lab, research, cohort) -> dict:
         from quirky_scp import QuirkySCP
     except ImportError:
         return {"skipped": "pynetdicom not installed (pip install -e .[test])"}
-    from orthanc_client import Settle
+    from prefect_orthanc.orthanc_client import Settle
 
     study = cohort.studies[0]
     with QuirkySCP(study.files, {"RESEARCH": lab.research.dicom_port}, async_store=True,
@@ -70,9 +70,9 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=20, help="per study (2 series)")
     args = parser.parse_args()
 
-    from deployments.lab.servers import OrthancLab
-    from deployments.lab.synthetic import load_into, make_cohort
-    from orthanc_client import Orthanc
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
+    from prefect_orthanc.orthanc_client import Orthanc
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp, OrthancLab.start(dcmqrscp=True) as lab:

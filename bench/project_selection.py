@@ -51,9 +51,9 @@ def main() -> None:
 
     import httpx
 
-    from deployments.lab.servers import OrthancLab
-    from orthanc_client import Level, Orthanc
-    from tasks.labels import LABELS_METADATA, attach_labels, project_studies
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.orthanc_client import Level, Orthanc
+    from prefect_orthanc.tasks.labels import LABELS_METADATA, attach_labels, project_studies
 
     requests = {"n": 0}
 

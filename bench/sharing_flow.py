@@ -35,7 +35,7 @@ quiet_prefect()
 def child(mode: str, ids: list[str], out: Path, concurrency: int) -> dict[str, float]:
     import httpx
 
-    from flows.sharing import Destination, share_studies  # imports: untimed
+    from prefect_orthanc.flows.sharing import Destination, share_studies  # imports: untimed
 
     before = peak_rss_mb()
     started = time.perf_counter()
@@ -100,9 +100,9 @@ def main() -> int:
         print(json.dumps(child(args.child, args.ids.split(","), args.out, args.concurrency)))
         return 0
 
-    from deployments.lab.servers import OrthancLab
-    from deployments.lab.synthetic import load_into, make_cohort
-    from orthanc_client import Orthanc
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
+    from prefect_orthanc.orthanc_client import Orthanc
 
     with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
         with Orthanc(url=lab.research.url, username=lab.research.username,

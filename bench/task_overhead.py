@@ -39,10 +39,10 @@ def main() -> int:
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from deployments.lab.servers import OrthancLab
-    from deployments.lab.synthetic import load_into, make_cohort
-    from tasks import OrthancCredentials, retrieve_study
-    from tasks.limits import ensure_limits
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
+    from prefect_orthanc.tasks import OrthancCredentials, retrieve_study
+    from prefect_orthanc.tasks.limits import ensure_limits
 
     with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
         cohort = make_cohort(tmp, patients=args.studies, studies_per_patient=1,

@@ -1,9 +1,9 @@
-"""``python -m deployments check | setup | serve``: the deployments' command line.
+"""``python -m prefect_orthanc.deployments check | setup | serve``: the deployments' command line.
 
-    python -m deployments check                 # validate prefect.yaml strictly
-    python -m deployments setup                 # work pool, PACS limits, blocks (from settings)
-    python -m deployments serve [--only NAME] [--replace] [--file PATH]   # serve them
-    python -m deployments stack up|status|down [--netns] ...   # the production stack, locally
+    python -m prefect_orthanc.deployments check                 # validate prefect.yaml strictly
+    python -m prefect_orthanc.deployments setup                 # work pool, PACS limits, blocks (from settings)
+    python -m prefect_orthanc.deployments serve [--only NAME] [--replace] [--file PATH]   # serve them
+    python -m prefect_orthanc.deployments stack up|status|down [--netns] ...   # the production stack, locally
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate prefect.yaml (unknown keys, "
@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["stack"]:
-        from .multihost.cli import main as stack
+        from prefect_orthanc.deployments.multihost.cli import main as stack
 
         return stack(argv[1:])
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     if args.command == "check":
-        from .spec import SpecError, load
+        from prefect_orthanc.deployments.spec import SpecError, load
 
         try:
             specs = load(args.file) if args.file else load()
@@ -58,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.full_name}: {when}; {len(spec.triggers)} trigger(s)")
         return 0
     if args.command == "setup":
-        from flows.site import SiteError
-
-        from .stack import SetupError, setup
+        from prefect_orthanc.deployments.stack import SetupError, setup
+        from prefect_orthanc.flows.site import SiteError
 
         try:
             done = setup(rotate_secret=args.rotate_secret)
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for what, outcome in done.items():
             print(f"{what}: {outcome}")
         return 0
-    from .stack import serve as serve_all
+    from prefect_orthanc.deployments.stack import serve as serve_all
 
     serve_all(set(args.only) if args.only else None, replace=args.replace, path=args.file)
     return 0

@@ -10,14 +10,14 @@ wherever it likes: it only has to be the copy the worker's Python imports (READM
 ways to run the flows"); tests/integration/test_scale_out.py runs a worker that way.
 
     pull:
-      - deployments.pull.set_working_directory: {}
+      - prefect_orthanc.deployments.pull.set_working_directory: {}
 """
 
 from __future__ import annotations
 
 import os
 
-from flows.site import CODE_DIR
+from prefect_orthanc.flows.site import CODE_DIR
 
 __all__ = ["set_working_directory"]
 

@@ -16,7 +16,7 @@
   heartbeats are known to come every 30 s: other flows on the same server keep Prefect's
   default of one heartbeat every 180 s, and a 90 s bound would crash them mid-run.
 
-    python -m deployments setup
+    python -m prefect_orthanc.deployments setup
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["FILESYSTEM_LEASES", "MEMORY_LEASES", "LEASE_STORAGE_ENV", "ZOMBIE_AUTOMATION",
-           "HEARTBEAT_TAG", "lease_storage_report", "ensure_zombie_automation"]
+__all__ = [
+    "FILESYSTEM_LEASES",
+    "HEARTBEAT_TAG",
+    "LEASE_STORAGE_ENV",
+    "MEMORY_LEASES",
+    "ZOMBIE_AUTOMATION",
+    "ensure_zombie_automation",
+    "lease_storage_report",
+]
 
 LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
@@ -45,7 +52,7 @@ def lease_storage_report(client: Any) -> str:
     (with the variable to set when they do not)."""
     try:
         server = _server_settings(client).get("server") or {}
-    except Exception as error:  # noqa: BLE001 - an older or locked-down server
+    except Exception as error:
         return (f"unknown (GET /api/admin/settings failed: {type(error).__name__}); set "
                 f"{LEASE_STORAGE_ENV}={FILESYSTEM_LEASES} on the server so leases survive "
                 f"a restart")
@@ -73,7 +80,7 @@ def _zombie_automation(within_seconds: float, name: str, tag: str) -> Any:
         description=("Marks a flow run Crashed when its heartbeats stop (its process or host "
                      f"died): no heartbeat and no final state within {within_seconds:g} s "
                      f"of a heartbeat, for runs tagged {tag!r} (heartbeats every 30 s). "
-                     "Made by `python -m deployments setup`."),
+                     "Made by `python -m prefect_orthanc.deployments setup`."),
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",

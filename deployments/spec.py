@@ -7,7 +7,7 @@ signature and the triggers and schedules against Prefect's classes. ``runner_dep
 turns the same entries into ``RunnerDeployment`` objects for ``serve``.
 
     specs = load()                       # raises SpecError listing every problem
-    python -m deployments check          # the same, from the shell
+    python -m prefect_orthanc.deployments check          # the same, from the shell
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
 
-__all__ = ["SpecError", "DeploymentSpec", "load", "runner_deployments", "PREFECT_YAML"]
+__all__ = ["PREFECT_YAML", "DeploymentSpec", "SpecError", "load", "runner_deployments"]
 
 _TOP_LEVEL = {"name", "prefect-version", "build", "push", "pull", "definitions", "deployments"}
 _SCHEDULE_KEYS = {"cron", "interval", "rrule", "timezone", "anchor_date", "active", "parameters",
@@ -42,7 +42,7 @@ def _brief(exc: Exception) -> str:
             items = errors()
             text = ", ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in items[:3])
             return text + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -68,6 +68,8 @@ class DeploymentSpec:
     triggers: list[dict[str, Any]] = field(default_factory=list)
     work_pool: str | None = None
     enforce_parameter_schema: bool = True
+    #: the directory of the prefect.yaml it came from (file entrypoints are relative to it)
+    base_dir: Path = ROOT
     _flow: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -79,8 +81,13 @@ class DeploymentSpec:
         if self._flow is None:
             from prefect.flows import load_flow_from_entrypoint
 
-            path, _, func = self.entrypoint.partition(":")
-            self._flow = load_flow_from_entrypoint(f"{ROOT / path}:{func}")
+            # module entrypoints (prefect_orthanc.flows.collection:collect_cohort) import the
+            # installed package; a file entrypoint of a user's own is read relative to its file
+            entrypoint = self.entrypoint
+            path, _, func = entrypoint.rpartition(":")
+            if path.endswith(".py") and not Path(path).is_absolute():
+                entrypoint = f"{self.base_dir / path}:{func}"
+            self._flow = load_flow_from_entrypoint(entrypoint)
         return self._flow
 
     def prefect_schedules(self) -> list[Any]:
@@ -102,8 +109,7 @@ class DeploymentSpec:
         return [_event_trigger(t) for t in self.triggers]
 
     def prefect_concurrency(self) -> Any:
-        from prefect.client.schemas.objects import (ConcurrencyLimitConfig,
-                                                    ConcurrencyLimitStrategy)
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
         limit = self.concurrency_limit
         if isinstance(limit, dict):
@@ -114,8 +120,8 @@ class DeploymentSpec:
         return limit
 
 
-def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
-                      ) -> DeploymentSpec | None:
+def _check_deployment(raw: dict[str, Any], where: str, problems: list[str],
+                      base_dir: Path = ROOT) -> DeploymentSpec | None:
     from prefect.cli.deploy._models import DeploymentConfig
 
     unknown = set(raw) - set(DeploymentConfig.model_fields)
@@ -123,7 +129,7 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
         problems.append(f"{where}: unknown keys {sorted(unknown)}")
     try:
         config = DeploymentConfig.model_validate(raw)
-    except Exception as exc:  # noqa: BLE001 - reported with the others
+    except Exception as exc:
         problems.append(f"{where}: {_brief(exc)}")
         return None
     if not config.name or not config.entrypoint:
@@ -136,24 +142,25 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
         tags=list(config.tags or []), schedules=[dict(s) for s in raw.get("schedules") or []],
         concurrency_limit=raw.get("concurrency_limit"), triggers=list(config.triggers or []),
         work_pool=config.work_pool.name if config.work_pool else None,
-        enforce_parameter_schema=config.enforce_parameter_schema is not False)
+        enforce_parameter_schema=config.enforce_parameter_schema is not False,
+        base_dir=base_dir)
     try:
         flow = spec.load_flow()
         spec.flow_name = flow.name
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         problems.append(f"{where}: entrypoint {spec.entrypoint} does not load ({exc})")
         return None
     # Every run must get valid parameters: scheduled and ad-hoc runs get the deployment's,
     # triggered runs get them merged with the trigger's (templates are strings until fired).
     # Flows described by a request model also get its cross-field rules checked (the run
     # would otherwise fail at its start: "give exactly one of cohort_file and criteria").
-    from flows.parameters import request_from, request_model
+    from prefect_orthanc.flows.parameters import request_from, request_model
 
     model = request_model(flow)
     for extra in [t.get("parameters") or {} for t in spec.triggers] or [{}]:
         try:
             flow.validate_parameters({**spec.parameters, **extra})
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             problems.append(f"{where}: parameters do not fit {flow.name}: {exc}")
             continue
         if model is not None:
@@ -171,7 +178,7 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
             problems.append(f"{where}: schedule {i}: rrule is not used by this project")
     try:
         spec.prefect_schedules()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         problems.append(f"{where}: schedules: {_brief(exc)}")
     limit = spec.concurrency_limit
     if isinstance(limit, dict):
@@ -188,7 +195,7 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str]
             problems.append(f"{where}: trigger {i}: only event triggers are used here")
         try:
             made = _event_trigger(trigger)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             problems.append(f"{where}: trigger {i}: {_brief(exc)}")
             continue
         params = set((made.parameters or {}).keys())
@@ -211,13 +218,13 @@ def load(path: str | Path = PREFECT_YAML) -> list[DeploymentSpec]:
 
     try:
         PrefectYamlModel.model_validate(raw)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         problems.append(f"top level: {_brief(exc)}")
     specs = []
     names: set[str] = set()
     for i, item in enumerate(raw.get("deployments") or []):
         spec = _check_deployment(item if isinstance(item, dict) else {}, f"deployment #{i}",
-                                 problems)
+                                 problems, Path(path).resolve().parent)
         if spec is None:
             continue
         if spec.full_name in names:

@@ -11,8 +11,8 @@ holding the de-identification secret. ``serve()`` runs every deployment of prefe
 this process, polling often enough for new-study runs to start within seconds, and leaves the
 deployments active when it stops (paused deployments would ignore new-study events).
 
-    python -m deployments setup        # PREFECT_ORTHANC_MODALITY_LIMITS="pacs=2" by default
-    python -m deployments serve
+    python -m prefect_orthanc.deployments setup        # PREFECT_ORTHANC_MODALITY_LIMITS="pacs=2" by default
+    python -m prefect_orthanc.deployments serve
 """
 
 from __future__ import annotations
@@ -31,9 +31,18 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["StackSettings", "SetupError", "setup", "serve", "wait_until_served", "deployment_runs",
-           "new_study_runs", "wait_for_scheduled_run",
-           "wait_until_final", "ROUTE_DEPLOYMENT"]
+__all__ = [
+    "ROUTE_DEPLOYMENT",
+    "SetupError",
+    "StackSettings",
+    "deployment_runs",
+    "new_study_runs",
+    "serve",
+    "setup",
+    "wait_for_scheduled_run",
+    "wait_until_final",
+    "wait_until_served",
+]
 
 #: the deployment the ``orthanc.study.stable`` trigger runs (prefect.yaml)
 ROUTE_DEPLOYMENT = "route-new-study/on-stable-study"
@@ -119,7 +128,7 @@ def _checked_secret(value: str, block: str, rotate: bool) -> None:
     from prefect.blocks.system import Secret
     from prefect.exceptions import ObjectNotFound
 
-    from flows.sharing import MIN_SECRET_LENGTH, SECRET_ENV
+    from prefect_orthanc.flows.sharing import MIN_SECRET_LENGTH, SECRET_ENV
 
     if len(value) < MIN_SECRET_LENGTH:
         raise SetupError(f"{SECRET_ENV} is shorter than {MIN_SECRET_LENGTH} characters: "
@@ -146,10 +155,10 @@ def setup(settings: StackSettings | None = None, *, rotate_secret: bool = False
     ``rotate_secret``)."""
     from prefect.blocks.system import Secret
 
-    from flows.sharing import SECRET_ENV
-    from flows.site import SiteSettings
-    from orthanc_client import OrthancError
-    from tasks import OrthancCredentials, ensure_limits
+    from prefect_orthanc.flows.sharing import SECRET_ENV
+    from prefect_orthanc.flows.site import SiteSettings
+    from prefect_orthanc.orthanc_client import OrthancError
+    from prefect_orthanc.tasks import OrthancCredentials, ensure_limits
 
     settings = settings or StackSettings()
     site = SiteSettings.load()  # SiteError before anything is created: outside the checkout
@@ -184,7 +193,11 @@ def _server_for_crashes(settings: StackSettings) -> dict[str, str]:
     """The server's lease storage (reported) and the zombie-run automation (made)."""
     from prefect.client.orchestration import get_client
 
-    from .server_setup import ZOMBIE_AUTOMATION, ensure_zombie_automation, lease_storage_report
+    from prefect_orthanc.deployments.server_setup import (
+        ZOMBIE_AUTOMATION,
+        ensure_zombie_automation,
+        lease_storage_report,
+    )
 
     with get_client(sync_client=True) as client:
         return {"server lease storage": lease_storage_report(client),
@@ -221,7 +234,7 @@ def _watch_ownership(names: list[str], every: float, taken: list[str],
     while not stop.wait(every):
         try:
             found = asyncio.run(_worker_deployments(names, delete=False))
-        except Exception:  # noqa: BLE001 - the server is briefly unreachable: look again later
+        except Exception:
             continue
         if found:
             taken.extend(found)
@@ -247,7 +260,7 @@ def serve(only: set[str] | None = None, settings: StackSettings | None = None,
     """
     from prefect import serve as prefect_serve
 
-    from .spec import load, runner_deployments
+    from prefect_orthanc.deployments.spec import load, runner_deployments
 
     settings = settings or StackSettings()
     specs = [s for s in (load(path) if path else load())
@@ -299,7 +312,7 @@ def wait_until_served(names: Sequence[str], process: subprocess.Popen[bytes], lo
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"`python -m deployments serve` exited:\n{_tail(log)}")
+                raise RuntimeError(f"`python -m prefect_orthanc.deployments serve` exited:\n{_tail(log)}")
             try:
                 if all(client.read_deployment_by_name(n).status.value == "READY"
                        for n in names):

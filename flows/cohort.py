@@ -20,10 +20,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orthanc_client.errors import SafeMessageError
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
-__all__ = ["CohortError", "CohortRow", "Criteria", "TimeWindow", "CollectionRequest",
-           "read_cohort", "KEY_COLUMNS"]
+__all__ = [
+    "KEY_COLUMNS",
+    "CohortError",
+    "CohortRow",
+    "CollectionRequest",
+    "Criteria",
+    "TimeWindow",
+    "read_cohort",
+]
 
 KEY_COLUMNS = ("accession_number", "patient_id", "study_instance_uid")
 _DATE = re.compile(r"^\d{8}$")

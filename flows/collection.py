@@ -8,7 +8,7 @@ cohort moves nothing that is already complete, so an interrupted run is finished
 
 Example:
     ```python
-    from flows.collection import collect_cohort
+    from prefect_orthanc.flows.collection import collect_cohort
 
     collect_cohort(cohort_file="cohorts/lung.csv", project="lung-2026")  # under the data dir
     ```
@@ -32,20 +32,38 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
-from orthanc_client import CollectOutcome, CollectResult, Level, Orthanc, SafeMessageError
-from tasks import (OrthancCredentials, UnknownModality, modality_slot, orthanc_task,
-                   require_modality, retrieve_study)
-from tasks.labels import attach_labels
-from tasks.origin import end_retrievals_left_behind
+from prefect_orthanc.flows.cohort import (
+    CohortError,
+    CohortRow,
+    CollectionRequest,
+    Criteria,
+    TimeWindow,
+    read_cohort,
+)
+from prefect_orthanc.flows.parameters import described_by, request_from
+from prefect_orthanc.flows.planning import PlanRow, RowStatus, plan_criteria, plan_rows
+from prefect_orthanc.flows.site import DATA_DIR_ENV, SiteError, SiteSettings
+from prefect_orthanc.flows.states import cancel_run, fail_run, stop_run
+from prefect_orthanc.flows.window import OutsideWindow, admit, window_gate
+from prefect_orthanc.orthanc_client import (
+    CollectOutcome,
+    CollectResult,
+    Level,
+    Orthanc,
+    SafeMessageError,
+)
+from prefect_orthanc.tasks import (
+    OrthancCredentials,
+    UnknownModality,
+    modality_slot,
+    orthanc_task,
+    require_modality,
+    retrieve_study,
+)
+from prefect_orthanc.tasks.labels import attach_labels
+from prefect_orthanc.tasks.origin import end_retrievals_left_behind
 
-from .cohort import CohortError, CohortRow, CollectionRequest, Criteria, TimeWindow, read_cohort
-from .states import cancel_run, fail_run, stop_run
-from .parameters import described_by, request_from
-from .planning import PlanRow, RowStatus, plan_criteria, plan_rows
-from .site import DATA_DIR_ENV, SiteError, SiteSettings
-from .window import OutsideWindow, admit, window_gate
-
-__all__ = ["collect_cohort", "plan_cohort", "mark_collected", "CollectionReport"]
+__all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"]
 
 
 def load_credentials(block: str | None) -> OrthancCredentials:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-__all__ = ["EVENT", "study_resource_id", "study_event_id", "study_event", "post_events"]
+__all__ = ["EVENT", "post_events", "study_event", "study_event_id", "study_resource_id"]
 
 EVENT = "orthanc.study.stable"
 
@@ -70,7 +70,7 @@ def study_event_id(study_id: str, last_update: str) -> UUID:
 
 
 def _occurred(last_update: str) -> str:
-    stamp = dt.datetime.strptime(last_update, "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc)
+    stamp = dt.datetime.strptime(last_update, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
     return stamp.isoformat().replace("+00:00", "Z")
 
 

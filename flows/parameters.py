@@ -6,7 +6,7 @@ nested model passed as one parameter is replaced whole by ``--param`` or the UI'
 silently dropping the deployment's other defaults. So the deployed flows take flat parameters,
 one per field of their request model (``CollectionRequest``, ``SharingRequest``), and build the
 model when a run starts: its validators (cross-field rules included) then reject a bad request
-before any server is touched, and ``python -m deployments check`` runs the same validation on
+before any server is touched, and ``python -m prefect_orthanc.deployments check`` runs the same validation on
 prefect.yaml.
 
 ``described_by(Model)`` writes the model's field descriptions into the flow's docstring
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["described_by", "request_model", "request_from", "brief_errors"]
+__all__ = ["brief_errors", "described_by", "request_from", "request_model"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MODEL_ATTRIBUTE = "__request_model__"

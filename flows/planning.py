@@ -25,14 +25,27 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orthanc_client import (Level, Orthanc, OrthancBadRequest, OrthancDimseError, QueryRefused,
-                            SafeMessageError)
-from orthanc_client.retrieval import uid_key
+from prefect_orthanc.flows.cohort import CohortRow, Criteria
+from prefect_orthanc.orthanc_client import (
+    Level,
+    Orthanc,
+    OrthancBadRequest,
+    OrthancDimseError,
+    QueryRefused,
+    SafeMessageError,
+)
+from prefect_orthanc.orthanc_client.retrieval import uid_key
 
-from .cohort import CohortRow, Criteria
-
-__all__ = ["RowStatus", "PlannedStudy", "PlanRow", "CohortTooBroad", "plan_rows",
-           "plan_criteria", "find_capped", "mismatch"]
+__all__ = [
+    "CohortTooBroad",
+    "PlanRow",
+    "PlannedStudy",
+    "RowStatus",
+    "find_capped",
+    "mismatch",
+    "plan_criteria",
+    "plan_rows",
+]
 
 _RETURN_KEYS = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": ""}
 

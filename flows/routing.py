@@ -19,19 +19,27 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orthanc_client import Level, OrthancNotFound
-from tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
-from tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
-from tasks.origin import Origin, study_origin
-from tasks.policy import short_id
+from prefect_orthanc.flows.collection import load_credentials
+from prefect_orthanc.flows.sharing import SharingOptions, share_studies
+from prefect_orthanc.flows.states import fail_run
+from prefect_orthanc.orthanc_client import Level, OrthancNotFound
+from prefect_orthanc.tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
+from prefect_orthanc.tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
+from prefect_orthanc.tasks.origin import Origin, study_origin
+from prefect_orthanc.tasks.policy import short_id
 
-from .collection import load_credentials
-from .states import fail_run
-from .sharing import SharingOptions, share_studies
-
-__all__ = ["RouteRule", "StudyFacts", "RouteReport", "route_new_study", "inspect_study",
-           "sweep_failed_routes", "SweepReport",
-           "label_study", "ROUTED_METADATA", "LABELS_METADATA"]
+__all__ = [
+    "LABELS_METADATA",
+    "ROUTED_METADATA",
+    "RouteReport",
+    "RouteRule",
+    "StudyFacts",
+    "SweepReport",
+    "inspect_study",
+    "label_study",
+    "route_new_study",
+    "sweep_failed_routes",
+]
 
 #: LastUpdate of the study when its rules last all succeeded (declare in UserMetadata)
 ROUTED_METADATA = "PrefectOrthancRouted"
@@ -229,7 +237,7 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
     for rule in matched:
         try:
             ok = _apply(rule, credentials, credentials_block, study_id)
-        except Exception as exc:  # noqa: BLE001 - tasks raise sanitized errors
+        except Exception as exc:
             logger.warning("rule %s failed (%s)", rule.name, type(exc).__name__)
             ok = False
         (done if ok else failed).append(rule.name)
@@ -270,7 +278,7 @@ def _failed_routes(lookback_hours: float) -> dict[str, dict]:
     from prefect.client.schemas.filters import FlowFilter, FlowRunFilter
     from prefect.client.schemas.sorting import FlowRunSort
 
-    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=lookback_hours)
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=lookback_hours)
 
     async def read() -> list:
         async with get_client() as client:

@@ -11,7 +11,7 @@ given. Nothing resolves against the working directory, so a run started by a wor
 Default: ``$XDG_DATA_HOME/prefect-orthanc`` (``~/.local/share/prefect-orthanc``). A data
 directory or a path inside the code checkout is refused (``SiteError``) unless
 ``PREFECT_ORTHANC_ALLOW_DATA_IN_CHECKOUT=true``, which is meant for synthetic data only (the
-demo writes to ``demo-output/``). ``python -m deployments setup`` checks and creates it.
+demo writes to ``demo-output/``). ``python -m prefect_orthanc.deployments setup`` checks and creates it.
 
 Layout (the shipped deployments' defaults)::
 
@@ -24,7 +24,7 @@ Layout (the shipped deployments' defaults)::
 
 Example:
     ```python
-    from flows.site import SiteSettings
+    from prefect_orthanc.flows.site import SiteSettings
 
     site = SiteSettings()                      # PREFECT_ORTHANC_DATA_DIR, checked
     site.path("cohorts/research.csv")          # -> /home/me/.local/share/prefect-orthanc/...
@@ -39,7 +39,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from orthanc_client.errors import SafeMessageError
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
 __all__ = ["CODE_DIR", "DATA_DIR_ENV", "SiteError", "SiteSettings", "default_data_dir"]
 

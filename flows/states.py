@@ -29,10 +29,17 @@ from typing import Any
 
 from prefect.states import Cancelled, Failed, State
 
-from orthanc_client import SafeMessageError
+from prefect_orthanc.orthanc_client import SafeMessageError
 
-__all__ = ["RunIncomplete", "fail_run", "cancel_run", "stop_run", "report_of", "PurposefulFailureFilter",
-           "install_log_filter"]
+__all__ = [
+    "PurposefulFailureFilter",
+    "RunIncomplete",
+    "cancel_run",
+    "fail_run",
+    "install_log_filter",
+    "report_of",
+    "stop_run",
+]
 
 
 class RunIncomplete(SafeMessageError):

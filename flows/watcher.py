@@ -16,15 +16,14 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict
 
-from orthanc_client import Level, OrthancError
-from tasks.changes import cursor_position, cursor_variable
-from tasks.variables import put_variable
+from prefect_orthanc.flows.collection import load_credentials
+from prefect_orthanc.flows.events import post_events, study_event
+from prefect_orthanc.flows.states import fail_run
+from prefect_orthanc.orthanc_client import Level, OrthancError
+from prefect_orthanc.tasks.changes import cursor_position, cursor_variable
+from prefect_orthanc.tasks.variables import put_variable
 
-from .collection import load_credentials
-from .events import post_events, study_event
-from .states import fail_run
-
-__all__ = ["watch_changes", "WatchReport"]
+__all__ = ["WatchReport", "watch_changes"]
 
 STABLE_STUDY = "StableStudy"
 _PAGE = 200

@@ -29,11 +29,10 @@ import logging
 import time
 from collections.abc import Iterator
 
-from orthanc_client import SafeMessageError, dicom_gate
+from prefect_orthanc.flows.cohort import TimeWindow
+from prefect_orthanc.orthanc_client import SafeMessageError, dicom_gate
 
-from .cohort import TimeWindow
-
-__all__ = ["OutsideWindow", "window_gate", "admit", "is_open"]
+__all__ = ["OutsideWindow", "admit", "is_open", "window_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class OutsideWindow(SafeMessageError):
 
 def is_open(window: TimeWindow | None, now: dt.datetime | None = None) -> bool:
     """Whether PACS exchanges are allowed at ``now`` (default: the current time)."""
-    return window is None or window.is_open(now or dt.datetime.now(dt.timezone.utc))
+    return window is None or window.is_open(now or dt.datetime.now(dt.UTC))
 
 
 def _describe(window: TimeWindow) -> str:
@@ -79,7 +78,7 @@ def admit(window: TimeWindow | None, *, log: logging.Logger | logging.LoggerAdap
     ``max_wait_hours``; ``OutsideWindow`` otherwise."""
     if window is None:
         return
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if window.is_open(now):
         return
     delay = window.seconds_until_open(now)

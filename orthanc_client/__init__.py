@@ -6,8 +6,8 @@
 ...     study_ids = orthanc.find("Study", {"ModalitiesInStudy": "CT"})
 """
 
-from .client import AsyncOrthanc, Orthanc
-from .errors import (
+from prefect_orthanc.orthanc_client.client import AsyncOrthanc, Orthanc
+from prefect_orthanc.orthanc_client.errors import (
     AssociationRejected,
     MoveDestinationUnknown,
     MoveRefused,
@@ -31,7 +31,7 @@ from .errors import (
     QueryRefused,
     SafeMessageError,
 )
-from .models import (
+from prefect_orthanc.orthanc_client.models import (
     ArchiveResult,
     Change,
     ChangesPage,
@@ -46,18 +46,59 @@ from .models import (
     SystemInfo,
     UploadResult,
 )
-from .retrieval import CollectOutcome, CollectResult, CountSource, ExpectedCount, Settle
-from .operations import dicom_gate
-from .settings import OrthancSettings
+from prefect_orthanc.orthanc_client.operations import dicom_gate
+from prefect_orthanc.orthanc_client.retrieval import (
+    CollectOutcome,
+    CollectResult,
+    CountSource,
+    ExpectedCount,
+    Settle,
+)
+from prefect_orthanc.orthanc_client.settings import OrthancSettings
 
 __all__ = [
-    "Orthanc", "AsyncOrthanc", "OrthancSettings", "dicom_gate",
-    "OrthancError", "OrthancHTTPError", "OrthancBadRequest", "OrthancUnauthorized",
-    "OrthancNotFound", "OrthancConflict", "OrthancUnavailable", "OrthancDimseError", "OrthancJobError",
-    "OrthancJobFailed", "OrthancJobLost", "OrthancJobTimeout", "OrthancUnsupported",
-    "OrthancArchiveError", "OrthancUsageError", "PacsUnreachable", "AssociationRejected",
-    "MoveDestinationUnknown", "QueryRefused", "MoveRefused", "PacsBusy", "SafeMessageError",
-    "Level", "SystemInfo", "Resource", "ResourceStatistics", "JobState", "JobInfo",
-    "QueryAnswer", "QueryResult", "Change", "ChangesPage", "UploadResult", "ModifyResult",
-    "ArchiveResult", "CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",
+    "ArchiveResult",
+    "AssociationRejected",
+    "AsyncOrthanc",
+    "Change",
+    "ChangesPage",
+    "CollectOutcome",
+    "CollectResult",
+    "CountSource",
+    "ExpectedCount",
+    "JobInfo",
+    "JobState",
+    "Level",
+    "ModifyResult",
+    "MoveDestinationUnknown",
+    "MoveRefused",
+    "Orthanc",
+    "OrthancArchiveError",
+    "OrthancBadRequest",
+    "OrthancConflict",
+    "OrthancDimseError",
+    "OrthancError",
+    "OrthancHTTPError",
+    "OrthancJobError",
+    "OrthancJobFailed",
+    "OrthancJobLost",
+    "OrthancJobTimeout",
+    "OrthancNotFound",
+    "OrthancSettings",
+    "OrthancUnauthorized",
+    "OrthancUnavailable",
+    "OrthancUnsupported",
+    "OrthancUsageError",
+    "PacsBusy",
+    "PacsUnreachable",
+    "QueryAnswer",
+    "QueryRefused",
+    "QueryResult",
+    "Resource",
+    "ResourceStatistics",
+    "SafeMessageError",
+    "Settle",
+    "SystemInfo",
+    "UploadResult",
+    "dicom_gate",
 ]

@@ -17,12 +17,12 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
-from .core import Call, Download, Send, Sleep, Step, Steps, run_sync
-from .models import Change
-from .operations import Operations
-from .settings import OrthancSettings
+from prefect_orthanc.orthanc_client.core import Call, Download, Send, Sleep, Step, Steps, run_sync
+from prefect_orthanc.orthanc_client.models import Change
+from prefect_orthanc.orthanc_client.operations import Operations
+from prefect_orthanc.orthanc_client.settings import OrthancSettings
 
-__all__ = ["Orthanc", "AsyncOrthanc"]
+__all__ = ["AsyncOrthanc", "Orthanc"]
 
 R = TypeVar("R")
 _CHUNK = 1 << 20

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from .errors import (
+from prefect_orthanc.orthanc_client.errors import (
     OrthancArchiveError,
     OrthancBadRequest,
     OrthancConflict,
@@ -34,7 +34,7 @@ from .errors import (
     pacs_error,
     redact,
 )
-from .models import ArchiveResult
+from prefect_orthanc.orthanc_client.models import ArchiveResult
 
 R = TypeVar("R")
 

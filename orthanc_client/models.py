@@ -14,19 +14,19 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "Level",
-    "SystemInfo",
-    "Resource",
-    "ResourceStatistics",
-    "JobState",
-    "JobInfo",
-    "QueryAnswer",
-    "QueryResult",
+    "ArchiveResult",
     "Change",
     "ChangesPage",
-    "UploadResult",
-    "ArchiveResult",
+    "JobInfo",
+    "JobState",
+    "Level",
     "ModifyResult",
+    "QueryAnswer",
+    "QueryResult",
+    "Resource",
+    "ResourceStatistics",
+    "SystemInfo",
+    "UploadResult",
 ]
 
 

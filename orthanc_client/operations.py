@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from urllib.parse import quote
 
-from . import core
-from .core import Call, Steps
-from .errors import (
+from prefect_orthanc.orthanc_client import core
+from prefect_orthanc.orthanc_client.core import Call, Steps
+from prefect_orthanc.orthanc_client.errors import (
     OrthancConflict,
     OrthancJobFailed,
     OrthancJobLost,
@@ -28,7 +28,7 @@ from .errors import (
     OrthancUsageError,
     redact,
 )
-from .models import (
+from prefect_orthanc.orthanc_client.models import (
     ArchiveResult,
     ChangesPage,
     JobInfo,
@@ -42,11 +42,17 @@ from .models import (
     SystemInfo,
     UploadResult,
 )
-from .retrieval import CollectResult, ExpectedCount, Settle, collect_study, expected_instances
-from .settings import OrthancSettings
+from prefect_orthanc.orthanc_client.retrieval import (
+    CollectResult,
+    ExpectedCount,
+    Settle,
+    collect_study,
+    expected_instances,
+)
+from prefect_orthanc.orthanc_client.settings import OrthancSettings
 
 if TYPE_CHECKING:
-    from .client import AsyncOrthanc, Orthanc
+    from prefect_orthanc.orthanc_client.client import AsyncOrthanc, Orthanc
 
 P = ParamSpec("P")
 R = TypeVar("R")

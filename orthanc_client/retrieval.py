@@ -33,15 +33,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .core import Sleep, Steps
-from .errors import (
+from prefect_orthanc.orthanc_client.core import Sleep, Steps
+from prefect_orthanc.orthanc_client.errors import (
     OrthancDimseError,
     OrthancError,
     OrthancJobFailed,
     OrthancJobLost,
     pacs_error,
 )
-from .models import Level
+from prefect_orthanc.orthanc_client.models import Level
 
 __all__ = ["CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",
            "collect_study", "expected_instances", "uid_key"]

@@ -7,33 +7,63 @@
 ...     return retrieve_study(OrthancCredentials.load("research"), "pacs", study_uid)
 """
 
-from .anonymize import anonymize_resource, modify_resource
-from .archives import download_archive
-from .changes import ChangesBatch, advance_changes_cursor, read_changes
-from .credentials import OrthancCredentials
-from .jobs import wait_for_job
-from .limits import (ModalityLimitMissing, SlotWaitExceeded, ensure_limits, limit_name,
-                     modality_slot, study_lock)
-from .network import (
-    UnknownModality,
-    echo_modality,
-    query_modality,
-    retrieve_study,
-    store_to_modality,
-    require_modality,
-    store_to_peer,
+from prefect_orthanc.tasks.anonymize import anonymize_resource, modify_resource
+from prefect_orthanc.tasks.archives import download_archive
+from prefect_orthanc.tasks.changes import ChangesBatch, advance_changes_cursor, read_changes
+from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.jobs import wait_for_job
+from prefect_orthanc.tasks.limits import (
+                     ModalityLimitMissing,
+                     SlotWaitExceeded,
+                     ensure_limits,
+                     limit_name,
+                     modality_slot,
+                     study_lock,
 )
-from .policy import TaskFailure, is_transient, orthanc_task
-from .resources import add_labels, delete_resources, find_resources, set_metadata
+from prefect_orthanc.tasks.network import (
+                     UnknownModality,
+                     echo_modality,
+                     query_modality,
+                     require_modality,
+                     retrieve_study,
+                     store_to_modality,
+                     store_to_peer,
+)
+from prefect_orthanc.tasks.policy import TaskFailure, is_transient, orthanc_task
+from prefect_orthanc.tasks.resources import (
+                     add_labels,
+                     delete_resources,
+                     find_resources,
+                     set_metadata,
+)
 
 __all__ = [
-    "OrthancCredentials",
-    "echo_modality", "query_modality", "retrieve_study", "store_to_modality", "store_to_peer",
-    "require_modality", "UnknownModality",
-    "find_resources", "delete_resources", "set_metadata", "add_labels",
-    "anonymize_resource", "modify_resource", "download_archive", "wait_for_job",
-    "read_changes", "advance_changes_cursor", "ChangesBatch",
-    "ModalityLimitMissing", "SlotWaitExceeded", "ensure_limits", "limit_name", "modality_slot",
-    "study_lock",
-    "TaskFailure", "is_transient", "orthanc_task",
+                     "ChangesBatch",
+                     "ModalityLimitMissing",
+                     "OrthancCredentials",
+                     "SlotWaitExceeded",
+                     "TaskFailure",
+                     "UnknownModality",
+                     "add_labels",
+                     "advance_changes_cursor",
+                     "anonymize_resource",
+                     "delete_resources",
+                     "download_archive",
+                     "echo_modality",
+                     "ensure_limits",
+                     "find_resources",
+                     "is_transient",
+                     "limit_name",
+                     "modality_slot",
+                     "modify_resource",
+                     "orthanc_task",
+                     "query_modality",
+                     "read_changes",
+                     "require_modality",
+                     "retrieve_study",
+                     "set_metadata",
+                     "store_to_modality",
+                     "store_to_peer",
+                     "study_lock",
+                     "wait_for_job",
 ]

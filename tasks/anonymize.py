@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from orthanc_client import Level, ModifyResult
-
-from .credentials import OrthancCredentials
-from .policy import orthanc_task, short_id
+from prefect_orthanc.orthanc_client import Level, ModifyResult
+from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.policy import orthanc_task, short_id
 
 __all__ = ["anonymize_resource", "modify_resource"]
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from orthanc_client import ArchiveResult
-
-from .credentials import OrthancCredentials
-from .policy import orthanc_task
+from prefect_orthanc.orthanc_client import ArchiveResult
+from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.policy import orthanc_task
 
 __all__ = ["download_archive"]
 

@@ -12,14 +12,18 @@ from collections.abc import Sequence
 from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict
 
-from orthanc_client import Change, Orthanc
+from prefect_orthanc.orthanc_client import Change, Orthanc
+from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.policy import orthanc_task
+from prefect_orthanc.tasks.variables import put_variable
 
-from .credentials import OrthancCredentials
-from .policy import orthanc_task
-from .variables import put_variable
-
-__all__ = ["ChangesBatch", "read_changes", "advance_changes_cursor", "cursor_variable",
-           "cursor_position"]
+__all__ = [
+    "ChangesBatch",
+    "advance_changes_cursor",
+    "cursor_position",
+    "cursor_variable",
+    "read_changes",
+]
 
 
 class ChangesBatch(BaseModel):

@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
+from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
 
 __all__ = ["OrthancCredentials"]
 
@@ -27,7 +27,7 @@ class OrthancCredentials(Block):
 
     Example:
         ```python
-        from tasks import OrthancCredentials
+        from prefect_orthanc.tasks import OrthancCredentials
 
         creds = OrthancCredentials.load("research")
         with creds.get_client() as orthanc:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from orthanc_client import JobInfo
-
-from .credentials import OrthancCredentials
-from .policy import orthanc_task, short_id
+from prefect_orthanc.orthanc_client import JobInfo
+from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.policy import orthanc_task, short_id
 
 __all__ = ["wait_for_job"]
 

@@ -35,10 +35,19 @@ import re
 import time
 from collections.abc import Iterable
 
-from orthanc_client import Level, Orthanc, OrthancConflict, OrthancUsageError
+from prefect_orthanc.orthanc_client import Level, Orthanc, OrthancConflict, OrthancUsageError
 
-__all__ = ["LABELS_METADATA", "LEGACY_PROJECT_METADATA", "LABEL_PATTERN", "check_label",
-           "uses_native_labels", "labels_of", "attach_labels", "find_labelled", "project_studies"]
+__all__ = [
+    "LABELS_METADATA",
+    "LABEL_PATTERN",
+    "LEGACY_PROJECT_METADATA",
+    "attach_labels",
+    "check_label",
+    "find_labelled",
+    "labels_of",
+    "project_studies",
+    "uses_native_labels",
+]
 
 #: the label set on Orthanc < 1.12 (declare it in ``UserMetadata``)
 LABELS_METADATA = "PrefectOrthancLabels"

@@ -26,7 +26,6 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import httpx
-
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
@@ -34,12 +33,18 @@ from prefect.client.schemas.actions import (
 )
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from orthanc_client.errors import SafeMessageError
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
+from prefect_orthanc.tasks.slots import SlotLimitMissing, SlotWaitExceeded, hold
 
-from .slots import SlotLimitMissing, SlotWaitExceeded, hold
-
-__all__ = ["ModalityLimitMissing", "SlotWaitExceeded", "limit_name", "modality_slot",
-           "ensure_limits", "study_lock", "study_lock_name"]
+__all__ = [
+    "ModalityLimitMissing",
+    "SlotWaitExceeded",
+    "ensure_limits",
+    "limit_name",
+    "modality_slot",
+    "study_lock",
+    "study_lock_name",
+]
 
 PREFIX = "orthanc-modality-"
 STUDY_LOCK_PREFIX = "orthanc-study-lock-"

@@ -10,17 +10,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from orthanc_client import (CollectResult, JobInfo, Level, Orthanc, OrthancJobFailed, QueryResult,
-                            SafeMessageError)
-from orthanc_client.errors import store_failure
+from prefect_orthanc.orthanc_client import (
+    CollectResult,
+    JobInfo,
+    Level,
+    Orthanc,
+    OrthancJobFailed,
+    QueryResult,
+    SafeMessageError,
+)
+from prefect_orthanc.orthanc_client.errors import store_failure
+from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.limits import modality_slot
+from prefect_orthanc.tasks.origin import end_retrieval, mark_retrieved, register_retrieval
+from prefect_orthanc.tasks.policy import orthanc_task, uid_key
 
-from .credentials import OrthancCredentials
-from .limits import modality_slot
-from .origin import end_retrieval, mark_retrieved, register_retrieval
-from .policy import orthanc_task, uid_key
-
-__all__ = ["echo_modality", "query_modality", "retrieve_study", "store_to_modality",
-           "store_to_peer", "require_modality", "UnknownModality"]
+__all__ = [
+    "UnknownModality",
+    "echo_modality",
+    "query_modality",
+    "require_modality",
+    "retrieve_study",
+    "store_to_modality",
+    "store_to_peer",
+]
 
 
 class UnknownModality(SafeMessageError, ValueError):

@@ -35,16 +35,24 @@ from typing import Literal
 
 from prefect.variables import Variable
 
-from orthanc_client import Level, Orthanc
+from prefect_orthanc.orthanc_client import Level, Orthanc
+from prefect_orthanc.tasks.policy import uid_key
+from prefect_orthanc.tasks.variables import put_variable
 
-from .policy import uid_key
-from .variables import put_variable
-
-__all__ = ["RETRIEVED_METADATA", "COPY_METADATA", "COPY_SOURCE_PREFIX", "IN_FLIGHT_HOURS",
-           "Origin", "mark_copy",
-           "retrieval_variable", "register_retrieval", "end_retrieval",
-           "end_retrievals_left_behind", "mark_retrieved",
-           "study_origin"]
+__all__ = [
+    "COPY_METADATA",
+    "COPY_SOURCE_PREFIX",
+    "IN_FLIGHT_HOURS",
+    "RETRIEVED_METADATA",
+    "Origin",
+    "end_retrieval",
+    "end_retrievals_left_behind",
+    "mark_copy",
+    "mark_retrieved",
+    "register_retrieval",
+    "retrieval_variable",
+    "study_origin",
+]
 
 #: on a study: the modality it was retrieved from by ``retrieve_study``
 RETRIEVED_METADATA = "PrefectOrthancSource"

@@ -23,10 +23,10 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from orthanc_client import SafeMessageError
-from orthanc_client.retrieval import uid_key
+from prefect_orthanc.orthanc_client import SafeMessageError
+from prefect_orthanc.orthanc_client.retrieval import uid_key
 
-__all__ = ["orthanc_task", "is_transient", "TaskFailure", "uid_key", "short_id"]
+__all__ = ["TaskFailure", "is_transient", "orthanc_task", "short_id", "uid_key"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from orthanc_client import Level
+from prefect_orthanc.orthanc_client import Level
+from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.labels import attach_labels, labels_of
+from prefect_orthanc.tasks.policy import orthanc_task, short_id
 
-from .credentials import OrthancCredentials
-from .labels import attach_labels, labels_of
-from .policy import orthanc_task, short_id
-
-__all__ = ["find_resources", "delete_resources", "set_metadata", "add_labels"]
+__all__ = ["add_labels", "delete_resources", "find_resources", "set_metadata"]
 
 
 @orthanc_task(name="find_resources",

@@ -23,8 +23,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-__all__ = ["HOLDER_PREFIX", "LeaseRecord", "HolderEntry", "ReclaimPlan", "pack_shards",
-           "unpack_leases", "plan_reclaim", "stable_orphans"]
+__all__ = [
+    "HOLDER_PREFIX",
+    "HolderEntry",
+    "LeaseRecord",
+    "ReclaimPlan",
+    "pack_shards",
+    "plan_reclaim",
+    "stable_orphans",
+    "unpack_leases",
+]
 
 HOLDER_PREFIX = "orthanc-slot-holder-"
 STUDY_LOCK_PREFIX = "orthanc-study-lock-"

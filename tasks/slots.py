@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from uuid import UUID
@@ -36,13 +36,25 @@ import httpx
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from orthanc_client.errors import SafeMessageError
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
+from prefect_orthanc.tasks.slot_holders import (
+    HOLDER_PREFIX,
+    HolderEntry,
+    LeaseRecord,
+    pack_shards,
+    plan_reclaim,
+    stable_orphans,
+    unpack_leases,
+)
 
-from .slot_holders import (HOLDER_PREFIX, HolderEntry, LeaseRecord, pack_shards,
-                           plan_reclaim, stable_orphans, unpack_leases)
-
-__all__ = ["SlotSettings", "SlotWaitExceeded", "SlotLimitMissing", "hold", "reclaim",
-           "RECLAIM_MUTEX"]
+__all__ = [
+    "RECLAIM_MUTEX",
+    "SlotLimitMissing",
+    "SlotSettings",
+    "SlotWaitExceeded",
+    "hold",
+    "reclaim",
+]
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +173,12 @@ def _server_now(response: httpx.Response) -> datetime:
     if header:
         with contextlib.suppress(TypeError, ValueError):
             return parsedate_to_datetime(header)
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _parse_time(value: str) -> datetime:
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _current_flow_run() -> str | None:
@@ -262,7 +274,7 @@ class _Registry:
                     self._write_shards(using, records)
                 self._written_version = current
                 self._failing = False
-            except Exception as error:  # noqa: BLE001 - retried on the next tick
+            except Exception as error:
                 if not self._failing:  # once per outage, not once a second
                     log.warning("could not publish this process's slot holder record (%s); "
                                 "retrying every second", type(error).__name__)
@@ -326,7 +338,7 @@ class _Registry:
                 try:
                     client.renew_concurrency_lease(UUID(record.lease_id),
                                                    self.settings.lease_seconds)
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:
                     if _status(error) == 410:
                         self._mark_lost(record.lease_id)
                     else:
@@ -335,7 +347,7 @@ class _Registry:
                 with self._lock:
                     if record.lease_id in self._renewed:
                         self._renewed[record.lease_id] = time.monotonic()
-        except Exception:  # noqa: BLE001 - no client (server down)
+        except Exception:
             failed = True
         if failed:
             self._drop_keeper_client()
@@ -577,7 +589,7 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
             response = client.increment_concurrency_slots_with_lease(
                 names=names, slots=1, mode="concurrency",
                 lease_duration=settings.lease_seconds, holder=holder)
-        except Exception as error:  # noqa: BLE001 - sorted below
+        except Exception as error:
             status = _status(error)
             now = time.monotonic()
             if status == 423:  # Locked: every slot is taken
@@ -607,7 +619,7 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
                 try:
                     if reclaim(client, names, settings, trust_staleness=trust):
                         continue
-                except Exception as error:  # noqa: BLE001 - waiting goes on
+                except Exception as error:
                     log.warning("could not reclaim slots of %s (%s)", _label(names),
                                 type(error).__name__)
             time.sleep(max(0.0, min(retry, poll, wait - (time.monotonic() - started))))

@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def lab() -> Iterator["OrthancLab"]:  # noqa: F821 - imported lazily
+def lab() -> Iterator[OrthancLab]:  # noqa: F821 - imported lazily
     """Two Orthanc 1.10.1 servers ("pacs" and "research") and DCMTK's dcmqrscp ("dcmqr") for
     the whole session.
 
@@ -51,7 +51,7 @@ def lab() -> Iterator["OrthancLab"]:  # noqa: F821 - imported lazily
         pytest.fail(f"{ORTHANC} not found: the integration tests need Debian's orthanc "
                     "package (apt-get install orthanc, or run scripts/bootstrap)",
                     pytrace=False)
-    from deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
 
     lua = [REJECT_ONCE_LUA] if REJECT_ONCE_LUA.exists() else []
     # dcmqrscp (Debian's dcmtk) runs next to them as a non-Orthanc PACS, modality "dcmqr"
@@ -69,8 +69,8 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cohort(cohort_dir: Path) -> "Cohort":  # noqa: F821
+def cohort(cohort_dir: Path) -> Cohort:  # noqa: F821
     """3 patients x 2 studies x 2 series x 3 instances (6 studies, 36 instances), seed 0."""
-    from deployments.lab.synthetic import make_cohort
+    from prefect_orthanc.deployments.lab.synthetic import make_cohort
 
     return make_cohort(cohort_dir)

@@ -1,4 +1,4 @@
-"""``python -m deployments.lab up [--root DIR] [--stable-age N]``: run the two-server Orthanc
+"""``python -m prefect_orthanc.deployments.lab up [--root DIR] [--stable-age N]``: run the two-server Orthanc
 lab in the foreground until Ctrl-C (or SIGTERM), for the demo and for manual exploration."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import time
 from types import FrameType
 
-from deployments.lab.servers import OrthancLab
+from prefect_orthanc.deployments.lab.servers import OrthancLab
 
 
 class _Stop(Exception):
@@ -65,7 +65,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.lab",
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab",
                                      description="A local two-server Orthanc lab.")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the lab and wait until Ctrl-C")

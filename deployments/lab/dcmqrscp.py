@@ -22,11 +22,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bind_address import bind_environment
-from .processes import ChildProcess, stop_group
-from .servers import _can_bind_death_signal, free_ports
+from prefect_orthanc.deployments.lab.bind_address import bind_environment
+from prefect_orthanc.deployments.lab.processes import ChildProcess, stop_group
+from prefect_orthanc.deployments.lab.servers import _can_bind_death_signal, free_ports
 
-__all__ = ["Dcmqrscp", "DCMQRSCP", "STORESCU"]
+__all__ = ["DCMQRSCP", "STORESCU", "Dcmqrscp"]
 
 DCMQRSCP = "/usr/bin/dcmqrscp"
 STORESCU = "/usr/bin/storescu"
@@ -66,7 +66,7 @@ class Dcmqrscp(ChildProcess):
 
     @classmethod
     def start(cls, workdir: str | os.PathLike[str], move_destinations: Mapping[str, int],
-              **options: object) -> "Dcmqrscp":
+              **options: object) -> Dcmqrscp:
         server = cls(Path(workdir), dict(move_destinations), **options)  # type: ignore[arg-type]
         server.boot()
         return server
@@ -92,7 +92,7 @@ class Dcmqrscp(ChildProcess):
                 f"{self.aet} {self.workdir / 'db'} RW (500, 1024mb) ANY\n"
                 f"AETable END\n")
 
-    def boot(self, attempts: int = 3) -> "Dcmqrscp":
+    def boot(self, attempts: int = 3) -> Dcmqrscp:
         """Write the configuration and start; retried on fresh ports if the port was taken."""
         executable = _executable(DCMQRSCP)
         (self.workdir / "db").mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ class Dcmqrscp(ChildProcess):
                 command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
             env = {**os.environ, **bind_environment(self.address, self.workdir.parent)}
             with open(self.log_path, "ab") as log:
-                self._process = subprocess.Popen(  # noqa: S603 - fixed, local command
+                self._process = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     cwd=self.workdir, start_new_session=True, env=env)
@@ -123,7 +123,7 @@ class Dcmqrscp(ChildProcess):
         while time.monotonic() < deadline:
             if not self.is_running:
                 return False
-            done = subprocess.run([echo, "-aec", self.aet, "-to", "2", self.address,  # noqa: S603
+            done = subprocess.run([echo, "-aec", self.aet, "-to", "2", self.address,
                                    str(self.port)], capture_output=True)
             if done.returncode == 0:
                 return True
@@ -136,7 +136,7 @@ class Dcmqrscp(ChildProcess):
         store = _executable(STORESCU)
         for start in range(0, len(paths), batch):
             for attempt in range(10):
-                done = subprocess.run(  # noqa: S603 - fixed, local command
+                done = subprocess.run(
                     [store, "-aet", "LOADER", "-aec", self.aet, self.address, str(self.port),
                      *paths[start:start + batch]], capture_output=True)
                 # with a low MaxAssociations dcmqrscp frees the previous association late and
@@ -160,7 +160,7 @@ class Dcmqrscp(ChildProcess):
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "Dcmqrscp":
+    def __enter__(self) -> Dcmqrscp:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

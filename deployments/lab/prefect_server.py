@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from .processes import ChildProcess, stop_group
-from .servers import free_ports
+from prefect_orthanc.deployments.lab.processes import ChildProcess, stop_group
+from prefect_orthanc.deployments.lab.servers import free_ports
 
 __all__ = ["LocalPrefectServer"]
 

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 
-__all__ = ["stop_group", "ChildProcess"]
+__all__ = ["ChildProcess", "stop_group"]
 
 
 class ChildProcess:

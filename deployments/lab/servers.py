@@ -29,19 +29,20 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import httpx
 
-from .processes import ChildProcess
+from prefect_orthanc.deployments.lab.processes import ChildProcess
 
 __all__ = [
     "DEFAULT_EXECUTABLE",
+    "USER_METADATA",
     "OrthancLab",
     "OrthancServer",
-    "USER_METADATA",
     "base_config",
     "free_ports",
     "orthanc_executable",
@@ -145,8 +146,8 @@ def _write_private(path: Path, text: str) -> None:
 
 # ------------------------------------------------------------------ process guard
 
-_live_servers: set["OrthancServer"] = set()
-_live_labs: set["OrthancLab"] = set()
+_live_servers: set[OrthancServer] = set()
+_live_labs: set[OrthancLab] = set()
 _guard_lock = threading.Lock()
 
 
@@ -155,12 +156,12 @@ def _stop_everything() -> None:
     for lab in list(_live_labs):
         try:
             lab.stop()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+        except Exception:
             pass
     for server in list(_live_servers):
         try:
             server.stop()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
@@ -243,7 +244,7 @@ class OrthancServer(ChildProcess):
 
     # -- lifecycle
 
-    def start(self) -> "OrthancServer":
+    def start(self) -> OrthancServer:
         """Write the configuration, start Orthanc and wait until ``GET /system`` answers.
 
         Raises ``RuntimeError`` (with the end of the log) when the process exits or does not
@@ -259,14 +260,14 @@ class OrthancServer(ChildProcess):
         command = [executable, str(self.config_path)]
         if _can_bind_death_signal():
             command = ["setpriv", "--pdeathsig", "TERM", "--", *command]
-        from .bind_address import bind_environment
+        from prefect_orthanc.deployments.lab.bind_address import bind_environment
 
         env = {**os.environ, **bind_environment(self.address, self.workdir.parent)}
         with open(self.log_path, "ab") as log:
             log.write(f"---- prefect-orthanc lab: starting {self.name} "
                       f"(http {self.http_port}, dicom {self.dicom_port})\n".encode())
             log.flush()
-            self._process = subprocess.Popen(  # noqa: S603 - fixed, local command
+            self._process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.workdir, close_fds=True, env=env,
             )
@@ -341,7 +342,7 @@ class OrthancServer(ChildProcess):
         with _guard_lock:
             _live_servers.discard(self)
 
-    def restart(self) -> "OrthancServer":
+    def restart(self) -> OrthancServer:
         """Stop then start again on the same ports, configuration and storage."""
         self.stop()
         return self.start()
@@ -416,7 +417,7 @@ class OrthancLab:
     # -- construction
 
     @classmethod
-    def start(cls, root: str | os.PathLike[str] | None = None, **options: Any) -> "OrthancLab":
+    def start(cls, root: str | os.PathLike[str] | None = None, **options: Any) -> OrthancLab:
         """Create the lab and start both servers (see ``__init__`` for the options)."""
         lab = cls(root, **options)
         try:
@@ -432,7 +433,7 @@ class OrthancLab:
     def _password(self) -> str:
         """The research server's password: random for a temporary lab; for a lab in a
         directory of the caller's, made once and kept in ``<root>/research-password`` (0600),
-        so credentials saved by ``python -m deployments setup`` keep working after a
+        so credentials saved by ``python -m prefect_orthanc.deployments setup`` keep working after a
         restart."""
         if self._owns_root:
             return secrets.token_urlsafe(16)
@@ -497,7 +498,7 @@ class OrthancLab:
                                  password=self.research_password, **common)
         return pacs, research
 
-    def boot(self) -> "OrthancLab":
+    def boot(self) -> OrthancLab:
         """Start both servers on fresh free ports, retrying with new ports on failure."""
         with _guard_lock:
             _live_labs.add(self)
@@ -509,7 +510,7 @@ class OrthancLab:
                 self.pacs.start()
                 self.research.start()
                 if self.with_dcmqrscp:
-                    from .dcmqrscp import Dcmqrscp
+                    from prefect_orthanc.deployments.lab.dcmqrscp import Dcmqrscp
 
                     self.dcmqr = Dcmqrscp(self.root / "dcmqr",
                                           {self.RESEARCH_AET: self.research.dicom_port},
@@ -569,7 +570,7 @@ class OrthancLab:
         with _guard_lock:
             _live_labs.discard(self)
 
-    def __enter__(self) -> "OrthancLab":
+    def __enter__(self) -> OrthancLab:
         if self.pacs is None:
             self.boot()
         return self

@@ -37,8 +37,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -47,9 +47,9 @@ from pydicom.uid import (
 )
 
 __all__ = [
-    "Cohort",
     "PRIVATE_CREATOR",
     "PRIVATE_GROUP",
+    "Cohort",
     "SyntheticPatient",
     "SyntheticSeries",
     "SyntheticStudy",

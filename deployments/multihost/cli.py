@@ -1,9 +1,9 @@
-"""``python -m deployments stack up | down | status``: the production-shaped stack, locally.
+"""``python -m prefect_orthanc.deployments stack up | down | status``: the production-shaped stack, locally.
 
-    python -m deployments stack up [--root DIR] [--workers 2] [--limit 2] [--netns]
+    python -m prefect_orthanc.deployments stack up [--root DIR] [--workers 2] [--limit 2] [--netns]
                                    [--orthanc-index sqlite|postgresql] [--dcmqrscp]
-    python -m deployments stack status [--root DIR]
-    python -m deployments stack down [--root DIR]
+    python -m prefect_orthanc.deployments stack status [--root DIR]
+    python -m prefect_orthanc.deployments stack down [--root DIR]
 
 ``up`` starts a supervisor in the background (it owns every process of the stack, restarts
 one that dies, as a service manager would, and stops them all on ``down``), waits until the
@@ -69,16 +69,16 @@ def _up(args: argparse.Namespace) -> int:
     state = _state(root)
     if state and _alive(state.get("supervisor_pid")):
         print(f"stack: already up (supervisor pid {state['supervisor_pid']}); "
-              f"`python -m deployments stack status --root {root}`")
+              f"`python -m prefect_orthanc.deployments stack status --root {root}`")
         return 0
     root.mkdir(parents=True, exist_ok=True)
     log = root / "supervisor.log"
-    command = [sys.executable, "-m", "deployments.multihost.cli", "supervise", "--root", str(root),
+    command = [sys.executable, "-m", "prefect_orthanc.deployments.multihost.cli", "supervise", "--root", str(root),
                "--workers", str(args.workers), "--limit", str(args.limit),
                "--orthanc-index", args.orthanc_index,
                *(["--netns"] if args.netns else []), *(["--dcmqrscp"] if args.dcmqrscp else [])]
     with log.open("ab") as handle:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle,  # noqa: S603
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -173,7 +173,7 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def _supervise(args: argparse.Namespace) -> int:
     """Run the stack in this process until SIGTERM/SIGINT; restart what dies."""
-    from .stack import ProductionStack
+    from prefect_orthanc.deployments.multihost.stack import ProductionStack
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _raise_stop)
@@ -198,7 +198,7 @@ def _supervise(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments stack", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the stack in the background")

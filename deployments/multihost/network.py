@@ -33,7 +33,7 @@ class NetworkError(RuntimeError):
 
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     command = ["ip", *(["-n", netns] if netns else []), *args]
-    done = subprocess.run(command, capture_output=True, text=True)  # noqa: S603 - fixed command
+    done = subprocess.run(command, capture_output=True, text=True)
     if check and done.returncode != 0:
         raise NetworkError(f"`{' '.join(command)}` failed: {done.stderr.strip()}")
     return done
@@ -42,7 +42,7 @@ def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.
 def _sysctl(key: str, value: str, netns: str | None = None) -> None:
     path = "/proc/sys/" + key.replace(".", "/")
     if netns:
-        subprocess.run(["ip", "netns", "exec", netns, "sh", "-c",  # noqa: S603, S607
+        subprocess.run(["ip", "netns", "exec", netns, "sh", "-c",
                         f"echo {value} > {path}"], check=True, capture_output=True)
     else:
         Path(path).write_text(value)
@@ -78,7 +78,7 @@ class HostNetwork:
         return Host("machine", f"{SUBNET_PREFIX}.{self.subnet}.1")
 
     @classmethod
-    def create(cls) -> "HostNetwork":
+    def create(cls) -> HostNetwork:
         if os.geteuid() != 0:
             raise NetworkError("network namespaces need root (ip netns); run the stack "
                                "without --netns, or as root")
@@ -133,7 +133,7 @@ class HostNetwork:
                 "hosts": {n: [h.address, h.netns] for n, h in self.hosts.items()}}
 
     @classmethod
-    def from_json(cls, data: dict) -> "HostNetwork":
+    def from_json(cls, data: dict) -> HostNetwork:
         network = cls(tag=data["tag"], subnet=data["subnet"])
         network.hosts = {n: Host(n, a, ns) for n, (a, ns) in data["hosts"].items()}
         return network

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .network import Host
+from prefect_orthanc.deployments.multihost.network import Host
 
 __all__ = ["PostgresCluster", "postgres_bin"]
 
@@ -99,7 +99,7 @@ class PostgresCluster:
         os.chmod(pwfile, 0o600)
         self._own(pwfile)
         try:
-            done = subprocess.run(self._as_owner([  # noqa: S603 - fixed command
+            done = subprocess.run(self._as_owner([
                 postgres_bin("initdb"), "-D", str(self.data), "-U", self.user,
                 f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
                 "-E", "UTF8", "--locale=C.UTF-8"]), capture_output=True, text=True)
@@ -109,10 +109,10 @@ class PostgresCluster:
             raise RuntimeError(f"initdb failed (is {self.directory} reachable by the postgres "
                                f"user?): {done.stderr.strip()[-500:]}")
 
-    def start(self) -> "PostgresCluster":
+    def start(self) -> PostgresCluster:
         self.initialise()
         with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(self.host.command(self._as_owner([  # noqa: S603
+            self._process = subprocess.Popen(self.host.command(self._as_owner([
                 postgres_bin("postgres"), "-D", str(self.data), "-p", str(self.port),
                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.run}",
                 "-c", "max_connections=200", "-c", "fsync=on"])),
@@ -120,7 +120,7 @@ class PostgresCluster:
                 start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
-            ready = subprocess.run(self._as_owner([  # noqa: S603
+            ready = subprocess.run(self._as_owner([
                 postgres_bin("pg_isready"), "-h", str(self.run), "-p", str(self.port)]),
                 capture_output=True)
             if ready.returncode == 0:
@@ -135,7 +135,7 @@ class PostgresCluster:
         return self
 
     def _psql(self, sql: str) -> None:
-        done = subprocess.run(self._as_owner([  # noqa: S603
+        done = subprocess.run(self._as_owner([
             postgres_bin("psql"), "-h", str(self.run), "-p", str(self.port), "-U", self.user,
             "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]), input=sql, capture_output=True,
             text=True)

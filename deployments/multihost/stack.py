@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..lab.prefect_server import LocalPrefectServer
-from ..lab.processes import ChildProcess, stop_group
-from ..lab.servers import OrthancLab, free_ports
-from .network import Host, HostNetwork
-from .postgres import PostgresCluster
+from prefect_orthanc.deployments.lab.prefect_server import LocalPrefectServer
+from prefect_orthanc.deployments.lab.processes import ChildProcess, stop_group
+from prefect_orthanc.deployments.lab.servers import OrthancLab, free_ports
+from prefect_orthanc.deployments.multihost.network import Host, HostNetwork
+from prefect_orthanc.deployments.multihost.postgres import PostgresCluster
 
-__all__ = ["ProductionStack", "Worker", "LEASE_STORAGE", "REPOSITORY"]
+__all__ = ["LEASE_STORAGE", "REPOSITORY", "ProductionStack", "Worker"]
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
@@ -74,11 +74,11 @@ class Worker(ChildProcess):
     def log_path(self) -> Path:
         return self.home / "worker.log"
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "PREFECT_HOME": str(self.home)}
         with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(self.host.command([  # noqa: S603
+            self._process = subprocess.Popen(self.host.command([
                 _bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--name", self.name,
                 "--limit", str(self.limit), "--type", "process"]),
                 env=env, cwd=REPOSITORY, stdin=subprocess.DEVNULL, stdout=log,
@@ -222,7 +222,7 @@ class ProductionStack:
 
     # -- lifecycle
 
-    def up(self, *, deploy: bool = True) -> "ProductionStack":
+    def up(self, *, deploy: bool = True) -> ProductionStack:
         """Start everything (creating what is missing) and wait until it answers."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # the postgres user reaches its own directory only
@@ -297,7 +297,7 @@ class ProductionStack:
             pacs_overrides={"JobsHistorySize": 1000})
 
     def _run(self, argv: list[str], what: str, timeout: float = 180) -> str:
-        done = subprocess.run(argv, env={**os.environ, **self.client_env()},  # noqa: S603
+        done = subprocess.run(argv, env={**os.environ, **self.client_env()},
                               cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"{what} failed (exit {done.returncode}):\n"
@@ -305,8 +305,8 @@ class ProductionStack:
         return done.stdout
 
     def run_setup(self) -> str:
-        """``python -m deployments setup`` against the stack (work pool, limits, blocks)."""
-        return self._run([sys.executable, "-m", "deployments", "setup"], "deployments setup")
+        """``python -m prefect_orthanc.deployments setup`` against the stack (work pool, limits, blocks)."""
+        return self._run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], "deployments setup")
 
     def deploy(self) -> str:
         """``prefect deploy --all`` of the shipped prefect.yaml, to the stack's work pool."""

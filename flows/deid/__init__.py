@@ -8,7 +8,9 @@ back content a header rewrite cannot clean; ``scan`` checks every string of the 
 leave against the identifiers of the SOURCE files. Pure logic: no Prefect, no HTTP.
 """
 
-from .profile import (
+import pydicom.config as _pydicom_config
+
+from prefect_orthanc.flows.deid.profile import (
     DEFAULT_EXCLUDED_MODALITIES,
     DEFAULT_EXCLUDED_SOP_CLASSES,
     DeidError,
@@ -17,24 +19,30 @@ from .profile import (
     MethodCode,
     build_request,
     client_kwargs,
-    patient_key,
     date_shift_days,
     is_excluded,
+    patient_key,
     pseudo_uid,
     pseudonym,
     shift_date,
 )
-import pydicom.config as _pydicom_config
 
 # pydicom's reading/writing validation logs the offending VALUE ("Invalid value for VR UI:
 # '1.2...'"): source values must never reach a log, so values are taken as they are, silently.
 _pydicom_config.settings.reading_validation_mode = _pydicom_config.IGNORE
 _pydicom_config.settings.writing_validation_mode = _pydicom_config.IGNORE
 
-from .dates import shift_da, shift_dt, shift_value, typed_forms
-from .rewrite import Rewriter
-from .risk import risk_reason
-from .scan import Finding, Identifiers, ScanReport, identifiers_from, scan_dataset, scan_zip
+from prefect_orthanc.flows.deid.dates import shift_da, shift_dt, shift_value, typed_forms
+from prefect_orthanc.flows.deid.rewrite import Rewriter
+from prefect_orthanc.flows.deid.risk import risk_reason
+from prefect_orthanc.flows.deid.scan import (
+    Finding,
+    Identifiers,
+    ScanReport,
+    identifiers_from,
+    scan_dataset,
+    scan_zip,
+)
 
 __all__ = [
     "DEFAULT_EXCLUDED_MODALITIES",
@@ -45,22 +53,22 @@ __all__ = [
     "Identifiers",
     "LinkageEntry",
     "MethodCode",
-    "ScanReport",
     "Rewriter",
+    "ScanReport",
     "build_request",
-    "patient_key",
-    "risk_reason",
-    "shift_da",
-    "shift_dt",
-    "shift_value",
-    "typed_forms",
     "client_kwargs",
     "date_shift_days",
     "identifiers_from",
     "is_excluded",
+    "patient_key",
     "pseudo_uid",
     "pseudonym",
+    "risk_reason",
     "scan_dataset",
     "scan_zip",
+    "shift_da",
     "shift_date",
+    "shift_dt",
+    "shift_value",
+    "typed_forms",
 ]

@@ -14,8 +14,8 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.uid import UID_dictionary
 
 __all__ = [
-    "DATE_VRS",
     "DATE_LIKE_KEYWORDS",
+    "DATE_VRS",
     "STRING_VRS",
     "is_date_like",
     "is_identifier",

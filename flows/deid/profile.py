@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orthanc_client.errors import SafeMessageError
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
 __all__ = [
     "DEFAULT_DESCRIPTION_TAGS",
@@ -448,7 +448,7 @@ def date_shift_days(secret: bytes, patient_id: str, max_days: int = 365) -> int:
 def shift_date(value: str | None, days: int) -> str:
     """``value`` (DICOM DA, ``YYYYMMDD``) moved by ``days``; ``""`` (blank) when the value is
     empty, not a valid date, or would leave years 0001-9999."""
-    from .dates import shift_da
+    from prefect_orthanc.flows.deid.dates import shift_da
 
     text = _normalize(value or "")
     return shift_da(text, days) if _DA.match(text) else ""
@@ -606,7 +606,7 @@ def is_excluded(profile: DeidProfile, modality: str, sop_class_uid: str, *,
     the source instance itself to see every reason (overlays, label images, video...)."""
     from pydicom.dataset import Dataset
 
-    from .risk import risk_reason
+    from prefect_orthanc.flows.deid.risk import risk_reason
 
     ds = Dataset()
     ds.Modality = _normalize(modality or "")

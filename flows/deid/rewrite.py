@@ -32,9 +32,20 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from .dates import shift_value
-from .dictionary import DATE_VRS, is_date_like, is_identifier, is_well_known_uid
-from .profile import DeidProfile, LinkageEntry, _normalize, pseudo_uid, pseudonym
+from prefect_orthanc.flows.deid.dates import shift_value
+from prefect_orthanc.flows.deid.dictionary import (
+    DATE_VRS,
+    is_date_like,
+    is_identifier,
+    is_well_known_uid,
+)
+from prefect_orthanc.flows.deid.profile import (
+    DeidProfile,
+    LinkageEntry,
+    _normalize,
+    pseudo_uid,
+    pseudonym,
+)
 
 __all__ = ["Rewriter"]
 

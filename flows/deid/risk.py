@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
-from .dictionary import uid_name
+from prefect_orthanc.flows.deid.dictionary import uid_name
 
 if TYPE_CHECKING:
-    from .profile import DeidProfile
+    from prefect_orthanc.flows.deid.profile import DeidProfile
 
 __all__ = ["risk_reason"]
 

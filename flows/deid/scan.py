@@ -43,8 +43,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
 
-from .dates import typed_forms
-from .dictionary import is_identifier, is_well_known_uid
+from prefect_orthanc.flows.deid.dates import typed_forms
+from prefect_orthanc.flows.deid.dictionary import is_identifier, is_well_known_uid
 
 __all__ = [
     "Finding",
@@ -125,7 +125,7 @@ def normalize(value: Any) -> str:
 
 
 class _Term:
-    __slots__ = ("text", "kind", "words", "rank", "_pattern")
+    __slots__ = ("_pattern", "kind", "rank", "text", "words")
 
     def __init__(self, text: str, kind: str, words: bool, rank: int) -> None:
         self.text, self.kind, self.words, self.rank = text, kind, words, rank

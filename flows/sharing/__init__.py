@@ -36,7 +36,7 @@ hold a pseudonym. The project secret comes from a Prefect Secret block or
 
 Example:
     ```python
-    from flows.sharing import share_studies, Destination
+    from prefect_orthanc.flows.sharing import share_studies, Destination
 
     share_studies(project="lung-2026",
                   destination=Destination(kind="directory", target="/exports"),
@@ -44,15 +44,35 @@ Example:
     ```
 """
 
-from .deidentify import deidentify_study
-from .delivery import deliver_study
-from .flow import share_studies, share_study
-from .ledger import content_version
-from .models import (SHARED_DIRECTORY, DeliveryError, Destination, Outcome, SharedStudy,
-                     SharingOptions, SharingRequest)
-from .secret import MIN_SECRET_LENGTH, SECRET_ENV, project_secret
+from prefect_orthanc.flows.sharing.deidentify import deidentify_study
+from prefect_orthanc.flows.sharing.delivery import deliver_study
+from prefect_orthanc.flows.sharing.flow import share_studies, share_study
+from prefect_orthanc.flows.sharing.ledger import content_version
+from prefect_orthanc.flows.sharing.models import (
+                     SHARED_DIRECTORY,
+                     DeliveryError,
+                     Destination,
+                     Outcome,
+                     SharedStudy,
+                     SharingOptions,
+                     SharingRequest,
+)
+from prefect_orthanc.flows.sharing.secret import MIN_SECRET_LENGTH, SECRET_ENV, project_secret
 
-__all__ = ["Destination", "SharingOptions", "SharingRequest", "SharedStudy", "Outcome",
-           "DeliveryError", "SHARED_DIRECTORY", "share_studies", "share_study",
-           "deidentify_study", "deliver_study", "content_version", "project_secret",
-           "SECRET_ENV", "MIN_SECRET_LENGTH"]
+__all__ = [
+                     "MIN_SECRET_LENGTH",
+                     "SECRET_ENV",
+                     "SHARED_DIRECTORY",
+                     "DeliveryError",
+                     "Destination",
+                     "Outcome",
+                     "SharedStudy",
+                     "SharingOptions",
+                     "SharingRequest",
+                     "content_version",
+                     "deidentify_study",
+                     "deliver_study",
+                     "project_secret",
+                     "share_studies",
+                     "share_study",
+]

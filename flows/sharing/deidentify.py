@@ -12,17 +12,22 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from orthanc_client import Level
-from tasks import OrthancCredentials, orthanc_task
-from tasks.origin import mark_copy
-from tasks.policy import short_id
-
-from ..deid import Rewriter, build_request, identifiers_from, risk_reason, scan_zip
-from .files import deterministic_zip
-from .ledger import content_version
-from .linkage import pending_linkage
-from .staging import remove_staged, work_dir
-from .models import SharedStudy, SharingOptions
+from prefect_orthanc.flows.deid import (
+    Rewriter,
+    build_request,
+    identifiers_from,
+    risk_reason,
+    scan_zip,
+)
+from prefect_orthanc.flows.sharing.files import deterministic_zip
+from prefect_orthanc.flows.sharing.ledger import content_version
+from prefect_orthanc.flows.sharing.linkage import pending_linkage
+from prefect_orthanc.flows.sharing.models import SharedStudy, SharingOptions
+from prefect_orthanc.flows.sharing.staging import remove_staged, work_dir
+from prefect_orthanc.orthanc_client import Level
+from prefect_orthanc.tasks import OrthancCredentials, orthanc_task
+from prefect_orthanc.tasks.origin import mark_copy
+from prefect_orthanc.tasks.policy import short_id
 
 __all__ = ["deidentify_study"]
 

@@ -14,18 +14,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from orthanc_client import Level, Orthanc
-from tasks import OrthancCredentials, modality_slot, orthanc_task
-from tasks.policy import short_id
+from prefect_orthanc.flows.sharing.files import exclusive, fsync_dir, remove_unlocked, sha256_of
+from prefect_orthanc.flows.sharing.ledger import Ledger
+from prefect_orthanc.flows.sharing.linkage import append_linkage, pending_linkage
+from prefect_orthanc.flows.sharing.manifest import update_manifest
+from prefect_orthanc.flows.sharing.models import DeliveryError, SharedStudy, SharingOptions
+from prefect_orthanc.flows.sharing.staging import remove_staged
+from prefect_orthanc.orthanc_client import Level, Orthanc
+from prefect_orthanc.tasks import OrthancCredentials, modality_slot, orthanc_task
+from prefect_orthanc.tasks.policy import short_id
 
-from .files import exclusive, fsync_dir, remove_unlocked, sha256_of
-from .ledger import Ledger
-from .linkage import append_linkage, pending_linkage
-from .manifest import update_manifest
-from .models import DeliveryError, SharedStudy, SharingOptions
-from .staging import remove_staged
-
-__all__ = ["deliver_study", "publish", "on_modality", "send_to_modality"]
+__all__ = ["deliver_study", "on_modality", "publish", "send_to_modality"]
 
 
 @orthanc_task(name="deliver_study",

@@ -13,8 +13,15 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["exclusive", "fsync_dir", "remove_unlocked", "append_durably", "sha256_of", "deterministic_zip",
-           "ZIP_EPOCH"]
+__all__ = [
+    "ZIP_EPOCH",
+    "append_durably",
+    "deterministic_zip",
+    "exclusive",
+    "fsync_dir",
+    "remove_unlocked",
+    "sha256_of",
+]
 
 #: the timestamp of every entry of a package (ZIP's earliest): no clock in the bytes
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)

@@ -14,25 +14,35 @@ from prefect.futures import as_completed
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from orthanc_client import Level, SafeMessageError
-from tasks import OrthancCredentials, UnknownModality, orthanc_task, require_modality, study_lock
-from tasks.labels import project_studies
-from tasks.policy import short_id
-
 # Absolute imports: prefect.yaml's entrypoint loads this file as a script, where a relative
 # import beyond its own folder fails.
-from flows.collection import load_credentials
-from flows.deid import DeidProfile
-from flows.parameters import described_by, request_from
-from flows.sharing.deidentify import deidentify_study
-from flows.sharing.delivery import deliver_study
-from flows.sharing.ledger import Ledger, content_version
-from flows.sharing.models import (SHARED_DIRECTORY, Destination, SharedStudy, SharingOptions,
-                                  SharingRequest)
-from flows.sharing.secret import project_secret
-from flows.sharing.staging import remove_staged
-from flows.site import SiteError, SiteSettings
-from flows.states import fail_run, stop_run
+from prefect_orthanc.flows.collection import load_credentials
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.parameters import described_by, request_from
+from prefect_orthanc.flows.sharing.deidentify import deidentify_study
+from prefect_orthanc.flows.sharing.delivery import deliver_study
+from prefect_orthanc.flows.sharing.ledger import Ledger, content_version
+from prefect_orthanc.flows.sharing.models import (
+    SHARED_DIRECTORY,
+    Destination,
+    SharedStudy,
+    SharingOptions,
+    SharingRequest,
+)
+from prefect_orthanc.flows.sharing.secret import project_secret
+from prefect_orthanc.flows.sharing.staging import remove_staged
+from prefect_orthanc.flows.site import SiteError, SiteSettings
+from prefect_orthanc.flows.states import fail_run, stop_run
+from prefect_orthanc.orthanc_client import Level, SafeMessageError
+from prefect_orthanc.tasks import (
+    OrthancCredentials,
+    UnknownModality,
+    orthanc_task,
+    require_modality,
+    study_lock,
+)
+from prefect_orthanc.tasks.labels import project_studies
+from prefect_orthanc.tasks.policy import short_id
 
 __all__ = ["share_studies", "share_study"]
 

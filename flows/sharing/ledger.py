@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..deid import DeidProfile
-from .files import append_durably
-from .models import Destination, SharedStudy
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.sharing.files import append_durably
+from prefect_orthanc.flows.sharing.models import Destination, SharedStudy
 
 __all__ = ["Ledger", "content_version"]
 

@@ -7,9 +7,9 @@ import csv
 import io
 from pathlib import Path
 
-from .files import append_durably
+from prefect_orthanc.flows.sharing.files import append_durably
 
-__all__ = ["pending_linkage", "append_linkage"]
+__all__ = ["append_linkage", "pending_linkage"]
 
 
 def pending_linkage(zip_path: Path) -> Path:

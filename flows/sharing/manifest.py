@@ -8,9 +8,9 @@ import os
 import uuid
 from pathlib import Path
 
-from ..deid import DeidProfile
-from .files import fsync_dir
-from .models import SharedStudy
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.sharing.files import fsync_dir
+from prefect_orthanc.flows.sharing.models import SharedStudy
 
 __all__ = ["update_manifest"]
 

@@ -10,13 +10,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orthanc_client import SafeMessageError
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.sharing.secret import SECRET_ENV
+from prefect_orthanc.orthanc_client import SafeMessageError
 
-from ..deid import DeidProfile
-from .secret import SECRET_ENV
-
-__all__ = ["Destination", "SharingOptions", "SharingRequest", "SharedStudy", "Outcome",
-           "DeliveryError", "SHARED_DIRECTORY"]
+__all__ = [
+    "SHARED_DIRECTORY",
+    "DeliveryError",
+    "Destination",
+    "Outcome",
+    "SharedStudy",
+    "SharingOptions",
+    "SharingRequest",
+]
 
 
 class DeliveryError(SafeMessageError):

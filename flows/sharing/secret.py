@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["SECRET_ENV", "MIN_SECRET_LENGTH", "project_secret"]
+__all__ = ["MIN_SECRET_LENGTH", "SECRET_ENV", "project_secret"]
 
 SECRET_ENV = "PREFECT_ORTHANC_DEID_SECRET"
 

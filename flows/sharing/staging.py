@@ -8,9 +8,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .linkage import pending_linkage
+from prefect_orthanc.flows.sharing.linkage import pending_linkage
 
-__all__ = ["work_dir", "remove_staged"]
+__all__ = ["remove_staged", "work_dir"]
 
 
 def work_dir(staged: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orthanc_client import Orthanc
+from prefect_orthanc.orthanc_client import Orthanc
 
 from .session_checks import phi_hits, server_log_problems
 
@@ -25,7 +25,7 @@ def research(lab):
 @pytest.fixture(scope="session")
 def loaded_pacs(pacs, cohort):
     """The cohort stored in the pacs server (idempotent: AlreadyStored is fine)."""
-    from deployments.lab.synthetic import zip_bytes
+    from prefect_orthanc.deployments.lab.synthetic import zip_bytes
 
     stored = pacs.upload(zip_bytes(cohort.files))
     assert len(stored) == len(cohort.files)
@@ -69,7 +69,7 @@ def loaded_dcmqr(lab, cohort):
 def pacs_peer(request, lab, cohort, tmp_path_factory):
     """Each PACS kind of the lab, loaded with the synthetic cohort: the collection flow's
     tests run against both."""
-    from deployments.lab.synthetic import load_into
+    from prefect_orthanc.deployments.lab.synthetic import load_into
 
     workdir = tmp_path_factory.mktemp(f"peer-{request.param}")
     if request.param == "orthanc":
@@ -93,11 +93,14 @@ def prefect_server(tmp_path_factory):
     import asyncio
 
     import prefect.context
-    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL,
-                                  temporary_settings)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
 
-    from deployments.lab.prefect_server import LocalPrefectServer
-    from tasks.limits import ensure_limits
+    from prefect_orthanc.deployments.lab.prefect_server import LocalPrefectServer
+    from prefect_orthanc.tasks.limits import ensure_limits
 
     server = LocalPrefectServer.start(tmp_path_factory.mktemp("prefect-server"), ui=False)
     try:
@@ -134,7 +137,7 @@ def no_phi_left_in_prefect(prefect_server, lab, cohort):
 
 @pytest.fixture
 def modality_limit(prefect_server):
-    from tasks.limits import ensure_limits
+    from prefect_orthanc.tasks.limits import ensure_limits
 
     async def set_limit(modality: str, value: int):
         return await ensure_limits({modality: value})
@@ -144,7 +147,7 @@ def modality_limit(prefect_server):
 
 @pytest.fixture(scope="session")
 def research_creds(lab):
-    from tasks import OrthancCredentials
+    from prefect_orthanc.tasks import OrthancCredentials
 
     return OrthancCredentials(url=lab.research.url, username=lab.research.username,
                               password=lab.research.password, retries=1)
@@ -152,7 +155,7 @@ def research_creds(lab):
 
 @pytest.fixture(scope="session")
 def pacs_creds(lab):
-    from tasks import OrthancCredentials
+    from prefect_orthanc.tasks import OrthancCredentials
 
     return OrthancCredentials(url=lab.pacs.url)
 
@@ -215,9 +218,13 @@ def delete_deployment(client, deployment_id) -> None:
     left Running outlives its deployment, and the zombie automation `setup` made crashes it
     later; with the deployment and its concurrency limit gone, Prefect's server answers that
     state change with a 500 and a traceback in its log (``_release_concurrency_lease``)."""
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId,
-                                                FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelled
 
@@ -235,7 +242,7 @@ def delete_deployment(client, deployment_id) -> None:
 @pytest.fixture
 def secret_env(monkeypatch):
     """The de-identification secret in the environment, as sharing reads it."""
-    from flows.sharing import SECRET_ENV
+    from prefect_orthanc.flows.sharing import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
 

@@ -39,7 +39,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from deployments.lab.servers import free_ports
+from prefect_orthanc.deployments.lab.servers import free_ports
 
 _MOVE_SYNTAXES = {PatientRootQueryRetrieveInformationModelMove,
                   StudyRootQueryRetrieveInformationModelMove}
@@ -108,7 +108,7 @@ class QuirkySCP:
 
     # -- lifecycle
 
-    def start(self) -> "QuirkySCP":
+    def start(self) -> QuirkySCP:
         handlers = [(evt.EVT_C_ECHO, lambda event: 0x0000),
                     (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
                     (evt.EVT_REQUESTED, self._on_requested)]
@@ -123,7 +123,7 @@ class QuirkySCP:
             self._server.shutdown()
             self._server = None
 
-    def __enter__(self) -> "QuirkySCP":
+    def __enter__(self) -> QuirkySCP:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(limit: str, stop_file: str, wait: str | None = None) -> int:
-    from tasks.slots import SlotWaitExceeded, hold
+    from prefect_orthanc.tasks.slots import SlotWaitExceeded, hold
 
     try:
         with hold(limit.split(","), wait=float(wait) if wait else None):

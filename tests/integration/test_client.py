@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from orthanc_client import (
+from prefect_orthanc.orthanc_client import (
     AsyncOrthanc,
     CollectOutcome,
     JobState,

@@ -17,11 +17,11 @@ import pytest
 from prefect.client.orchestration import get_client
 from pydicom.uid import generate_uid
 
-from flows.cohort import Criteria
-from flows.collection import collect_cohort
-from flows.states import report_of
-from orthanc_client import Orthanc
-from tasks.labels import labels_of
+from prefect_orthanc.flows.cohort import Criteria
+from prefect_orthanc.flows.collection import collect_cohort
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import Orthanc
+from prefect_orthanc.tasks.labels import labels_of
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 REPO = Path(__file__).resolve().parents[2]
@@ -231,7 +231,7 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
     env = {**os.environ, **research_env,
            "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
            "PYTHONPATH": str(REPO)}
-    code = ("from flows.collection import collect_cohort\n"
+    code = ("from prefect_orthanc.flows.collection import collect_cohort\n"
             f"collect_cohort(cohort_file={str(path)!r}, concurrency=1,"
             " project='resume')\n")
     child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
@@ -255,7 +255,7 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
 
     # what a kill between a study's marking and the end of its retrieval leaves (the kill
     # above lands anywhere): its "being retrieved" record
-    from tasks.origin import register_retrieval
+    from prefect_orthanc.tasks.origin import register_retrieval
 
     register_retrieval(collected[0], "pacs")
     jobs_before = _move_jobs(research)
@@ -271,7 +271,7 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
     # nothing of the killed run is left: no "being retrieved" record of any of its studies
     from prefect.variables import Variable
 
-    from tasks.origin import retrieval_variable
+    from prefect_orthanc.tasks.origin import retrieval_variable
 
     left = [s for s in studies if Variable.get(retrieval_variable(s.study_uid)) is not None]
     assert not left, f"{len(left)} in-flight record(s) left behind by the killed run"
@@ -281,8 +281,8 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
 def capped_lab(tmp_path_factory):
     """A lab whose pacs answers at most 3 matches per C-FIND (LimitFindResults), with 12
     studies: a single query over the whole range is cancelled by the PACS."""
-    from deployments.lab.servers import OrthancLab
-    from deployments.lab.synthetic import load_into, make_cohort
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
 
     cohort = make_cohort(tmp_path_factory.mktemp("capped"), patients=6, studies_per_patient=2,
                          series_per_study=1, instances_per_series=2, seed=3)
@@ -321,13 +321,12 @@ def test_one_study_uid_under_two_patients_is_not_collected_for_the_project(
     StudyInstanceUID (as deid-data's ultrasound files are): a C-MOVE by UID brings both
     patients. Asked by PatientID, the row must not mark the other patient's study for the
     project (a later project share would ship a patient who is not in the cohort)."""
-    import io
 
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    from tasks.labels import labels_of
+    from prefect_orthanc.tasks.labels import labels_of
 
     original = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
     study_uid, patient = generate_uid(), f"TWO-{generate_uid()[-8:]}"

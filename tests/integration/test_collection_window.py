@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.cohort import TimeWindow
-from flows.collection import collect_cohort
-from flows.states import report_of
-from orthanc_client import Orthanc
+from prefect_orthanc.flows.cohort import TimeWindow
+from prefect_orthanc.flows.collection import collect_cohort
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import Orthanc
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -52,14 +52,14 @@ class DicomLog:
 
 def _closed_window(outside: str = "stop") -> TimeWindow:
     """A window that opens in two hours (whatever the time of day the suite runs)."""
-    start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
     return TimeWindow(start=start.strftime("%H:%M"),
                       end=(start + dt.timedelta(hours=1)).strftime("%H:%M"), timezone="UTC",
                       outside=outside)
 
 
 def _open_window() -> TimeWindow:
-    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     return TimeWindow(start=start.strftime("%H:%M"),
                       end=(start + dt.timedelta(hours=3)).strftime("%H:%M"), timezone="UTC")
 

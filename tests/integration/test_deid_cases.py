@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from flows.deid import DeidProfile, shift_da, shift_dt
-from flows.sharing import Destination, SharingOptions, deidentify_study
+from prefect_orthanc.flows.deid import DeidProfile, shift_da, shift_dt
+from prefect_orthanc.flows.sharing import Destination, SharingOptions, deidentify_study
 
 from .conftest import DEID_SECRET
 from .test_deid_corpus import check_delivered

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.uid import UID_dictionary
 
-from flows.deid import DeidProfile
-from flows.sharing import SharingRequest, deidentify_study, Destination
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.sharing import Destination, SharingRequest, deidentify_study
 
 from .conftest import DEID_SECRET
 
@@ -84,9 +83,7 @@ def source_secrets(datasets) -> tuple[set[str], set[str], set[str]]:
                 text = text.strip(" \x00")
                 if not text:
                     continue
-                if vr == "UI" and text not in UID_dictionary and elem.tag.group != 2:
-                    uids.add(text)
-                elif vr == "UI" and keyword == "MediaStorageSOPInstanceUID":
+                if (vr == "UI" and text not in UID_dictionary and elem.tag.group != 2) or (vr == "UI" and keyword == "MediaStorageSOPInstanceUID"):
                     uids.add(text)
                 elif vr == "PN":
                     for group in text.split("="):

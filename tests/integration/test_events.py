@@ -3,8 +3,8 @@
 changes watcher, and a duplicate event starts none.
 
 A lab of its own (pacs + research, the research server running the shipped Lua emitter
-pointed at the test Prefect server), ``python -m deployments setup`` and
-``python -m deployments serve`` in a subprocess, as a user would run them.
+pointed at the test Prefect server), ``python -m prefect_orthanc.deployments setup`` and
+``python -m prefect_orthanc.deployments serve`` in a subprocess, as a user would run them.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from deployments.lab.processes import stop_group
-from deployments.stack import (ROUTE_DEPLOYMENT, new_study_runs, wait_until_final,
-                               wait_until_served)
-from flows.events import post_events, study_event, study_event_id
-from flows.routing import LABELS_METADATA, ROUTED_METADATA
-from orthanc_client import Level, Orthanc
+from prefect_orthanc.deployments.lab.processes import stop_group
+from prefect_orthanc.deployments.stack import (
+    ROUTE_DEPLOYMENT,
+    new_study_runs,
+    wait_until_final,
+    wait_until_served,
+)
+from prefect_orthanc.flows.events import post_events, study_event, study_event_id
+from prefect_orthanc.flows.routing import LABELS_METADATA, ROUTED_METADATA
+from prefect_orthanc.orthanc_client import Level, Orthanc
 
 REPO = Path(__file__).resolve().parents[2]
 LUA = REPO / "deployments" / "orthanc" / "study_events.lua"
@@ -45,7 +49,7 @@ def api_url(prefect_server) -> str:
 
 @pytest.fixture(scope="module")
 def events_lab(api_url: str, tmp_path_factory: pytest.TempPathFactory):
-    from deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
 
     lab = OrthancLab.start(tmp_path_factory.mktemp("events-lab"), stable_age=STABLE_AGE,
                            research_lua_scripts=[LUA],
@@ -70,14 +74,14 @@ def served(events_lab, api_url: str, tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, "PREFECT_API_URL": api_url, "ORTHANC_URL": events_lab.research.url,
            "ORTHANC_USERNAME": events_lab.research.username,
            "ORTHANC_PASSWORD": events_lab.research.password, "PYTHONPATH": str(REPO)}
-    setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     assert "block orthanc-credentials/research: saved" in setup.stdout
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "deployments", "serve", "--only", "on-stable-study",
+            [sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only", "on-stable-study",
              "--only", "research-changes"], cwd=REPO, env=env, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -96,7 +100,7 @@ _seeds = iter(range(9100, 9200))
 def _store_new_study(lab, tmp_path: Path) -> tuple[str, float]:
     """A fresh synthetic study uploaded to the pacs, then C-STOREd into research. Returns its
     Orthanc ID and the monotonic time the C-STORE finished."""
-    from deployments.lab.synthetic import make_cohort, zip_bytes
+    from prefect_orthanc.deployments.lab.synthetic import make_cohort, zip_bytes
 
     cohort = make_cohort(tmp_path / f"study-{next(_seeds)}", patients=1, studies_per_patient=1,
                          series_per_study=1, instances_per_series=3, seed=next(_seeds))
@@ -128,7 +132,7 @@ def _barrier() -> None:
     """Post an event for a study no server has and wait for its run: events are evaluated in
     order, so anything posted before it has been evaluated by then."""
     fake = "-".join(os.urandom(4).hex() for _ in range(5))
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     post_events([study_event("research", fake, stamp, emitter="barrier")])
     run = _wait_for_run(fake, time.monotonic() + 20)
     assert _wait_final(run["id"])["state"]["type"] == "COMPLETED"  # "no longer in Orthanc"
@@ -165,9 +169,9 @@ def test_collected_studies_start_runs_that_do_nothing(served, events_lab, events
 
     from prefect.deployments import run_deployment
 
-    from deployments.lab.synthetic import make_cohort, zip_bytes
-    from flows.collection import collect_cohort
-    from tasks.labels import labels_of
+    from prefect_orthanc.deployments.lab.synthetic import make_cohort, zip_bytes
+    from prefect_orthanc.flows.collection import collect_cohort
+    from prefect_orthanc.tasks.labels import labels_of
 
     cohort = make_cohort(tmp_path / "collected", patients=1, studies_per_patient=2,
                          series_per_study=1, instances_per_series=2, seed=next(_seeds))
@@ -239,8 +243,8 @@ def test_changes_watcher_starts_exactly_one_run(served, events_lab, events_resea
 
 
 def test_watcher_on_an_unreachable_orthanc_fails_clearly(monkeypatch):
-    from deployments.lab.servers import free_ports
-    from flows.watcher import watch_changes
+    from prefect_orthanc.deployments.lab.servers import free_ports
+    from prefect_orthanc.flows.watcher import watch_changes
 
     monkeypatch.setenv("ORTHANC_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
     monkeypatch.setenv("ORTHANC_USERNAME", "research")

@@ -16,8 +16,8 @@ import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from deployments.lab.servers import OrthancLab, OrthancServer, free_ports
-from deployments.lab.synthetic import (
+from prefect_orthanc.deployments.lab.servers import OrthancLab, OrthancServer, free_ports
+from prefect_orthanc.deployments.lab.synthetic import (
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
     Cohort,

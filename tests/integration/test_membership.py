@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.collection import collect_cohort
-from flows.routing import RouteRule, route_new_study
-from flows.sharing import SECRET_ENV, Destination, share_studies
-from orthanc_client import Level, Orthanc
-from tasks.labels import attach_labels, labels_of, project_studies
-from tasks.origin import RETRIEVED_METADATA, end_retrieval, register_retrieval
+from prefect_orthanc.flows.collection import collect_cohort
+from prefect_orthanc.flows.routing import RouteRule, route_new_study
+from prefect_orthanc.flows.sharing import SECRET_ENV, Destination, share_studies
+from prefect_orthanc.orthanc_client import Level, Orthanc
+from prefect_orthanc.tasks.labels import attach_labels, labels_of, project_studies
+from prefect_orthanc.tasks.origin import RETRIEVED_METADATA, end_retrieval, register_retrieval
 
 from .conftest import DEID_SECRET
 
@@ -79,7 +79,7 @@ def _attach_at_once(research: Orthanc, study_id: str, labels: set[str]) -> list[
             barrier.wait()
             try:
                 attach_labels(own, Level.STUDY, study_id, [label])
-            except BaseException as error:  # noqa: BLE001 - reported to the caller
+            except BaseException as error:
                 errors.append(error)
 
     threads = [threading.Thread(target=write, args=(label,)) for label in sorted(labels)]
@@ -169,7 +169,7 @@ def test_anonymized_copies_are_not_new_studies(research_env, research, loaded_pa
 @pytest.fixture(scope="module")
 def revisions_research(tmp_path_factory):
     """A research server with ``CheckRevisions: true`` (a lab of its own)."""
-    from deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
 
     lab = OrthancLab.start(tmp_path_factory.mktemp("revisions-lab"),
                            research_overrides={"CheckRevisions": True})
@@ -185,7 +185,7 @@ def revisions_research(tmp_path_factory):
 def test_check_revisions_makes_even_the_first_write_safe(revisions_research, cohort):
     """With CheckRevisions, Orthanc refuses a second creator, so eight writers racing to
     create a study's label set all keep their label; plain overwrites still work."""
-    from deployments.lab.synthetic import zip_bytes
+    from prefect_orthanc.deployments.lab.synthetic import zip_bytes
 
     research = revisions_research
     for round_ in range(3):

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-
-from flows.collection import collect_cohort
-from flows.states import report_of
-from orthanc_client import (
+from prefect_orthanc.flows.collection import collect_cohort
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import (
     AssociationRejected,
     CollectOutcome,
     CountSource,
@@ -90,7 +89,7 @@ def test_retrieve_verify_rerun_and_refetch(research, pacs_peer, cohort):
 
 
 def test_pacs_down_says_so(research, pacs_peer, cohort):
-    from deployments.lab.servers import free_ports
+    from prefect_orthanc.deployments.lab.servers import free_ports
 
     name = f"{pacs_peer.modality}-down"
     _declare(research, name, AETS[pacs_peer.kind], free_ports(1)[0])  # nothing listens there
@@ -129,7 +128,7 @@ def without_destination(request, pacs_peer, lab, research, cohort, tmp_path):
             finally:
                 pacs.request("PUT", "/modalities/research", json=entry, expect="none")
         return
-    from deployments.lab.dcmqrscp import Dcmqrscp
+    from prefect_orthanc.deployments.lab.dcmqrscp import Dcmqrscp
 
     server = Dcmqrscp.start(tmp_path / "nodest", {}, aet="NODEST")
     try:
@@ -202,9 +201,9 @@ def test_forward_to_a_partner_that_comes_back(research, research_creds, modality
 
     from prefect import flow
 
-    from deployments.lab.dcmqrscp import Dcmqrscp
-    from deployments.lab.servers import free_ports
-    from tasks import store_to_modality
+    from prefect_orthanc.deployments.lab.dcmqrscp import Dcmqrscp
+    from prefect_orthanc.deployments.lab.servers import free_ports
+    from prefect_orthanc.tasks import store_to_modality
 
     study = cohort.studies[5]
     research.collect("pacs", study.study_uid)
@@ -238,7 +237,7 @@ def test_flow_with_pacs_down_fails_saying_so(research_env, research, pacs_peer, 
                                              cohort, tmp_path):
     import asyncio
 
-    from deployments.lab.servers import free_ports
+    from prefect_orthanc.deployments.lab.servers import free_ports
 
     name = f"{pacs_peer.modality}-down"
     _declare(research, name, AETS[pacs_peer.kind], free_ports(1)[0])

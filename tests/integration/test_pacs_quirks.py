@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.cohort import Criteria
-from flows.collection import collect_cohort
-from flows.states import report_of
-from orthanc_client import CollectOutcome, Orthanc
+from prefect_orthanc.flows.cohort import Criteria
+from prefect_orthanc.flows.collection import collect_cohort
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import CollectOutcome, Orthanc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quirky_scp import QuirkySCP  # noqa: E402
+from quirky_scp import QuirkySCP
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 @pytest.fixture(scope="module")
 def quirk_cohort(tmp_path_factory):
     """2 patients x 3 studies x 2 series x 4 instances (CT and MR alternate by study)."""
-    from deployments.lab.synthetic import make_cohort
+    from prefect_orthanc.deployments.lab.synthetic import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("quirks"), patients=2, studies_per_patient=3,
                        series_per_study=2, instances_per_series=4, seed=21)
@@ -130,7 +130,7 @@ def dcmqr_one_association(lab, research, research_env, modality_limit, quirk_coh
                           tmp_path):
     """dcmqrscp with MaxAssociations 1: it frees an association late, so a C-MOVE right after
     a C-FIND is often rejected ("DUL Association Rejected")."""
-    from deployments.lab.dcmqrscp import Dcmqrscp
+    from prefect_orthanc.deployments.lab.dcmqrscp import Dcmqrscp
 
     server = Dcmqrscp.start(tmp_path / "one", {"RESEARCH": lab.research.dicom_port},
                             aet="ONEASSOC", max_associations=1)

@@ -11,7 +11,7 @@ import pytest
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from tasks import TaskFailure, orthanc_task, query_modality, retrieve_study
+from prefect_orthanc.tasks import TaskFailure, orthanc_task, query_modality, retrieve_study
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -25,7 +25,7 @@ def deployed(lab):
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
            "ORTHANC_PASSWORD": lab.research.password}
-    setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     prefect = Path(sys.executable).with_name("prefect")
@@ -46,7 +46,7 @@ def deployed(lab):
 def test_setup_made_the_work_pool_limits_and_block(deployed):
     from prefect.client.orchestration import get_client
 
-    from tasks import OrthancCredentials
+    from prefect_orthanc.tasks import OrthancCredentials
 
     with get_client(sync_client=True) as client:
         pool = client.read_work_pool("orthanc-process")
@@ -69,7 +69,7 @@ def test_nightly_collection_schedule_and_concurrency(deployed):
         "start": "19:00", "end": "07:00", "timezone": "UTC", "outside": "stop"}
     assert nightly.parameters["cohort_file"] == "cohorts/research.csv"
     # nothing of the deploy host (its $PWD, its checkout path) is baked into the deployment
-    assert nightly.pull_steps == [{"deployments.pull.set_working_directory": {}}]
+    assert nightly.pull_steps == [{"prefect_orthanc.deployments.pull.set_working_directory": {}}]
 
 
 def test_sharing_is_ad_hoc_with_a_form(deployed):
@@ -115,7 +115,7 @@ def test_serve_refuses_to_take_over_worker_deployments(deployed):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    served = subprocess.run([sys.executable, "-m", "deployments", "serve", "--only", "nightly"],
+    served = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only", "nightly"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert served.returncode != 0
     assert "made by `prefect deploy` for a worker" in served.stderr
@@ -131,7 +131,7 @@ def test_a_worker_elsewhere_runs_a_partial_override_from_its_own_code(deployed, 
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    from flows.sharing import SECRET_ENV
+    from prefect_orthanc.flows.sharing import SECRET_ENV
 
     from .conftest import DEID_SECRET
 

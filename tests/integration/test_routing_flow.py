@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.routing import LABELS_METADATA, ROUTED_METADATA, RouteRule, route_new_study
-from flows.states import report_of
-from flows.sharing import SECRET_ENV, Destination, SharingOptions
-from orthanc_client import Level
+from prefect_orthanc.flows.routing import (
+    LABELS_METADATA,
+    ROUTED_METADATA,
+    RouteRule,
+    route_new_study,
+)
+from prefect_orthanc.flows.sharing import SECRET_ENV, Destination, SharingOptions
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import Level
 
 from .conftest import DEID_SECRET
 
@@ -23,7 +28,7 @@ _seeds = itertools.count(4242)
 @pytest.fixture
 def new_study(research, tmp_path: Path) -> str:
     """A study that exists only in research (stored over REST), as if a scanner sent it."""
-    from deployments.lab.synthetic import make_cohort, zip_bytes
+    from prefect_orthanc.deployments.lab.synthetic import make_cohort, zip_bytes
 
     cohort = make_cohort(tmp_path / "new", patients=1, studies_per_patient=1,
                          series_per_study=2, instances_per_series=2, seed=next(_seeds),
@@ -86,16 +91,16 @@ def test_a_forward_to_a_partner_down_is_routed_by_a_later_sweep(research_env, re
                                                                 new_study, tmp_path):
     """The partner is down for a while: the forward's task retries are exhausted and the run
     fails; once the partner is back, the sweep routes the study, once."""
-    from deployments.lab.dcmqrscp import Dcmqrscp
-    from deployments.lab.servers import free_ports
-    from flows.routing import sweep_failed_routes
+    from prefect_orthanc.deployments.lab.dcmqrscp import Dcmqrscp
+    from prefect_orthanc.deployments.lab.servers import free_ports
+    from prefect_orthanc.flows.routing import sweep_failed_routes
 
     port = free_ports(1)[0]
     research.request("PUT", "/modalities/partner-later",
                      json={"AET": "LATER", "Host": "127.0.0.1", "Port": port}, expect="none")
     import asyncio
 
-    from tasks.limits import ensure_limits
+    from prefect_orthanc.tasks.limits import ensure_limits
 
     asyncio.run(ensure_limits({"partner-later": 1}))
     rules = [RouteRule(name="to-partner", action="forward", target="partner-later")]

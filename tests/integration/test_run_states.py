@@ -15,15 +15,24 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, LogFilter,
-                                            LogFilterFlowRunId)
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 
-from flows.cohort import TimeWindow
-from flows.collection import collect_cohort
-from flows.sharing import Destination, share_studies
-from flows.states import report_of
-from tasks import (UnknownModality, echo_modality, query_modality, retrieve_study,
-                   store_to_modality)
+from prefect_orthanc.flows.cohort import TimeWindow
+from prefect_orthanc.flows.collection import collect_cohort
+from prefect_orthanc.flows.sharing import Destination, share_studies
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.tasks import (
+    UnknownModality,
+    echo_modality,
+    query_modality,
+    retrieve_study,
+    store_to_modality,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -86,7 +95,7 @@ def test_a_cancelled_collection_logs_its_reason_once_and_keeps_its_report(
     window logs one line, the run its reason; neither a traceback."""
     answers = iter([True, True])  # the run's first check, then one C-FIND
     monkeypatch.setattr(TimeWindow, "is_open", lambda self, now: next(answers, False))
-    start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
     window = TimeWindow(start=start.strftime("%H:%M"),
                         end=(start + dt.timedelta(hours=1)).strftime("%H:%M"), timezone="UTC")
     path = _cohort(tmp_path, "cancelled", "study_instance_uid",
@@ -107,7 +116,7 @@ def test_an_unknown_modality_is_reported_as_unknown(research_env, research, rese
     """A typo ("pcas") with no concurrency limit of its own: the error says the name is
     unknown, lists Orthanc's names and how to register one, whichever entry point took it;
     nothing is asked of a limit (the limit is the last step of the advice)."""
-    from flows.sharing.secret import SECRET_ENV
+    from prefect_orthanc.flows.sharing.secret import SECRET_ENV
 
     from .conftest import DEID_SECRET
 
@@ -149,7 +158,7 @@ def test_a_run_whose_slot_wait_passes_its_bound_fails_in_one_line(
     reclaim checks read as live): the run waits ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS`` (3 s
     here), then ends Failed (not TimedOut: the wait is not the run's own timeout) with one
     line naming the limit and the bound, and no traceback."""
-    from tasks.limits import modality_slot, study_lock
+    from prefect_orthanc.tasks.limits import modality_slot, study_lock
 
     monkeypatch.setenv("PREFECT_ORTHANC_SLOT_WAIT_SECONDS", "3")
     study, added = cohort.studies[0], set()

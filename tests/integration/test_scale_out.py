@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.lab.processes import stop_group
+from prefect_orthanc.deployments.lab.processes import stop_group
 
 from .conftest import delete_deployment
 

@@ -1,7 +1,7 @@
 """Scheduled deployments run, on a real Prefect server with its own services.
 
 The server's scheduler (not the test) creates the runs of a cron and an interval schedule a
-few seconds ahead; ``python -m deployments serve`` and a process worker (``prefect deploy`` +
+few seconds ahead; ``python -m prefect_orthanc.deployments serve`` and a process worker (``prefect deploy`` +
 ``prefect worker start``) each pick them up and complete them. A run started through the API
 with one parameter overridden keeps the deployment's other defaults.
 
@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.lab.processes import stop_group
-from deployments.stack import deployment_runs, wait_until_served
+from prefect_orthanc.deployments.lab.processes import stop_group
+from prefect_orthanc.deployments.stack import deployment_runs, wait_until_served
 
 from .conftest import delete_deployment
 
@@ -77,7 +77,7 @@ def _env(lab) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def set_up(lab) -> dict[str, str]:
     env = _env(lab)
-    setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     return env
@@ -85,7 +85,7 @@ def set_up(lab) -> dict[str, str]:
 
 def _wait(deployment: str, process: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
     """The first scheduled run of ``deployment`` that completed; the runner's log on failure."""
-    from deployments.stack import wait_for_scheduled_run
+    from prefect_orthanc.deployments.stack import wait_for_scheduled_run
 
     if process.poll() is not None:
         pytest.fail(f"the runner exited:\n{log.read_text(errors='replace')[-3000:]}")
@@ -115,7 +115,7 @@ def served(set_up, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], 
     tmp = tmp_path_factory.mktemp("served")
     spec = _derived_yaml(tmp, "served")
     log = tmp / "serve.log"
-    process = _start([sys.executable, "-m", "deployments", "serve", "--file", str(spec)],
+    process = _start([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--file", str(spec)],
                      set_up, log)
     names = [*(f"{WATCHER}/served-{kind}" for kind in ("cron", "interval", "adhoc")),
              "collect-research-cohort/served-nightly"]

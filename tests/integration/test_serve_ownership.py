@@ -1,5 +1,5 @@
 """One runner per deployment, whichever comes first: ``prefect deploy`` of a deployment that
-``python -m deployments serve`` is serving makes ``serve`` stop, naming it, so the worker is
+``python -m prefect_orthanc.deployments serve`` is serving makes ``serve`` stop, naming it, so the worker is
 its only runner (the other order, serve after deploy, is refused at serve's start:
 test_prefect_yaml.py)."""
 
@@ -25,19 +25,19 @@ def test_deploy_while_serving_stops_serve(lab, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from deployments.lab.processes import stop_group
-    from deployments.stack import wait_until_served
+    from prefect_orthanc.deployments.lab.processes import stop_group
+    from prefect_orthanc.deployments.stack import wait_until_served
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "PREFECT_ORTHANC_OWNERSHIP_CHECK_SECONDS": "1", "ORTHANC_URL": lab.research.url,
            "ORTHANC_USERNAME": lab.research.username,
            "ORTHANC_PASSWORD": lab.research.password, "PYTHONPATH": str(REPO)}
-    setup = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=REPO, env=env,
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        served = subprocess.Popen([sys.executable, "-m", "deployments", "serve", "--only",
+        served = subprocess.Popen([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only",
                                    "ad-hoc"], cwd=REPO, env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -26,11 +26,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from flows.sharing import SECRET_ENV, Destination, share_studies
-from flows.states import report_of
-from orthanc_client import Orthanc
-
-from .conftest import DEID_SECRET
+from prefect_orthanc.flows.sharing import Destination, share_studies
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import Orthanc
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -41,9 +39,9 @@ STUDIES = [("CT_small.dcm", 3), ("MR_small.dcm", 2), ("liver_1frame.dcm", 1),
 _CRASH_RUN = """
 import json, os, shutil, signal, sys, threading
 params, point, k = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-from flows.sharing import Destination, share_studies
-from flows.sharing import delivery
-from flows.sharing.ledger import Ledger
+from prefect_orthanc.flows.sharing import Destination, share_studies
+from prefect_orthanc.flows.sharing import delivery
+from prefect_orthanc.flows.sharing.ledger import Ledger
 params["destination"] = Destination(**params["destination"])
 seen, guard = [0], threading.Lock()
 
@@ -155,7 +153,7 @@ def _held(ids: list[str], modality: str | None = None) -> dict[str, int]:
     """Slots in use of the studies' lock stripes (and the modality's limit), by name."""
     from prefect.client.orchestration import get_client
 
-    from tasks.limits import limit_name, study_lock_name
+    from prefect_orthanc.tasks.limits import limit_name, study_lock_name
 
     names = {study_lock_name(i) for i in ids} | ({limit_name(modality)} if modality else set())
     with get_client(sync_client=True) as client:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
 from pathlib import Path
 
 import pydicom
@@ -18,9 +17,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from flows.states import report_of
-from flows.sharing import SECRET_ENV, Destination, share_studies
-from orthanc_client import Orthanc
+from prefect_orthanc.flows.sharing import Destination, share_studies
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import Orthanc
 
 from .conftest import DEID_SECRET
 
@@ -79,8 +78,8 @@ def _cleanup(research: Orthanc, *study_ids: str) -> None:
 _RUN = """
 import json, sys, time
 from prefect import flow
-from flows.sharing import Destination, share_studies
-from flows.states import report_of
+from prefect_orthanc.flows.sharing import Destination, share_studies
+from prefect_orthanc.flows.states import report_of
 flow(name="warm-up")(lambda: None)()  # a worker's first flow run is slow to start: not this one
 params = json.loads(sys.argv[1])
 params["destination"] = Destination(**params["destination"])
@@ -142,7 +141,7 @@ def test_two_tasks_on_one_study_at_once_take_turns(research_env, secret_env, res
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.sharing import SharingRequest, share_study
+    from prefect_orthanc.flows.sharing import SharingRequest, share_study
 
     study = _upload(research, _ct_copies(40))
     request = SharingRequest(**_params(tmp_path, [study]))
@@ -295,7 +294,7 @@ def test_outcomes_by_kind_and_a_report_that_never_pairs_pseudonym_and_source(
         assert any("nothing shared, every instance held back" in line for line in logs)
         assert any("no PatientID" in line for line in logs)
 
-        from flows.deid import DeidProfile
+        from prefect_orthanc.flows.deid import DeidProfile
         leaky = _ct_copies(1)
         leaky[0].StudyDescription = f"CT follow-up {leaky[0].PatientName.family_name}"
         quarantined = _upload(research, leaky)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from flows.deid import DeidProfile
-from flows.states import report_of
-from flows.sharing import SECRET_ENV, Destination, share_studies
-from orthanc_client import Orthanc
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.sharing import SECRET_ENV, Destination, share_studies
+from prefect_orthanc.flows.states import report_of
+from prefect_orthanc.orthanc_client import Orthanc
 
 from .conftest import DEID_SECRET
 

@@ -106,8 +106,8 @@ def test_a_killed_holders_slot_is_free_within_the_bound(prefect_server, modality
                                                         holders, tmp_path):
     """The holder holds a PACS slot and ten study locks in one lease (a sharing selection):
     all are free again within the bound after SIGKILL, nothing freed twice."""
-    from tasks.limits import _ensure_lock, limit_name
-    from tasks.slots import SlotSettings, hold
+    from prefect_orthanc.tasks.limits import _ensure_lock, limit_name
+    from prefect_orthanc.tasks.slots import SlotSettings, hold
 
     asyncio.run(modality_limit("slot-kill", 1))
     locks = [f"orthanc-study-lock-{stripe:04d}" for stripe in range(1000, 1010)]
@@ -137,8 +137,8 @@ def test_a_killed_holders_slot_is_free_within_the_bound(prefect_server, modality
 def test_a_waiter_gives_up_after_the_wait_bound_naming_the_limit(prefect_server,
                                                                  modality_limit, holders,
                                                                  tmp_path):
-    from tasks.limits import limit_name
-    from tasks.slots import SlotSettings, SlotWaitExceeded, hold
+    from prefect_orthanc.tasks.limits import limit_name
+    from prefect_orthanc.tasks.slots import SlotSettings, SlotWaitExceeded, hold
 
     asyncio.run(modality_limit("slot-wait", 1))
     name, api = limit_name("slot-wait"), prefect_server.api_url
@@ -167,7 +167,7 @@ def test_server_restart_with_memory_leases_frees_the_dead_holders_slot_only(
     in-memory lease storage (every lease lost, active_slots still 2). Of two waiters (started
     while the server was down) one gets the dead holder's slot, the other does not get the
     live one's (cap), and the live holder's release does not free anything twice."""
-    from deployments.lab.prefect_server import LocalPrefectServer
+    from prefect_orthanc.deployments.lab.prefect_server import LocalPrefectServer
 
     monkeypatch.delenv("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", raising=False)
     home = tmp_path / "server"

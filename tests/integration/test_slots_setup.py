@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,9 +16,13 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 def test_setup_reports_the_lease_storage_and_makes_the_zombie_automation_once():
     from prefect.client.orchestration import get_client
 
-    from deployments.server_setup import (FILESYSTEM_LEASES, LEASE_STORAGE_ENV,
-                                          ZOMBIE_AUTOMATION, lease_storage_report)
-    from deployments.stack import StackSettings, _server_for_crashes
+    from prefect_orthanc.deployments.server_setup import (
+        FILESYSTEM_LEASES,
+        LEASE_STORAGE_ENV,
+        ZOMBIE_AUTOMATION,
+        lease_storage_report,
+    )
+    from prefect_orthanc.deployments.stack import StackSettings, _server_for_crashes
 
     with get_client(sync_client=True) as client:
         report = lease_storage_report(client)
@@ -45,7 +49,7 @@ def test_the_zombie_automation_crashes_a_run_whose_heartbeats_stopped():
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Running
 
-    from deployments.server_setup import ensure_zombie_automation
+    from prefect_orthanc.deployments.server_setup import ensure_zombie_automation
 
     @flow(name="slot-zombie-probe")
     def probe() -> None:
@@ -62,7 +66,7 @@ def test_the_zombie_automation_crashes_a_run_whose_heartbeats_stopped():
                 client.set_flow_run_state(run.id, Running(), force=True)
             time.sleep(1)  # the automation's trigger is loaded by the server's triggers service
             client.request("POST", "/events", json=[{
-                "id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+                "id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(),
                 "event": "prefect.flow-run.heartbeat",
                 "resource": {"prefect.resource.id": f"prefect.flow-run.{run.id}"},
                 "related": [{"prefect.resource.id": f"prefect.tag.{t}",

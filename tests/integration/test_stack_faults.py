@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.lab.synthetic import load_into, make_cohort
+from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
 
 NIGHTLY = ("collect-research-cohort", "nightly")
 SHARING = ("share-deidentified", "ad-hoc")
@@ -59,7 +59,7 @@ def _why_not() -> str | None:
     if shutil.which("ip") is None:
         return "iproute2's ip is missing"
     try:
-        from deployments.multihost.postgres import postgres_bin
+        from prefect_orthanc.deployments.multihost.postgres import postgres_bin
 
         postgres_bin("initdb")
     except FileNotFoundError as error:
@@ -147,7 +147,7 @@ class Api:
 
 @pytest.fixture(scope="module")
 def stack():
-    from deployments.multihost.stack import ProductionStack
+    from prefect_orthanc.deployments.multihost.stack import ProductionStack
 
     root = Path(tempfile.mkdtemp(prefix="prefect-orthanc-stack-test-"))
     stack = ProductionStack(root, workers=2, worker_limit=1, netns=True, dcmqrscp=True,

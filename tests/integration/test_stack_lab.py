@@ -1,5 +1,5 @@
 """The lab's servers listen on loopback only, and a lab restarted in its own directory keeps
-the research credentials (and ports) that ``python -m deployments setup`` saved."""
+the research credentials (and ports) that ``python -m prefect_orthanc.deployments setup`` saved."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 
 import httpx
 
-from deployments.lab.servers import OrthancLab
+from prefect_orthanc.deployments.lab.servers import OrthancLab
 
 
 def _listening(pids: set[int]) -> list[str]:

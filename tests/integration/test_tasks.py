@@ -12,12 +12,12 @@ import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 
-from orthanc_client import (
+from prefect_orthanc.orthanc_client import (
     CollectOutcome,
     JobState,
     Level,
 )
-from tasks import (
+from prefect_orthanc.tasks import (
     ModalityLimitMissing,
     UnknownModality,
     add_labels,

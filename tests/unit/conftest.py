@@ -14,10 +14,9 @@ from typing import Any
 import httpx
 import pytest
 import respx
-
-from orthanc_client import AsyncOrthanc, Orthanc
-
 from _mocks import BASE
+
+from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc
 
 
 @pytest.fixture(autouse=True)

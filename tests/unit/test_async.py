@@ -11,8 +11,9 @@ import time
 import httpx
 import pytest
 import respx
+from _mocks import BASE, SYSTEM_1_10, ChunkStream, leftovers, run
 
-from orthanc_client import (
+from prefect_orthanc.orthanc_client import (
     AsyncOrthanc,
     JobState,
     OrthancArchiveError,
@@ -23,8 +24,6 @@ from orthanc_client import (
     OrthancUnavailable,
     SystemInfo,
 )
-
-from _mocks import BASE, SYSTEM_1_10, ChunkStream, leftovers, run
 
 TOTAL = 2345
 IDS = [f"id-{i}" for i in range(TOTAL)]

@@ -7,7 +7,13 @@ import datetime as dt
 import pytest
 from pydantic import ValidationError
 
-from flows.cohort import CohortError, CollectionRequest, Criteria, TimeWindow, read_cohort
+from prefect_orthanc.flows.cohort import (
+    CohortError,
+    CollectionRequest,
+    Criteria,
+    TimeWindow,
+    read_cohort,
+)
 
 
 def _csv(tmp_path, text, name="cohort.csv"):
@@ -100,7 +106,7 @@ def test_request_needs_exactly_one_source():
 
 def test_time_window_across_midnight():
     window = TimeWindow(start="19:00", end="07:00", timezone="Europe/Brussels")
-    utc = dt.timezone.utc
+    utc = dt.UTC
     assert window.is_open(dt.datetime(2026, 1, 15, 22, 0, tzinfo=utc))  # 23:00 in Brussels
     assert window.is_open(dt.datetime(2026, 1, 15, 5, 0, tzinfo=utc))  # 06:00
     assert not window.is_open(dt.datetime(2026, 1, 15, 12, 0, tzinfo=utc))  # 13:00
@@ -119,7 +125,7 @@ def test_time_window_across_midnight():
 def test_criteria_last_days_counts_back_from_the_run_day():
     import datetime as dt
 
-    from flows.cohort import Criteria
+    from prefect_orthanc.flows.cohort import Criteria
 
     criteria = Criteria(last_days=2, modalities=["ct"])
     assert criteria.dates(dt.date(2026, 3, 1)) == ("20260228", "20260301")
@@ -134,7 +140,7 @@ def test_criteria_last_days_counts_back_from_the_run_day():
 def test_criteria_need_one_kind_of_date_range(fields):
     from pydantic import ValidationError
 
-    from flows.cohort import Criteria
+    from prefect_orthanc.flows.cohort import Criteria
 
     with pytest.raises(ValidationError):
         Criteria(**fields)

@@ -8,10 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-
-from orthanc_client import CollectOutcome, CountSource, Settle
-
 from _mocks import SYSTEM_1_10
+
+from prefect_orthanc.orthanc_client import CollectOutcome, CountSource, Settle
 
 STUDY = "1.2.3"
 SERIES = {"1.2.3.1": ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"],

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
 
-from deployments.lab.synthetic import make_cohort
-from flows.deid import (
+from prefect_orthanc.deployments.lab.synthetic import make_cohort
+from prefect_orthanc.flows.deid import (
     DeidError,
     DeidProfile,
     LinkageEntry,
@@ -26,8 +26,8 @@ from flows.deid import (
     pseudonym,
     shift_date,
 )
-from flows.deid.profile import DICOM_VERSION
-from orthanc_client.operations import Operations
+from prefect_orthanc.flows.deid.profile import DICOM_VERSION
+from prefect_orthanc.orthanc_client.operations import Operations
 
 SECRET = b"project-secret-0123456789abcdef!"
 OTHER = b"another-secret-0123456789abcdef!"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import pydicom
 import pytest
 from pydicom import dcmread
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from flows.deid import (
+from prefect_orthanc.flows.deid import (
     DeidProfile,
     Rewriter,
     build_request,
@@ -22,7 +22,7 @@ from flows.deid import (
     shift_dt,
     typed_forms,
 )
-from flows.deid.dictionary import is_identifier, is_well_known_uid
+from prefect_orthanc.flows.deid.dictionary import is_identifier, is_well_known_uid
 
 SECRET = b"project-secret-0123456789abcdef!"
 DATA = __import__("pathlib").Path(pydicom.__file__).parent / "data"

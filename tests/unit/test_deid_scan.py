@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian
 
-from deployments.lab.synthetic import PRIVATE_GROUP, make_cohort
-from flows.deid import (
+from prefect_orthanc.deployments.lab.synthetic import PRIVATE_GROUP, make_cohort
+from prefect_orthanc.flows.deid import (
     Finding,
     identifiers_from,
     pseudo_uid,
@@ -23,7 +23,7 @@ from flows.deid import (
     scan_zip,
     shift_date,
 )
-from flows.deid import scan as scan_module
+from prefect_orthanc.flows.deid import scan as scan_module
 
 SECRET = b"project-secret-0123456789abcdef!"
 NESTED_PATIENT_ID = "(0040,0275)[0].(0010,1002)[0].(0010,0020)"
@@ -327,7 +327,7 @@ def test_finding_text_is_readable():
 
 def test_clean_members_skip_the_full_parse(cohort, identifiers, tmp_path, monkeypatch):
     """A clean member is counted from a header read alone; the full scan never runs."""
-    import flows.deid.scan as scan_module
+    import prefect_orthanc.flows.deid.scan as scan_module
 
     copies = {f"s/IM{i}.dcm": _save(_deidentified(f), tmp_path / f"{i}.dcm")
               for i, f in enumerate(cohort.files)}

@@ -7,8 +7,9 @@ import pickle
 
 import httpx
 import pytest
+from _mocks import BASE, orthanc_error
 
-from orthanc_client import (
+from prefect_orthanc.orthanc_client import (
     OrthancArchiveError,
     OrthancBadRequest,
     OrthancDimseError,
@@ -23,7 +24,7 @@ from orthanc_client import (
     OrthancUnsupported,
     OrthancUsageError,
 )
-from orthanc_client.errors import (
+from prefect_orthanc.orthanc_client.errors import (
     AssociationRejected,
     MoveDestinationUnknown,
     MoveRefused,
@@ -33,8 +34,6 @@ from orthanc_client.errors import (
     pacs_error,
     redact,
 )
-
-from _mocks import BASE, orthanc_error
 
 STUDY = "6b9e19d9-62094390-5f9ddb01-4a191ae7-9766b715"
 
@@ -378,7 +377,7 @@ def test_equality_is_by_type_and_fields():
 
 
 def test_call_repr_shows_no_values():
-    from orthanc_client.core import Call
+    from prefect_orthanc.orthanc_client.core import Call
 
     call = Call("POST", f"/studies/{STUDY}/anonymize", "/studies/{id}/anonymize",
                 params={"PatientName": PATIENT_NAME}, json={"Replace": {"PatientID": PATIENT_ID}})
@@ -412,7 +411,7 @@ def test_failed_query_says_what_to_fix(router, orthanc, details, cls, transient,
 
 def test_rejected_association_is_not_retried_again_by_the_task():
     """A wrong called AET is refused every time: the request retries it briefly, Prefect not."""
-    from tasks.policy import is_transient
+    from prefect_orthanc.tasks.policy import is_transient
 
     class State:
         def __init__(self, data):
@@ -448,7 +447,7 @@ def test_unrecognised_details_stay_generic():
 def test_store_job_network_failure_is_transient():
     """A forward destination down: the C-STORE job fails with Orthanc error 9 and no DIMSE
     status; sending again is harmless, so the task may retry it."""
-    from orthanc_client.errors import store_failure
+    from prefect_orthanc.orthanc_client.errors import store_failure
 
     down = OrthancJobFailed("job j failed", job_id="j", job_type="DicomModalityStore",
                             error_code=9, error_description="Error in the network protocol",
@@ -457,7 +456,7 @@ def test_store_job_network_failure_is_transient():
     refused = OrthancJobFailed("job j failed", job_id="j", job_type="DicomModalityStore",
                                error_code=9, error_description="x",
                                error_details="C-STORE SCU has failed with DIMSE status 0xC000")
-    from orthanc_client.errors import StoreRefused
+    from prefect_orthanc.orthanc_client.errors import StoreRefused
 
     assert type(store_failure(refused)) is StoreRefused and not store_failure(refused).transient
     other = OrthancJobFailed("job j failed", job_id="j", job_type="x", error_code=1,

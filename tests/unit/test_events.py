@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from flows.events import EVENT, study_event, study_event_id, study_resource_id
+from prefect_orthanc.flows.events import EVENT, study_event, study_event_id, study_resource_id
 
 STUDY = "8c1ca245-96c7def9-20ab7d76-82a8c0b8-2f874404"
 
@@ -41,7 +41,7 @@ def test_event_shape_holds_ids_only():
     assert event["payload"] == {"study_id": STUDY, "server": "research",
                                 "last_update": "20261123T105659", "emitter": "changes"}
     assert dt.datetime.fromisoformat(event["occurred"].replace("Z", "+00:00")) == dt.datetime(
-        2026, 11, 23, 10, 56, 59, tzinfo=dt.timezone.utc)
+        2026, 11, 23, 10, 56, 59, tzinfo=dt.UTC)
     # it is what Prefect's own Event model accepts
     from prefect.events import Event
 

@@ -8,8 +8,9 @@ import time
 
 import httpx
 import pytest
+from _mocks import orthanc_error
 
-from orthanc_client import (
+from prefect_orthanc.orthanc_client import (
     JobInfo,
     JobState,
     ModifyResult,
@@ -20,8 +21,6 @@ from orthanc_client import (
     OrthancJobTimeout,
     OrthancUsageError,
 )
-
-from _mocks import orthanc_error
 
 JOB = "0f8b4cd9-job"
 

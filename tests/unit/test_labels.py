@@ -11,7 +11,6 @@ import json
 
 import httpx
 import pytest
-
 from _orthanc_shapes import (
     CONFLICT_1_10_1,
     SYSTEM_1_10_1,
@@ -19,8 +18,9 @@ from _orthanc_shapes import (
     SYSTEM_1_12_NO_LABELS,
     bulk_study_1_10_1,
 )
-from orthanc_client import OrthancConflict, OrthancUsageError
-from tasks.labels import (
+
+from prefect_orthanc.orthanc_client import OrthancConflict, OrthancUsageError
+from prefect_orthanc.tasks.labels import (
     LABELS_METADATA,
     LEGACY_PROJECT_METADATA,
     attach_labels,

@@ -5,15 +5,22 @@ repossessor, and how many slots are orphans."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.slot_holders import (MAX_VALUE_CHARS, HolderEntry, LeaseRecord, pack_shards,
-                                plan_reclaim, stable_orphans, unpack_leases)
-from tasks.slots import SlotSettings, SlotWaitExceeded
+from prefect_orthanc.tasks.slot_holders import (
+    MAX_VALUE_CHARS,
+    HolderEntry,
+    LeaseRecord,
+    pack_shards,
+    plan_reclaim,
+    stable_orphans,
+    unpack_leases,
+)
+from prefect_orthanc.tasks.slots import SlotSettings, SlotWaitExceeded
 
-NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 PACS = "orthanc-modality-pacs"
 BOUNDS = dict(stale_seconds=30, lease_seconds=60, repossessor_seconds=15, margin_seconds=10)
 
@@ -145,7 +152,7 @@ def test_settings_refuse_a_staleness_a_live_holder_could_reach():
 def test_the_wait_error_names_the_limit_and_the_wait_and_pickles():
     import pickle
 
-    from orthanc_client.errors import SafeMessageError
+    from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
     error = SlotWaitExceeded("orthanc-modality-pacs", 3600.4, "PREFECT_ORTHANC_SLOT_WAIT_SECONDS")
     assert isinstance(error, SafeMessageError) and not isinstance(error, TimeoutError)

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.server_setup import (FILESYSTEM_LEASES, LEASE_STORAGE_ENV, MEMORY_LEASES,
-                                      _zombie_automation, lease_storage_report)
+from prefect_orthanc.deployments.server_setup import (
+    FILESYSTEM_LEASES,
+    LEASE_STORAGE_ENV,
+    MEMORY_LEASES,
+    _zombie_automation,
+    lease_storage_report,
+)
 
 
 class SettingsAnswer:
@@ -59,7 +64,7 @@ def test_the_zombie_automation_expects_a_heartbeat_or_a_final_state_per_run():
 
 
 def test_the_zombie_bound_is_at_least_two_heartbeats():
-    from deployments.stack import StackSettings
+    from prefect_orthanc.deployments.stack import StackSettings
 
     assert StackSettings().zombie_seconds == 90 and StackSettings().heartbeat_seconds == 30
     with pytest.raises(ValueError, match="ZOMBIE_SECONDS"):

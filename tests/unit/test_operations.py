@@ -6,8 +6,9 @@ import json
 
 import httpx
 import pytest
+from _mocks import SYSTEM_1_10, SYSTEM_1_12, orthanc_error
 
-from orthanc_client import (
+from prefect_orthanc.orthanc_client import (
     ChangesPage,
     Level,
     OrthancNotFound,
@@ -17,8 +18,6 @@ from orthanc_client import (
     QueryResult,
     SystemInfo,
 )
-
-from _mocks import SYSTEM_1_10, SYSTEM_1_12, orthanc_error
 
 ANSWERS = [
     {"PatientName": "DOE^JANE", "PatientID": "PID-1", "StudyInstanceUID": "1.2.3.1",

@@ -8,8 +8,8 @@ import datetime as dt
 
 import pytest
 
-import tasks.origin as origin
-from tasks.origin import retrieval_variable, study_origin
+import prefect_orthanc.tasks.origin as origin
+from prefect_orthanc.tasks.origin import retrieval_variable, study_origin
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 

@@ -8,12 +8,12 @@ import inspect
 import pytest
 import yaml
 
-from deployments.spec import PREFECT_YAML
-from flows.cohort import CollectionRequest, Criteria, TimeWindow
-from flows.collection import collect_cohort
-from flows.deid import DeidProfile
-from flows.parameters import request_from, request_model
-from flows.sharing import SharingRequest, share_studies
+from prefect_orthanc.deployments.spec import PREFECT_YAML
+from prefect_orthanc.flows.cohort import CollectionRequest, Criteria, TimeWindow
+from prefect_orthanc.flows.collection import collect_cohort
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.parameters import request_from, request_model
+from prefect_orthanc.flows.sharing import SharingRequest, share_studies
 
 FLOWS = [(collect_cohort, CollectionRequest), (share_studies, SharingRequest)]
 
@@ -159,7 +159,7 @@ def test_criteria_and_windows_reject_typos():
 def test_every_field_of_every_deployed_form_is_described():
     """Top-level parameters and every field of the models inside them (criteria, window,
     destination, profile, routing rules): a person filling the form sees what each means."""
-    from deployments.spec import load
+    from prefect_orthanc.deployments.spec import load
 
     missing = []
     for spec in load():

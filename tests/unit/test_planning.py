@@ -8,10 +8,22 @@ from typing import Any
 
 import pytest
 
-from flows.cohort import CohortRow, Criteria
-from flows.planning import CohortTooBroad, RowStatus, find_capped, mismatch, plan_criteria, \
-    plan_rows
-from orthanc_client import CountSource, ExpectedCount, Level, QueryAnswer, QueryResult
+from prefect_orthanc.flows.cohort import CohortRow, Criteria
+from prefect_orthanc.flows.planning import (
+    CohortTooBroad,
+    RowStatus,
+    find_capped,
+    mismatch,
+    plan_criteria,
+    plan_rows,
+)
+from prefect_orthanc.orthanc_client import (
+    CountSource,
+    ExpectedCount,
+    Level,
+    QueryAnswer,
+    QueryResult,
+)
 
 # (study uid, patient, accession, date, description, series modalities, instances)
 STUDIES = [("1.1", "P1", "A1", "20240105", "CHEST CT", ("CT",), 4),

@@ -6,11 +6,10 @@ import random
 
 import httpx
 import pytest
-
-from orthanc_client import OrthancBadRequest, OrthancHTTPError, OrthancNotFound
-from orthanc_client.core import Call, RetryPolicy, Send, Sleep, request
-
 from _mocks import BASE, orthanc_error
+
+from prefect_orthanc.orthanc_client import OrthancBadRequest, OrthancHTTPError, OrthancNotFound
+from prefect_orthanc.orthanc_client.core import Call, RetryPolicy, Send, Sleep, request
 
 OK_STATS = {"CountStudies": 1}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.routing import RouteRule, StudyFacts
+from prefect_orthanc.flows.routing import RouteRule, StudyFacts
 
 FACTS = StudyFacts(study_id="s", last_update="20261123T105659", instances=3,
                    modalities=("CT", "SR"), calling_aet="SCANNER1")

@@ -7,14 +7,14 @@ import pickle
 
 import pytest
 
-from flows.cohort import CohortError
-from flows.deid import DeidError
-from flows.planning import CohortTooBroad
-from flows.sharing import DeliveryError
-from flows.site import SiteError
-from orthanc_client import OrthancNotFound, SafeMessageError
-from tasks import TaskFailure, orthanc_task
-from tasks.limits import ModalityLimitMissing
+from prefect_orthanc.flows.cohort import CohortError
+from prefect_orthanc.flows.deid import DeidError
+from prefect_orthanc.flows.planning import CohortTooBroad
+from prefect_orthanc.flows.sharing import DeliveryError
+from prefect_orthanc.flows.site import SiteError
+from prefect_orthanc.orthanc_client import OrthancNotFound, SafeMessageError
+from prefect_orthanc.tasks import TaskFailure, orthanc_task
+from prefect_orthanc.tasks.limits import ModalityLimitMissing
 
 SAFE = [DeidError("the source study has neither PatientID nor StudyInstanceUID"),
         CohortError("row 3: accession_number is empty"),

@@ -7,11 +7,10 @@ import pickle
 
 import httpx
 import pytest
+from _mocks import BASE, SYSTEM_1_10, run
 from pydantic import SecretStr, ValidationError
 
-from orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
-
-from _mocks import BASE, SYSTEM_1_10, run
+from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
 
 
 def test_defaults_without_environment():

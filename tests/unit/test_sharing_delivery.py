@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from flows.deid import DeidProfile
-from flows.sharing import DeliveryError, Destination, SharedStudy, content_version
-from flows.sharing.delivery import publish
-from flows.sharing.ledger import Ledger
-from flows.sharing.manifest import update_manifest
+from prefect_orthanc.flows.deid import DeidProfile
+from prefect_orthanc.flows.sharing import DeliveryError, Destination, SharedStudy, content_version
+from prefect_orthanc.flows.sharing.delivery import publish
+from prefect_orthanc.flows.sharing.ledger import Ledger
+from prefect_orthanc.flows.sharing.manifest import update_manifest
 
 IDS = [f"{i:08x}-00000000-00000000-00000000-00000000" for i in range(3)]
 SOURCE = "aaaaaaaa-bbbbbbbb-cccccccc-dddddddd-eeeeeeee"
@@ -108,7 +108,7 @@ def test_manifest_one_entry_per_study_newest_supersedes(tmp_path):
 
 
 def test_linkage_rows_keep_the_table_header(tmp_path):
-    from flows.sharing.linkage import append_linkage
+    from prefect_orthanc.flows.sharing.linkage import append_linkage
 
     path = tmp_path / "linkage.csv"
     append_linkage(path, {"source_patient_id": "A", "patient_id": "P1", "package": "v1.zip"})
@@ -123,7 +123,7 @@ def test_linkage_rows_keep_the_table_header(tmp_path):
 
 
 def test_study_locks_are_bounded_stripes_without_the_study_id():
-    from tasks.limits import STUDY_LOCKS, study_lock_name
+    from prefect_orthanc.tasks.limits import STUDY_LOCKS, study_lock_name
 
     ids = [f"{i:08x}-11111111-22222222-33333333-44444444" for i in range(20000)]
     names = {study_lock_name(i) for i in ids}
@@ -151,7 +151,7 @@ def test_ledger_skips_a_line_torn_by_a_crash_and_the_next_append_cuts_it(tmp_pat
 
 
 def test_linkage_row_appended_once_per_package_and_destination(tmp_path):
-    from flows.sharing.linkage import append_linkage
+    from prefect_orthanc.flows.sharing.linkage import append_linkage
 
     path = tmp_path / "linkage.csv"
     row = {"patient_id": "P", "source_orthanc_id": SOURCE, "package": "share-P-S-v1.zip",
@@ -184,7 +184,7 @@ def _orthanc_like_zip(path, stamp) -> None:
 def test_deterministic_zip_depends_only_on_content(tmp_path):
     import zipfile
 
-    from flows.sharing.files import ZIP_EPOCH, deterministic_zip, sha256_of
+    from prefect_orthanc.flows.sharing.files import ZIP_EPOCH, deterministic_zip, sha256_of
 
     _orthanc_like_zip(tmp_path / "a.zip", (2026, 11, 29, 10, 0, 0))
     _orthanc_like_zip(tmp_path / "b.zip", (2026, 11, 29, 10, 0, 42))

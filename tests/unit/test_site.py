@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.site import CODE_DIR, SiteError, SiteSettings, default_data_dir
+from prefect_orthanc.flows.site import CODE_DIR, SiteError, SiteSettings, default_data_dir
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_setup_refuses_a_data_directory_in_the_checkout_before_touching_prefect(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_ORTHANC_")}
     env.update({"PREFECT_ORTHANC_DATA_DIR": str(CODE_DIR / "linkage"),
                 "PREFECT_API_URL": "http://127.0.0.1:9/api"})  # nothing listens there
-    done = subprocess.run([sys.executable, "-m", "deployments", "setup"], cwd=CODE_DIR, env=env,
+    done = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=CODE_DIR, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith("setup: PREFECT_ORTHANC_DATA_DIR (")

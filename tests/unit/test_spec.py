@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.spec import PREFECT_YAML, SpecError, load
+from prefect_orthanc.deployments.spec import PREFECT_YAML, SpecError, load
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +99,15 @@ def test_the_pull_step_bakes_nothing_from_the_deploy_host():
     """``prefect deploy`` fills ``{{ $VAR }}`` in pull steps from the deploy host's
     environment: the shipped pull step has no template and no path at all."""
     data = yaml.safe_load(PREFECT_YAML.read_text())
-    assert data["pull"] == [{"deployments.pull.set_working_directory": {}}]
+    assert data["pull"] == [{"prefect_orthanc.deployments.pull.set_working_directory": {}}]
     assert "{{" not in yaml.safe_dump(data["pull"])
 
 
 def test_the_pull_step_changes_to_the_code_that_is_imported(tmp_path, monkeypatch):
     import os
 
-    from deployments.pull import set_working_directory
-    from flows.site import CODE_DIR
+    from prefect_orthanc.deployments.pull import set_working_directory
+    from prefect_orthanc.flows.site import CODE_DIR
 
     monkeypatch.chdir(tmp_path)
     assert set_working_directory() == {"directory": str(CODE_DIR)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deployments.stack import StackSettings
+from prefect_orthanc.deployments.stack import StackSettings
 
 
 def test_defaults_match_prefect_yaml(monkeypatch):

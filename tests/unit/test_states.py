@@ -8,8 +8,14 @@ import logging
 import pickle
 import sys
 
-import flows  # noqa: F401 - installs the filter
-from flows.states import PurposefulFailureFilter, RunIncomplete, cancel_run, fail_run, report_of
+import prefect_orthanc.flows  # noqa: F401 - installs the filter
+from prefect_orthanc.flows.states import (
+    PurposefulFailureFilter,
+    RunIncomplete,
+    cancel_run,
+    fail_run,
+    report_of,
+)
 
 
 class _Report:

@@ -11,22 +11,20 @@ import logging
 import sys
 import threading
 
-import httpx
 import pytest
-
-import flows  # noqa: F401 - installs the log filter
-from flows.cohort import TimeWindow
-from flows.states import PurposefulFailureFilter
-from flows.window import OutsideWindow, admit, is_open, window_gate
-from orthanc_client import AsyncOrthanc, Level, dicom_gate
-from tasks.network import UnknownModality, require_modality
-
 from _mocks import BASE, SYSTEM_1_10
+
+import prefect_orthanc.flows  # noqa: F401 - installs the log filter
+from prefect_orthanc.flows.cohort import TimeWindow
+from prefect_orthanc.flows.states import PurposefulFailureFilter
+from prefect_orthanc.flows.window import OutsideWindow, admit, is_open, window_gate
+from prefect_orthanc.orthanc_client import AsyncOrthanc, Level, dicom_gate
+from prefect_orthanc.tasks.network import UnknownModality, require_modality
 
 
 def _window(open_now: bool, outside: str = "stop", max_wait_hours: float = 16) -> TimeWindow:
     """A one-hour window that contains now, or one that opened an hour ago and closed."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start = now - dt.timedelta(minutes=30) if open_now else now + dt.timedelta(hours=2)
     end = start + dt.timedelta(hours=1)
     return TimeWindow(start=start.strftime("%H:%M"), end=end.strftime("%H:%M"),
@@ -91,7 +89,7 @@ def test_the_gate_follows_the_context_into_threads_and_coroutines(transport, dic
     the gate applies to the tasks a flow submits, and to the async client too."""
     import asyncio
 
-    from orthanc_client import Orthanc
+    from prefect_orthanc.orthanc_client import Orthanc
 
     refused: list[BaseException] = []
 
@@ -185,7 +183,7 @@ def test_a_task_refused_by_the_window_logs_one_line_without_traceback():
 def test_admit_waits_for_a_window_that_opens_within_the_bound(monkeypatch):
     """``outside="wait"``: one sleep until the opening, then admitted (the sleep is recorded,
     not slept)."""
-    import flows.window as window_module
+    import prefect_orthanc.flows.window as window_module
 
     slept: list[float] = []
     monkeypatch.setattr(window_module.time, "sleep", slept.append)

@@ -22,7 +22,7 @@
    20 s for the demo) to complete, checks the Prefect server's log for tracebacks from its
    services, and prints a summary.
 
-    scripts/demo            # or: .venv/bin/python -m deployments.demo --keep  (UI stays up)
+    scripts/demo            # or: .venv/bin/python -m prefect_orthanc.deployments.lab.demo --keep  (UI stays up)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _banner(text: str) -> None:
@@ -46,7 +46,7 @@ def _banner(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output",
                         help="where the cohort, reports and lab data go (default: demo-output)")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                              "running until Ctrl-C after the demo")
     args = parser.parse_args(argv)
 
-    from deployments.lab.prefect_server import LocalPrefectServer
+    from prefect_orthanc.deployments.lab.prefect_server import LocalPrefectServer
 
     out: Path = args.out.resolve()
     if out.exists():
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: str) -> int:
-    from deployments.lab.processes import stop_group
-    from deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.processes import stop_group
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
 
     _banner("starting the Orthanc lab (pacs + research, Debian's Orthanc)")
     lua = ROOT / "deployments" / "orthanc" / "study_events.lua"
@@ -97,24 +97,24 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
         os.environ.update({"ORTHANC_URL": lab.research.url,
                            "ORTHANC_USERNAME": lab.research.username or "",
                            "ORTHANC_PASSWORD": lab.research.password or ""})
-        from flows.sharing import SECRET_ENV
+        from prefect_orthanc.flows.sharing import SECRET_ENV
 
         os.environ.setdefault(SECRET_ENV, secrets.token_hex(24))  # a throwaway demo secret
 
-        _banner("setup: work pool, PACS concurrency limit, blocks (python -m deployments setup)")
-        from deployments.stack import setup
+        _banner("setup: work pool, PACS concurrency limit, blocks (python -m prefect_orthanc.deployments setup)")
+        from prefect_orthanc.deployments.stack import setup
 
         for what, outcome in setup().items():
             print(f"{what}: {outcome}")
 
-        _banner("serving prefect.yaml's deployments (python -m deployments serve)")
+        _banner("serving prefect.yaml's deployments (python -m prefect_orthanc.deployments serve)")
         spec = _demo_prefect_yaml(out)
         print(f"as shipped, except the changes watcher: every {WATCHER_DEMO_INTERVAL} s for "
               f"{WATCHER_DEMO_RUN_FOR} s (shipped: 600 s for 590 s), so that a run made by "
               f"the schedule completes during the demo ({spec})")
         serve_log = out / "serve.log"
         with serve_log.open("wb") as log:
-            served = subprocess.Popen([sys.executable, "-m", "deployments", "serve",
+            served = subprocess.Popen([sys.executable, "-m", "prefect_orthanc.deployments", "serve",
                                        "--file", str(spec)], cwd=ROOT,
                                       env={**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"},
                                       stdout=log, stderr=subprocess.STDOUT,
@@ -128,7 +128,7 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
 def _deployment_parameters(name: str) -> dict:
     import yaml
 
-    from deployments.spec import PREFECT_YAML
+    from prefect_orthanc.deployments.spec import PREFECT_YAML
 
     data = yaml.safe_load(PREFECT_YAML.read_text())
     return next(d for d in data["deployments"] if d["name"] == name)["parameters"]
@@ -142,7 +142,7 @@ def _demo_prefect_yaml(out: Path) -> Path:
     """The shipped prefect.yaml with the changes watcher's schedule brought forward."""
     import yaml
 
-    from deployments.spec import PREFECT_YAML
+    from prefect_orthanc.deployments.spec import PREFECT_YAML
 
     data = yaml.safe_load(PREFECT_YAML.read_text())
     for deployment in data["deployments"]:
@@ -188,7 +188,7 @@ def _report_rows(cohort_csv: Path) -> list[dict[str, str]]:
 def _new_study_run(study_id: str, timeout: float) -> dict | None:
     """The finished route-new-study run for this study (None if none came in time), with the
     number of runs made for the study."""
-    from deployments.stack import new_study_runs, wait_until_final
+    from prefect_orthanc.deployments.stack import new_study_runs, wait_until_final
 
     deadline = time.monotonic() + timeout
     while not (runs := new_study_runs(study_id)):
@@ -204,7 +204,7 @@ def _new_study_run(study_id: str, timeout: float) -> dict | None:
 
 def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
           served: subprocess.Popen[bytes], serve_log: Path) -> int:
-    from deployments.lab.synthetic import load_into, make_cohort, zip_bytes
+    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort, zip_bytes
 
     _banner("loading a synthetic demo cohort into the pacs")
     cohort = make_cohort(out / "dicom", patients=args.patients, studies_per_patient=2,
@@ -214,7 +214,7 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
 
     # The nightly deployment reads cohorts/research.csv under the site's data directory: the
     # demo puts its cohort exactly there, so every shipped deployment runs with its defaults.
-    from flows.site import SiteSettings
+    from prefect_orthanc.flows.site import SiteSettings
 
     site = SiteSettings.load()
     cohort_csv = site.path(NIGHTLY_PARAMETERS["cohort_file"])
@@ -227,12 +227,12 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     print(f"cohort: {cohort_csv} ({len(wanted)} known accession numbers + 1 unknown), where "
           f"{NIGHTLY} looks for it")
 
-    from deployments.stack import wait_until_served
+    from prefect_orthanc.deployments.stack import wait_until_served
 
     wait_until_served([NIGHTLY, SHARING], served, serve_log)
     _banner(f"running {NIGHTLY} now, with one parameter overridden")
-    print(f"  --param time_window=null: the 19:00-07:00 window is for the schedule; the "
-          f"cohort, project and paths stay the deployment's")
+    print("  --param time_window=null: the 19:00-07:00 window is for the schedule; the "
+          "cohort, project and paths stay the deployment's")
     first_started = time.monotonic()
     first = _run(NIGHTLY, {"time_window": None})
     first_seconds = time.monotonic() - first_started
@@ -258,10 +258,10 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     delivered = len(list(shared_dir.glob("*.zip")))
 
     _banner("a new study arrives in research (C-STORE) -> event -> new-study flow")
-    from deployments.stack import ROUTE_DEPLOYMENT
+    from prefect_orthanc.deployments.stack import ROUTE_DEPLOYMENT
 
     wait_until_served([ROUTE_DEPLOYMENT], served, serve_log)
-    from orthanc_client import Orthanc
+    from prefect_orthanc.orthanc_client import Orthanc
 
     extra = make_cohort(out / "dicom-new", patients=1, studies_per_patient=1,
                         series_per_study=1, instances_per_series=4, seed=99)
@@ -280,7 +280,7 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
         print(f"no new-study run within 60 s: see {serve_log}")
 
     _banner(f"a run made by a schedule: {WATCHER} (every {WATCHER_DEMO_INTERVAL} s here)")
-    from deployments.stack import wait_for_scheduled_run
+    from prefect_orthanc.deployments.stack import wait_for_scheduled_run
 
     try:
         scheduled = wait_for_scheduled_run(WATCHER, timeout=3 * WATCHER_DEMO_INTERVAL + 60)

@@ -2,8 +2,8 @@
 
 Run the demo with ``--keep`` first, then point this at the UI it printed::
 
-    .venv/bin/python -m deployments.demo --keep &
-    .venv/bin/python -m deployments.screenshots http://127.0.0.1:PORT docs/screenshots
+    .venv/bin/python -m prefect_orthanc.deployments.lab.demo --keep &
+    .venv/bin/python -m prefect_orthanc.deployments.lab.screenshots http://127.0.0.1:PORT docs/screenshots
 
 It captures the deployments page, the sharing deployment's custom-run form, the collection
 run's report artifact and the new-study run. Chromium comes from Debian (``apt-get install chromium``); the flags keep it headless,
@@ -39,7 +39,7 @@ def shoot(chromium: str, url: str, out: Path, size: str = "1440,900") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.screenshots", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.screenshots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ui", help="the Prefect UI URL the demo printed")
     parser.add_argument("out", type=Path, nargs="?", default=Path("docs/screenshots"))
