@@ -12,10 +12,13 @@ import argparse
 import os
 import sys
 
+from prefect_orthanc.orthanc_client import __version__
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"prefect-orthanc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate prefect.yaml (unknown keys, "
                                               "entrypoints, parameters, schedules, triggers)")

@@ -6,6 +6,9 @@
 ...     study_ids = orthanc.find("Study", {"ModalitiesInStudy": "CT"})
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from prefect_orthanc.orthanc_client.client import AsyncOrthanc, Orthanc
 from prefect_orthanc.orthanc_client.errors import (
     AssociationRejected,
@@ -55,6 +58,12 @@ from prefect_orthanc.orthanc_client.retrieval import (
     Settle,
 )
 from prefect_orthanc.orthanc_client.settings import OrthancSettings
+
+try:
+    __version__: str = _distribution_version("prefect-orthanc")
+    """The installed distribution's version (``pyproject.toml``'s ``version``), e.g. ``"0.1.0"``."""
+except PackageNotFoundError:  # sources imported without being installed: no metadata to read
+    __version__ = "0+unknown"
 
 __all__ = [
     "ArchiveResult",

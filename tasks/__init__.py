@@ -7,6 +7,7 @@
 ...     return retrieve_study(OrthancCredentials.load("research"), "pacs", study_uid)
 """
 
+from prefect_orthanc.orthanc_client import __version__ as __version__  # re-exported
 from prefect_orthanc.tasks.anonymize import anonymize_resource, modify_resource
 from prefect_orthanc.tasks.archives import download_archive
 from prefect_orthanc.tasks.changes import ChangesBatch, advance_changes_cursor, read_changes
