@@ -26,3 +26,11 @@ def test_command_line_prints_the_version():
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"prefect-orthanc {version('prefect-orthanc')}"
+
+
+def test_changelog_has_a_section_for_this_version():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    headings = [line for line in (ROOT / "CHANGELOG.md").read_text().splitlines()
+                if line.startswith("## [")]
+    assert headings[0] == "## [Unreleased]", headings[:1]
+    assert any(line.startswith(f"## [{declared}] - ") for line in headings), (declared, headings)
