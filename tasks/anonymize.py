@@ -28,6 +28,35 @@ def anonymize_resource(credentials: OrthancCredentials, level: Level | str, reso
     Orthanc applies the DICOM Basic Profile; ``replace`` sets tags (``force=True`` is needed
     for PatientID and UIDs). The source is kept unless ``keep_source=False``.
 
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        level: ``"Patient"``, ``"Study"`` or ``"Series"`` (a ``Level``).
+        resource_id: Orthanc ID of the resource.
+        replace: Tags to set in the copy, DICOM keyword to value (``force=True`` for PatientID
+            and UIDs).
+        keep: Tags to keep unchanged, by DICOM keyword.
+        remove: Tags to remove, by DICOM keyword.
+        force: Allow replacing PatientID and UIDs.
+        keep_private_tags: Keep private tags (removed by default).
+        keep_source: Keep the source resource; False deletes it once the copy exists.
+        dicom_version: Orthanc's ``DicomVersion`` (which edition of the Basic Profile); default
+            Orthanc's own.
+        job_timeout: Seconds to wait for the Orthanc job; default the client's long timeout
+            (``ORTHANC_LONG_TIMEOUT``, 600 s).
+
+    Returns:
+        The new resource (``ModifyResult``), with its Orthanc ID, level and the job that
+        made it.
+
+    Raises:
+        OrthancUsageError: ``level`` is ``"Instance"`` (Orthanc answers with a file, not a
+            resource).
+        OrthancNotFound: No such resource.
+        OrthancJobFailed: Orthanc could not do it (not retried).
+        OrthancJobTimeout: The job did not finish within ``job_timeout``; it keeps running in
+            Orthanc.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         new = anonymize_resource(creds, "Study", study_id,
@@ -50,6 +79,32 @@ def modify_resource(credentials: OrthancCredentials, level: Level | str, resourc
                     keep_source: bool = True, job_timeout: float | None = None
                     ) -> ModifyResult:
     """Modify tags of a patient/study/series as an Orthanc job; returns the new resource.
+
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        level: ``"Patient"``, ``"Study"`` or ``"Series"`` (a ``Level``).
+        resource_id: Orthanc ID of the resource.
+        replace: Tags to set in the copy, DICOM keyword to value (``force=True`` for PatientID
+            and UIDs).
+        keep: Tags to keep unchanged, by DICOM keyword.
+        remove: Tags to remove, by DICOM keyword.
+        force: Allow replacing PatientID and UIDs.
+        keep_source: Keep the source resource; False deletes it once the copy exists.
+        job_timeout: Seconds to wait for the Orthanc job; default the client's long timeout
+            (``ORTHANC_LONG_TIMEOUT``, 600 s).
+
+    Returns:
+        The new resource (``ModifyResult``), with its Orthanc ID, level and the job that
+        made it.
+
+    Raises:
+        OrthancUsageError: ``level`` is ``"Instance"`` (Orthanc answers with a file, not a
+            resource).
+        OrthancNotFound: No such resource.
+        OrthancJobFailed: Orthanc could not do it (not retried).
+        OrthancJobTimeout: The job did not finish within ``job_timeout``; it keeps running in
+            Orthanc.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
 
     Example:
         ```python

@@ -62,6 +62,25 @@ def read_changes(credentials: OrthancCredentials, cursor: str = "default", *,
     A new cursor starts at ``start``, or at the end of the log when ``start`` is None (only
     future changes are seen).
 
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        cursor: The cursor's name; its position is kept in the Prefect Variable
+            ``orthanc_changes_<name>``.
+        change_types: Orthanc change types to keep (e.g. ``"StableStudy"``); empty keeps all.
+        limit: At most this many changes are read (before filtering by type).
+        start: Where a new cursor starts (a change sequence number); None starts at the end of the
+            log.
+
+    Returns:
+        The changes after the cursor (``ChangesBatch``), with ``changes``, the position read from
+        (``since``), the one to advance to (``next_since``) and whether the log was read to its end
+        (``done``).
+
+    Raises:
+        OrthancError: Orthanc did not answer or refused (e.g. ``OrthancUnavailable``, retried by
+            Prefect first).
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         batch = read_changes(creds, "new-studies", change_types=["StableStudy"])
@@ -80,6 +99,17 @@ def read_changes(credentials: OrthancCredentials, cursor: str = "default", *,
 @orthanc_task(name="advance_changes_cursor", run_name=lambda p: f"advance-{p['cursor']}")
 def advance_changes_cursor(cursor: str, next_since: int) -> int:
     """Move the cursor forward (never backward) once a batch has been handled.
+
+    Args:
+        cursor: The cursor's name, as given to ``read_changes``.
+        next_since: The position to move to: ``ChangesBatch.next_since`` of the handled batch.
+
+    Returns:
+        The cursor's position afterwards, ``next_since`` or the current position if it was
+        further.
+
+    Raises:
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
 
     Example:
         ```python

@@ -17,6 +17,23 @@ def wait_for_job(credentials: OrthancCredentials, job_id: str, *,
     Returns the finished job (content reduced to counts and IDs); raises ``OrthancJobFailed`` (not retried), ``OrthancJobTimeout``
     (the job keeps running in Orthanc) or ``OrthancJobLost``.
 
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        job_id: The Orthanc job's ID.
+        timeout: Seconds to wait; default the client's long timeout (``ORTHANC_LONG_TIMEOUT``,
+            600 s).
+
+    Returns:
+        The finished job (``JobInfo``), its content reduced to counts and Orthanc IDs.
+
+    Raises:
+        OrthancJobFailed: The job ended in Failure (not retried).
+        OrthancJobTimeout: The job did not finish within ``timeout``; it keeps running in
+            Orthanc.
+        OrthancJobLost: Orthanc no longer knows the job (finished jobs beyond its
+            ``JobsHistorySize`` are forgotten).
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         job = wait_for_job(creds, job_id, timeout=3600)

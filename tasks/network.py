@@ -77,6 +77,20 @@ def require_modality(orthanc: Orthanc, modality: str) -> None:
 def echo_modality(credentials: OrthancCredentials, modality: str) -> bool:
     """C-ECHO a modality from Orthanc; raises ``OrthancDimseError`` if it does not answer.
 
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        modality: Orthanc's name for the modality (as listed by ``GET /modalities``;
+            case-sensitive).
+
+    Returns:
+        True when the modality answered the C-ECHO.
+
+    Raises:
+        UnknownModality: Orthanc knows no modality of that name; the message lists those it knows.
+        OrthancDimseError: The modality did not answer or refused the association (subclasses such
+            as ``PacsUnreachable`` and ``AssociationRejected`` say which).
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         echo_modality(OrthancCredentials.load("research"), "pacs")
@@ -96,6 +110,30 @@ def query_modality(credentials: OrthancCredentials, modality: str, level: Level 
     """C-FIND on a modality at patient/study/series/instance level; returns every answer.
 
     Answers hold DICOM values: this task never caches or persists its result.
+
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        modality: Orthanc's name for the modality (as listed by ``GET /modalities``;
+            case-sensitive).
+        level: ``"Patient"``, ``"Study"``, ``"Series"`` or ``"Instance"`` (a ``Level``).
+        query: DICOM keyword to matching value (exact, wildcard, or a date range such as
+            ``"20240101-20240131"``); a key sent empty is returned in the answers.
+        slot_timeout: Seconds to wait for a slot of the modality's concurrency limit;
+            default ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS`` (1 h).
+
+    Returns:
+        Orthanc's query ID (to retrieve from) and every answer, DICOM keyword to value
+        (``QueryResult``).
+
+    Raises:
+        UnknownModality: Orthanc knows no modality of that name; the message lists those it knows.
+        ModalityLimitMissing: No ``orthanc-modality-<name>`` concurrency limit exists (create it
+            with ``prefect-orthanc-limits <name>=2``).
+        SlotWaitExceeded: No slot became free within ``slot_timeout``.
+        OrthancDimseError: The modality did not answer, rejected the association, refused the query
+            or is busy (``PacsUnreachable``, ``AssociationRejected``, ``QueryRefused``,
+            ``PacsBusy``); transient ones are retried by Prefect first.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
 
     Example:
         ```python
@@ -125,6 +163,35 @@ def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: st
     only what is still missing. What arrived is marked as retrieved (``tasks.origin``), so
     the new-study flow does not take it for a new study.
 
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        modality: Orthanc's name for the modality (as listed by ``GET /modalities``;
+            case-sensitive).
+        study_uid: StudyInstanceUID of the study (run names show only a hash of it).
+        job_timeout: Seconds to wait for each C-MOVE job; default the client's long timeout
+            (``ORTHANC_LONG_TIMEOUT``, 600 s).
+        refetch_rounds: How many times what is still missing after the move is fetched again.
+        slot_timeout: Seconds to wait for a slot of the modality's concurrency limit;
+            default ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS`` (1 h).
+
+    Returns:
+        What happened (``CollectResult``), with the ``outcome`` (``already_present``, ``complete``,
+        ``partial``, ``failed``, ``not_found``, ``unverified``, ``several_patients``), the expected
+        and received instance counts, where the count came from (``count_source``), the study's
+        Orthanc IDs, and a ``reason`` code when a move failed. A move the PACS refuses is an
+        outcome, not an error.
+
+    Raises:
+        UnknownModality: Orthanc knows no modality of that name; the message lists those it knows.
+        ModalityLimitMissing: No ``orthanc-modality-<name>`` concurrency limit exists (create it
+            with ``prefect-orthanc-limits <name>=2``).
+        SlotWaitExceeded: No slot became free within ``slot_timeout``.
+        OrthancDimseError: The C-FIND that finds and counts the study failed (PACS unreachable,
+            association rejected, query refused, busy); transient ones are retried by Prefect first.
+        OrthancJobTimeout: A C-MOVE job did not finish within ``job_timeout`` (it keeps running in
+            Orthanc; a re-run moves only what is missing).
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         result = retrieve_study(creds, "pacs", study_uid)
@@ -153,6 +220,32 @@ def store_to_modality(credentials: OrthancCredentials, modality: str,
     A destination that is down or refuses the association fails the task with a transient
     error: Prefect retries it with backoff (bounded by the task's ``retries``).
 
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        modality: Orthanc's name for the modality (as listed by ``GET /modalities``;
+            case-sensitive).
+        resource_ids: Orthanc IDs of patients, studies, series or instances to send.
+        job_timeout: Seconds to wait for the Orthanc job; default the client's long timeout
+            (``ORTHANC_LONG_TIMEOUT``, 600 s).
+        slot_timeout: Seconds to wait for a slot of the modality's concurrency limit;
+            default ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS`` (1 h).
+
+    Returns:
+        The finished C-STORE job (``JobInfo``), its content reduced to counts and Orthanc IDs.
+
+    Raises:
+        UnknownModality: Orthanc knows no modality of that name; the message lists those it knows.
+        ModalityLimitMissing: No ``orthanc-modality-<name>`` concurrency limit exists (create it
+            with ``prefect-orthanc-limits <name>=2``).
+        SlotWaitExceeded: No slot became free within ``slot_timeout``.
+        OrthancDimseError: The destination refused the association or the instances
+            (``AssociationRejected``, ``StoreRefused``: permanent).
+        OrthancJobFailed: The job failed; marked transient, and retried by Prefect, when the
+            destination could not be reached.
+        OrthancJobTimeout: The job did not finish within ``job_timeout``; it keeps running in
+            Orthanc.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         job = store_to_modality(creds, "pacs", [study_id])
@@ -172,6 +265,24 @@ def store_to_modality(credentials: OrthancCredentials, modality: str,
 def store_to_peer(credentials: OrthancCredentials, peer: str, resource_ids: Sequence[str], *,
                   job_timeout: float | None = None) -> JobInfo:
     """Send Orthanc resources to an Orthanc peer (HTTP) as a job and wait for it.
+
+    Args:
+        credentials: The Orthanc server to use (``OrthancCredentials`` block).
+        peer: Orthanc's name for the peer (its ``OrthancPeers`` configuration).
+        resource_ids: Orthanc IDs of patients, studies, series or instances to send.
+        job_timeout: Seconds to wait for the Orthanc job; default the client's long timeout
+            (``ORTHANC_LONG_TIMEOUT``, 600 s).
+
+    Returns:
+        The finished peer-store job (``JobInfo``), its content reduced to counts and Orthanc IDs.
+
+    Raises:
+        OrthancError: Orthanc did not answer or refused the request.
+        OrthancJobFailed: The job failed; marked transient, and retried by Prefect, when the peer
+            could not be reached.
+        OrthancJobTimeout: The job did not finish within ``job_timeout``; it keeps running in
+            Orthanc.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
 
     Example:
         ```python
