@@ -77,6 +77,26 @@ def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest,
                 rows: Sequence[CohortRow] | None = None) -> list[PlanRow]:
     """Resolve the cohort (checked file rows, or the criteria) against the PACS; moves nothing.
 
+    Args:
+        credentials: The research Orthanc (``OrthancCredentials`` block).
+        request: The checked collection request: ``source_modality``, ``criteria`` and ``find_cap``
+            are read.
+        rows: The cohort file's rows (``read_cohort``); None plans ``request.criteria`` instead.
+
+    Returns:
+        One ``PlanRow`` per cohort row (or, for criteria, per study the PACS answered), each with
+        its status (``found``, ``not_found``, ``ambiguous``, ``already_present``, ``duplicate``,
+        ``too_many_matches``, ``excluded``, ``query_failed``) and the studies it matched.
+
+    Raises:
+        UnknownModality: The research Orthanc knows no modality named ``request.source_modality``.
+        ModalityLimitMissing: The source modality has no concurrency limit.
+        SlotWaitExceeded: No slot of the source modality's limit became free in time.
+        CohortTooBroad: Criteria whose C-FIND returns the PACS's cap even for a single day.
+        OrthancDimseError: The PACS did not answer or refused a query (transient ones are retried
+            by Prefect first); a row whose own query is refused is ``query_failed`` instead.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         request = CollectionRequest(cohort_file="cohort.csv")
@@ -103,6 +123,21 @@ def mark_collected(credentials: OrthancCredentials, study_ids: Sequence[str],
     """Add ``project`` to the projects of complete studies (a study keeps the others): an
     Orthanc label from 1.12, else the ``PrefectOrthancLabels`` metadata set (declare it in
     Orthanc's ``UserMetadata``); see ``tasks.labels``. Returns "label" or "metadata".
+
+    Args:
+        credentials: The research Orthanc (``OrthancCredentials`` block).
+        study_ids: Orthanc IDs of the studies to mark.
+        project: The project's name: 1-64 letters, digits, ``-`` or ``_``.
+
+    Returns:
+        ``"label"`` or ``"metadata"``, how the project was recorded (``""`` when ``study_ids`` is
+        empty).
+
+    Raises:
+        OrthancUsageError: ``project`` is not a valid label.
+        OrthancNotFound: A study does not exist.
+        OrthancConflict: A study's project set kept changing under concurrent writers.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
 
     Example:
         ```python
@@ -262,6 +297,17 @@ def collect_cohort(
     not, or, before the PACS is touched, when the parameters or the cohort file are unusable
     (a one-line message naming what to fix); Cancelled when the time window closed first
     (re-run to continue).
+
+    Returns:
+        The run's final state, its data a ``CollectionReport`` (one row per plan row with
+        counts and Orthanc IDs, studies found, complete and moved, rows deferred, the report's
+        path). Completed, Failed or Cancelled as above; operational errors (the PACS down, a
+        slot wait past its bound) end the run Failed with a one-line message, not an exception.
+
+    Raises:
+        ValueError: ``credentials_block`` names no saved ``OrthancCredentials`` block.
+        OrthancError: The research Orthanc did not answer, or refused the credentials, when the
+            run started.
 
     Example:
         ```python

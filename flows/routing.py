@@ -122,6 +122,19 @@ class RouteReport(BaseModel):
 def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts | None:
     """The facts routing rules match on, or None when the study is gone.
 
+    Args:
+        credentials: The research Orthanc (``OrthancCredentials`` block).
+        study_id: Orthanc ID of the study.
+
+    Returns:
+        The study's ``StudyFacts`` (instance count, modalities, the sender's AET, when it was
+        last routed, where it came from), or None when the study is gone.
+
+    Raises:
+        OrthancError: The research Orthanc did not answer or refused (retried by Prefect when
+            transient).
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         facts = inspect_study(creds, study_id)
@@ -148,6 +161,20 @@ def inspect_study(credentials: OrthancCredentials, study_id: str) -> StudyFacts 
 def label_study(credentials: OrthancCredentials, study_id: str, labels: Sequence[str]) -> str:
     """Label a study, keeping its other labels: Orthanc labels from 1.12, else the
     ``PrefectOrthancLabels`` metadata set (``tasks.labels``). Returns which one was used.
+
+    Args:
+        credentials: The research Orthanc (``OrthancCredentials`` block).
+        study_id: Orthanc ID of the study.
+        labels: Labels to attach: 1-64 letters, digits, ``-`` or ``_`` each.
+
+    Returns:
+        ``"label"`` or ``"metadata"``, how the labels were stored.
+
+    Raises:
+        OrthancUsageError: A label is not 1-64 letters, digits, ``-`` or ``_``.
+        OrthancNotFound: The study does not exist.
+        OrthancConflict: The label set kept changing under concurrent writers.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
 
     Example:
         ```python
@@ -213,6 +240,17 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
             flow's C-MOVEs); off by default, since they are not new studies.
         include_copies: Also route copies made inside Orthanc by anonymize/modify (e.g. the
             sharing flow's de-identified copies); off by default.
+
+    Returns:
+        The run's final state, its data a ``RouteReport`` (rule names matched, done and failed,
+        or ``skipped``). Completed when every matched rule succeeded or the study was skipped
+        (gone, retrieved by this package, a copy made in Orthanc, already routed at its
+        LastUpdate); Failed when a rule failed (the study is not marked routed).
+
+    Raises:
+        ValueError: ``credentials_block`` names no saved ``OrthancCredentials`` block.
+        OrthancError: The research Orthanc did not answer or refused while the study was
+            inspected or marked routed (after the tasks' retries).
     """
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)
@@ -313,6 +351,15 @@ def sweep_failed_routes(lookback_hours: float = 24.0) -> State[SweepReport]:
 
     Args:
         lookback_hours: How far back to look for failed route-new-study runs, in hours.
+
+    Returns:
+        The run's final state, its data a ``SweepReport`` (counts of studies found with a
+        failed route, routed again, still failing): Completed when every study was routed,
+        Failed when some still fail.
+
+    Raises:
+        httpx.HTTPError: The Prefect API did not answer or refused while the failed runs were
+            listed.
     """
     logger = get_run_logger()
     todo = _failed_routes(lookback_hours)

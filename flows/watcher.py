@@ -71,6 +71,15 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
         start_at: Where a new cursor starts: the end of the change log or its beginning.
         credentials_block: Name of the OrthancCredentials block of the watched Orthanc
             (empty: the ORTHANC_* environment variables).
+
+    Returns:
+        The run's final state, its data a ``WatchReport`` (polls, events posted, errors, the
+        cursor's position): Completed, or Failed when the last poll failed.
+
+    Raises:
+        ValueError: ``credentials_block`` names no saved ``OrthancCredentials`` block.
+        OrthancError: The watched Orthanc did not answer when a new cursor was placed at the
+            end of its change log (errors of later polls are counted, not raised).
     """
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)

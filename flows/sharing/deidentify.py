@@ -51,6 +51,23 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
     first deletes what a crashed run left of this study (its anonymized copy in Orthanc, its
     files in staging, found by name).
 
+    Args:
+        credentials: The research Orthanc (``OrthancCredentials`` block).
+        source_id: Orthanc ID of the source study.
+        request: The sharing options: ``profile``, ``staging_dir`` and ``package`` are read.
+        secret: The project secret (``project_secret``), at least 16 bytes.
+
+    Returns:
+        The study's ``SharedStudy``, with ``outcome`` ``verified`` (its ZIP in ``file``, with
+        ``size`` and ``sha256``), ``excluded`` (every instance held back, counted in
+        ``excluded_reasons``) or ``quarantined`` (``findings`` say why; the ZIP is moved to
+        ``quarantine/`` in staging).
+
+    Raises:
+        OrthancError: The research Orthanc did not answer or refused (e.g. ``OrthancNotFound``
+            for a study that no longer exists).
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         shared = deidentify_study(creds, study_id, request, project_secret(None))

@@ -55,6 +55,25 @@ def deliver_study(credentials: OrthancCredentials, study: SharedStudy,
     anonymized copy (unless ``options.keep_anonymized``) are removed. Run it under
     ``tasks.study_lock(study.source_id)`` when other runs may share the same study.
 
+    Args:
+        credentials: The research Orthanc (``OrthancCredentials`` block).
+        study: A ``verified`` study, as ``deidentify_study`` returns it.
+        options: The sharing options: ``destination``, ``profile``, ``package``, ``ledger_path``,
+            ``linkage_path`` and ``keep_anonymized`` are read.
+
+    Returns:
+        The study with ``outcome`` ``delivered`` (``version``, ``file``, ``supersedes`` and
+        ``delivered`` set) or ``delivered_before``.
+
+    Raises:
+        DeliveryError: The study is not ``verified``, or the destination already holds other bytes
+            under the package's name (nothing is overwritten).
+        ModalityLimitMissing: A modality destination has no concurrency limit.
+        SlotWaitExceeded: No slot of the modality destination's limit became free in time.
+        OrthancError: The research Orthanc or the destination did not answer or refused (a failed
+            C-STORE or peer-store job is an ``OrthancJobFailed``).
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         delivered = deliver_study(creds, shared, request)  # request: a SharingOptions

@@ -61,6 +61,23 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
     second finds it delivered. Returns the study's ``SharedStudy``; raises what the steps
     raise (PHI-free ``SafeMessageError`` messages, or the type only).
 
+    Args:
+        credentials: The research Orthanc (``OrthancCredentials`` block).
+        source_id: Orthanc ID of the source study.
+        request: The sharing options (destination, profile, paths, ``keep_anonymized``).
+        secret: The project secret (``project_secret``), at least 16 bytes.
+        locked: True when the caller already holds the study's lock.
+
+    Returns:
+        The study's ``SharedStudy``, whose ``outcome`` is ``delivered``, ``delivered_before``,
+        ``excluded`` or ``quarantined``.
+
+    Raises:
+        SlotWaitExceeded: The study's lock was not free within the wait bound.
+        DeliveryError: The destination already holds other bytes under the package's name.
+        OrthancError: The research Orthanc or the destination did not answer or refused.
+        TaskFailure: Any other error, its message withheld (it may hold patient data).
+
     Example:
         ```python
         outcome = share_study(creds, study_id, request, project_secret(None))
@@ -161,6 +178,16 @@ def share_studies(
     with ``WARNING``), and with a warning when nothing was selected; Failed when any study was
     quarantined or failed, with nothing of it delivered, or, before anything is touched,
     when the parameters are unusable (a one-line message).
+
+    Returns:
+        The run's final state, its data the list of ``SharedStudy`` described above (Orthanc
+        IDs, outcomes, counts and checksums; the run's artifact and logs show no pseudonym).
+
+    Raises:
+        ValueError: The de-identification secret is missing or shorter than 16 characters, or
+            ``credentials_block`` names no saved ``OrthancCredentials`` block.
+        OrthancError: The research Orthanc did not answer or refused while the studies were
+            selected (each study's own errors end as its ``failed`` outcome instead).
 
     Example:
         ```python
