@@ -167,6 +167,9 @@ class RowReport(BaseModel):
 
 
 class CollectionReport(BaseModel):
+    """What a collection run did: one ``RowReport`` per plan row, studies found, complete and
+    moved, studies deferred by the time window, and the report CSV's path. No identifiers."""
+
     model_config = ConfigDict(frozen=True)
 
     rows: tuple[RowReport, ...]

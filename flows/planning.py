@@ -51,6 +51,8 @@ _RETURN_KEYS = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": ""}
 
 
 class RowStatus(str, enum.Enum):
+    """How planning classified a cohort row (or a criteria answer)."""
+
     FOUND = "found"
     NOT_FOUND = "not_found"
     AMBIGUOUS = "ambiguous"
@@ -64,6 +66,10 @@ class RowStatus(str, enum.Enum):
 
 
 class PlannedStudy(BaseModel):
+    """A study a plan row matched: its UID (kept out of reprs), the UID's hash key, the
+    instance count the PACS gave (None when it gave none), whether research already holds it
+    whole, and where the count came from."""
+
     model_config = ConfigDict(frozen=True)
 
     uid: str = Field(repr=False)
@@ -74,6 +80,9 @@ class PlannedStudy(BaseModel):
 
 
 class PlanRow(BaseModel):
+    """One cohort row (or one criteria answer), numbered from 1: its ``RowStatus``, the
+    studies it matched and a note without values."""
+
     model_config = ConfigDict(frozen=True)
 
     index: int

@@ -149,6 +149,8 @@ class ResourceStatistics(_Model):
 
 
 class JobState(str, enum.Enum):
+    """An Orthanc job's ``State`` (``GET /jobs/{id}``); ``finished`` for Success or Failure."""
+
     PENDING = "Pending"
     RUNNING = "Running"
     SUCCESS = "Success"
@@ -217,6 +219,9 @@ class QueryResult(_Model):
 
 
 class Change(_Model):
+    """One entry of Orthanc's change log: sequence number, change type (e.g. ``StableStudy``),
+    resource level and Orthanc ID."""
+
     seq: int = Field(alias="Seq")
     change_type: str = Field(alias="ChangeType")
     resource_type: str = Field(alias="ResourceType")
