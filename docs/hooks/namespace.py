@@ -34,7 +34,7 @@ def on_config(config: Any) -> Any:
     for module, folder in package_dir.items():
         namespace, _, name = module.partition(".")
         if namespace != _NAMESPACE or not name or "." in name:
-            raise ValueError(f"pyproject.toml maps {module!r}: expected {_NAMESPACE}.<name>")
+            continue  # a deeper mapping lies inside its parent's folder, reached through it
         link = tree / _NAMESPACE / name
         link.parent.mkdir(exist_ok=True)
         link.symlink_to(root / folder, target_is_directory=True)
