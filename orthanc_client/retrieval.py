@@ -48,8 +48,6 @@ __all__ = ["CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "S
 
 
 class CollectOutcome(str, enum.Enum):
-    """How one study's retrieval ended (``CollectResult.outcome``)."""
-
     ALREADY_PRESENT = "already_present"  # complete before we started: nothing moved
     COMPLETE = "complete"  # moved (perhaps in several rounds) and verified
     PARTIAL = "partial"  # some instances still missing after every round
