@@ -1,7 +1,7 @@
 """A small, typed client for the Orthanc REST API, sync (``Orthanc``) and async
 (``AsyncOrthanc``), configured by ``OrthancSettings`` (``ORTHANC_*`` environment variables).
 
->>> from orthanc_client import Orthanc
+>>> from prefect_orthanc.orthanc_client import Orthanc
 >>> with Orthanc.from_env() as orthanc:
 ...     study_ids = orthanc.find("Study", {"ModalitiesInStudy": "CT"})
 """

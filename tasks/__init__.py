@@ -1,7 +1,7 @@
 """Prefect tasks for Orthanc: one task per operation, PACS-safe and PHI-safe by default.
 
 >>> from prefect import flow
->>> from tasks import OrthancCredentials, retrieve_study
+>>> from prefect_orthanc.tasks import OrthancCredentials, retrieve_study
 >>> @flow
 ... def pull(study_uid: str):
 ...     return retrieve_study(OrthancCredentials.load("research"), "pacs", study_uid)
