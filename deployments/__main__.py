@@ -1,9 +1,10 @@
-"""``python -m prefect_orthanc.deployments check | setup | serve``: the deployments' command line.
+"""``python -m prefect_orthanc.deployments``: the deployments' command line.
 
-    python -m prefect_orthanc.deployments check                 # validate prefect.yaml strictly
-    python -m prefect_orthanc.deployments setup                 # work pool, PACS limits, blocks (from settings)
-    python -m prefect_orthanc.deployments serve [--only NAME] [--replace] [--file PATH]   # serve them
-    python -m prefect_orthanc.deployments stack up|status|down [--netns] ...   # the production stack, locally
+    python -m prefect_orthanc.deployments init [DIR]     # write the prefect.yaml template there
+    python -m prefect_orthanc.deployments check [--file PATH]     # validate prefect.yaml strictly
+    python -m prefect_orthanc.deployments setup          # work pool, PACS limits, blocks
+    python -m prefect_orthanc.deployments serve [--only NAME] [--replace] [--file PATH]
+    python -m prefect_orthanc.deployments stack up|status|down ...  # from a checkout only
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"prefect-orthanc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="write the shipped prefect.yaml and Orthanc Lua "
+                                            "script into a project directory (never over a "
+                                            "file)")
+    init.add_argument("directory", nargs="?", default=".",
+                      help="your Prefect project's directory (default: the current one)")
     check = commands.add_parser("check", help="validate prefect.yaml (unknown keys, "
                                               "entrypoints, parameters, schedules, triggers)")
     setup_command = commands.add_parser("setup", help="create the work pool, PACS limits and "
@@ -40,12 +46,32 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["stack"]:
-        from prefect_orthanc.deployments.multihost.cli import main as stack
-
+        try:
+            from prefect_orthanc.deployments.multihost.cli import main as stack
+        except ModuleNotFoundError as missing:
+            if missing.name != "prefect_orthanc.deployments.multihost":
+                raise
+            print("stack: the production-shaped local stack is checkout tooling, not in the "
+                  "installed package; run it from a git checkout (scripts/bootstrap)",
+                  file=sys.stderr)
+            return 2
         return stack(argv[1:])
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+    if args.command == "init":
+        from prefect_orthanc.deployments.files import TemplateExists, copy_templates
+
+        try:
+            written = copy_templates(args.directory)
+        except TemplateExists as error:
+            print(f"init: {error}", file=sys.stderr)
+            return 1
+        for path in written:
+            print(f"wrote {path}")
+        print("next: edit prefect.yaml (schedules, parameters; add your own flows), then "
+              "`python -m prefect_orthanc.deployments check --file prefect.yaml`")
+        return 0
     if args.command == "check":
         from prefect_orthanc.deployments.spec import SpecError, load
 

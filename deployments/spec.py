@@ -13,14 +13,15 @@ turns the same entries into ``RunnerDeployment`` objects for ``serve``.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PREFECT_YAML = ROOT / "prefect.yaml"
+from prefect_orthanc.deployments.files import PREFECT_YAML
 
 __all__ = ["PREFECT_YAML", "DeploymentSpec", "SpecError", "load", "runner_deployments"]
 
@@ -69,7 +70,7 @@ class DeploymentSpec:
     work_pool: str | None = None
     enforce_parameter_schema: bool = True
     #: the directory of the prefect.yaml it came from (file entrypoints are relative to it)
-    base_dir: Path = ROOT
+    base_dir: Path = field(default_factory=Path.cwd)
     _flow: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -121,7 +122,7 @@ class DeploymentSpec:
 
 
 def _check_deployment(raw: dict[str, Any], where: str, problems: list[str],
-                      base_dir: Path = ROOT) -> DeploymentSpec | None:
+                      base_dir: Path) -> DeploymentSpec | None:
     from prefect.cli.deploy._models import DeploymentConfig
 
     unknown = set(raw) - set(DeploymentConfig.model_fields)
@@ -205,9 +206,12 @@ def _check_deployment(raw: dict[str, Any], where: str, problems: list[str],
     return spec
 
 
-def load(path: str | Path = PREFECT_YAML) -> list[DeploymentSpec]:
-    """Read and check prefect.yaml; raise ``SpecError`` naming every problem found."""
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+def load(path: str | Path | Traversable = PREFECT_YAML) -> list[DeploymentSpec]:
+    """Read and check a prefect.yaml (default: the shipped one); raise ``SpecError`` naming
+    every problem found. File entrypoints (``flows/mine.py:my_flow``) are relative to the
+    file's directory."""
+    source = Path(path) if isinstance(path, str | os.PathLike) else path
+    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: not a mapping")
@@ -224,7 +228,7 @@ def load(path: str | Path = PREFECT_YAML) -> list[DeploymentSpec]:
     names: set[str] = set()
     for i, item in enumerate(raw.get("deployments") or []):
         spec = _check_deployment(item if isinstance(item, dict) else {}, f"deployment #{i}",
-                                 problems, Path(path).resolve().parent)
+                                 problems, Path(str(source)).resolve().parent)
         if spec is None:
             continue
         if spec.full_name in names:

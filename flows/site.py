@@ -9,9 +9,10 @@ given. Nothing resolves against the working directory, so a run started by a wor
 ``serve`` or from a shell in the checkout writes to the same place.
 
 Default: ``$XDG_DATA_HOME/prefect-orthanc`` (``~/.local/share/prefect-orthanc``). A data
-directory or a path inside the code checkout is refused (``SiteError``) unless
-``PREFECT_ORTHANC_ALLOW_DATA_IN_CHECKOUT=true``, which is meant for synthetic data only (the
-demo writes to ``demo-output/``). ``python -m prefect_orthanc.deployments setup`` checks and creates it.
+directory or a path inside the code (the checkout, or the installed package directory) is
+refused (``SiteError``) unless ``PREFECT_ORTHANC_ALLOW_DATA_IN_CHECKOUT=true``, which is meant
+for synthetic data only (the demo writes to ``demo-output/``).
+``python -m prefect_orthanc.deployments setup`` checks and creates it.
 
 Layout (the shipped deployments' defaults)::
 
@@ -34,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -41,10 +43,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
-__all__ = ["CODE_DIR", "DATA_DIR_ENV", "SiteError", "SiteSettings", "default_data_dir"]
+__all__ = ["CODE_DIR", "DATA_DIR_ENV", "IS_CHECKOUT", "SiteError", "SiteSettings",
+           "default_data_dir"]
 
-#: the directory holding this project's code (the checkout, or site-packages when installed)
-CODE_DIR = Path(__file__).resolve().parents[1]
+#: the directory holding this project's code, which site data must stay out of: in a
+#: checkout (editable install) the checkout's root, the folder holding flows/, tasks/, ...;
+#: installed from a wheel, the package directory ``site-packages/prefect_orthanc`` (pip
+#: replaces or deletes it on upgrade and uninstall). Both are the parent of ``flows``.
+CODE_DIR = Path(str(files("prefect_orthanc.flows"))).resolve().parent
+#: True in a checkout (its root holds pyproject.toml), False for an installed package
+IS_CHECKOUT = (CODE_DIR / "pyproject.toml").is_file()
+_CODE_KIND = "code checkout" if IS_CHECKOUT else "installed package"
 DATA_DIR_ENV = "PREFECT_ORTHANC_DATA_DIR"
 ALLOW_ENV = "PREFECT_ORTHANC_ALLOW_DATA_IN_CHECKOUT"
 
@@ -92,7 +101,7 @@ class SiteSettings(BaseSettings):
 
     def _check(self, path: Path, what: str) -> None:
         if not self.allow_data_in_checkout and _inside(path.resolve(), CODE_DIR):
-            raise ValueError(f"{what} ({path}) is inside the code checkout {CODE_DIR}: site "
+            raise ValueError(f"{what} ({path}) is inside the {_CODE_KIND} {CODE_DIR}: site "
                              f"data (identifiers, linkage) must live elsewhere; set "
                              f"{DATA_DIR_ENV} to a directory outside it (default "
                              f"{default_data_dir()})")

@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: str) -> int:
+    from prefect_orthanc.deployments.files import STUDY_EVENTS_LUA
     from prefect_orthanc.deployments.lab.processes import stop_group
     from prefect_orthanc.deployments.lab.servers import OrthancLab
 
     _banner("starting the Orthanc lab (pacs + research, Debian's Orthanc)")
-    lua = ROOT / "deployments" / "orthanc" / "study_events.lua"
+    lua = Path(str(STUDY_EVENTS_LUA))
     events = {"PrefectEvents": {"Url": os.environ["PREFECT_API_URL"] + "/events",
                                 "Server": "research"}}
     with OrthancLab.start(out / "lab", stable_age=2, research_lua_scripts=[lua],

@@ -255,3 +255,34 @@ def research_env(lab, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+# ------------------------------------------------------------------ the wheel
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory):
+    """This checkout built as the wheel PyPI would get (``pip wheel --no-deps``; only the
+    build backend comes from the package index, pip's cache first). Built from a copy of the
+    sources: a build in the checkout leaves build/, whose stale files can land in later
+    wheels. Symlinks are copied as their targets (deployments/prefect.yaml)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "prefect.yaml"):
+        shutil.copy2(repo / name, source / name)
+    for package in ("orthanc_client", "tasks", "flows", "deployments"):
+        shutil.copytree(repo / package, source / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                            "--wheel-dir", str(tmp / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp / "dist").glob("prefect_orthanc-*.whl")
+    return wheel

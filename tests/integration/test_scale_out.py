@@ -1,15 +1,14 @@
 """README's deploy path with a worker elsewhere: ``prefect deploy`` from this checkout, a
-process worker started with ``--limit 2`` in another directory, running a copy of the
-project at another path (named by ``PYTHONPATH``, as on another host). Two cohort runs of the
-shipped collection deployment (its own concurrency limit, pull step and parameters) run at
-the same time there, and the code that ran is the copy's."""
+process worker started with ``--limit 2`` in another directory, running the package installed
+at another path (the wheel, ``pip install --target``, named by ``PYTHONPATH``, as on another
+host). Two cohort runs of the shipped collection deployment (its own concurrency limit, pull
+step and parameters) run at the same time there, and the code that ran is that install's."""
 
 from __future__ import annotations
 
 import copy
 import csv
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,14 +30,14 @@ RUN_BOUND = 180  # seconds for both runs to be picked up and finish
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def _copy_of_the_project(dest: Path) -> Path:
-    """What a worker host needs: the packages and prefect.yaml (no .git, no venv)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in ("flows", "tasks", "orthanc_client", "deployments"):
-        shutil.copytree(REPO / package, dest / package, ignore=ignore)
-    for name in ("prefect.yaml", "pyproject.toml"):
-        shutil.copy2(REPO / name, dest / name)
-    return dest
+def _install_elsewhere(wheel: Path, dest: Path) -> Path:
+    """What a worker host needs: the package (no checkout, no prefect.yaml, no venv of ours;
+    its dependencies are the worker's Python's). Returns the installed package directory."""
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--target", str(dest), str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dest / "prefect_orthanc"
 
 
 def _derived_yaml(tmp: Path) -> Path:
@@ -57,15 +56,16 @@ def _derived_yaml(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def remote_worker(lab, tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
-    """(the copy the worker runs, the worker's data directory, its log)"""
+def remote_worker(lab, built_wheel, tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
+    """(the installed package the worker runs, the worker's data directory, its log)"""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import PREFECT_API_URL
 
     tmp = tmp_path_factory.mktemp("scaleout")
-    project = _copy_of_the_project(tmp / "other-host" / "opt" / "prefect-orthanc")
+    site = tmp / "other-host" / "opt" / "prefect-orthanc"
+    project = _install_elsewhere(built_wheel, site)
     data, elsewhere = tmp / "site-data", tmp / "worker-cwd"
     (data / "cohorts").mkdir(parents=True)
     elsewhere.mkdir()
@@ -81,7 +81,7 @@ def remote_worker(lab, tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
                             env={**os.environ, "PREFECT_API_URL": api}, timeout=300)
     assert deploy.returncode == 0, (deploy.stdout + deploy.stderr)[-3000:]
     env = {**os.environ, "PREFECT_API_URL": api, "PWD": str(elsewhere),
-           "PYTHONPATH": str(project), "PREFECT_ORTHANC_DATA_DIR": str(data),
+           "PYTHONPATH": str(site), "PREFECT_ORTHANC_DATA_DIR": str(data),
            "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
            "ORTHANC_PASSWORD": lab.research.password}
     log = tmp / "worker.log"
@@ -143,10 +143,11 @@ def test_two_cohorts_run_at_once_on_a_worker_elsewhere(remote_worker, research, 
         with (data / "cohorts" / f"{name}.report.csv").open() as handle:
             assert [r["result_status"] for r in csv.DictReader(handle)] == ["collected"] * 2
 
-    # the code that ran is the copy's: a report_dir inside the copy is refused as "inside
-    # the code checkout <copy>" (the deploy host's checkout would not refuse it)
+    # the code that ran is that install's: a report_dir inside it is refused as "inside the
+    # installed package <there>" (the deploy host's checkout would not refuse it)
     (proof,) = _wait_final([run_deployment(NAME, timeout=0, parameters={
         "cohort_file": "cohorts/a.csv", "report_dir": str(project / "reports")}).id], log)
     assert proof.state.is_failed()
-    assert f"is inside the code checkout {project}" in proof.state.message, proof.state.message
+    assert f"is inside the installed package {project}" in proof.state.message, (
+        proof.state.message)
     assert "Traceback" not in log.read_text(errors="replace")
