@@ -55,6 +55,7 @@ from prefect_orthanc.orthanc_client import (
 from prefect_orthanc.tasks import (
     OrthancCredentials,
     UnknownModality,
+    load_credentials,
     modality_slot,
     orthanc_task,
     require_modality,
@@ -64,11 +65,6 @@ from prefect_orthanc.tasks.labels import attach_labels
 from prefect_orthanc.tasks.origin import end_retrievals_left_behind
 
 __all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"]
-
-
-def load_credentials(block: str | None) -> OrthancCredentials:
-    """A saved ``OrthancCredentials`` block by name, or ``ORTHANC_*`` from the environment."""
-    return OrthancCredentials.load(block) if block else OrthancCredentials.from_env()
 
 
 @orthanc_task(name="plan_cohort", run_name=lambda p: f"plan-{p['request'].source_modality}",

@@ -10,7 +10,7 @@
 from prefect_orthanc.tasks.anonymize import anonymize_resource, modify_resource
 from prefect_orthanc.tasks.archives import download_archive
 from prefect_orthanc.tasks.changes import ChangesBatch, advance_changes_cursor, read_changes
-from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.credentials import OrthancCredentials, load_credentials
 from prefect_orthanc.tasks.jobs import wait_for_job
 from prefect_orthanc.tasks.limits import (
                      ModalityLimitMissing,
@@ -54,6 +54,7 @@ __all__ = [
                      "find_resources",
                      "is_transient",
                      "limit_name",
+                     "load_credentials",
                      "modality_slot",
                      "modify_resource",
                      "orthanc_task",

@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr
 
 from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
 
-__all__ = ["OrthancCredentials"]
+__all__ = ["OrthancCredentials", "load_credentials"]
 
 
 class OrthancCredentials(Block):
@@ -77,3 +77,19 @@ class OrthancCredentials(Block):
     def get_async_client(self) -> AsyncOrthanc:
         """An async client; use it with ``async with``."""
         return AsyncOrthanc(self.settings())
+
+
+def load_credentials(block: str | None) -> OrthancCredentials:
+    """The ``OrthancCredentials`` block saved as ``block``, or, when ``block`` is empty, one
+    read from the ``ORTHANC_*`` environment variables (``OrthancCredentials.from_env``): what
+    the ``credentials_block`` parameter of every flow of this package means.
+
+    Raises ``ValueError`` when no block of that name is saved.
+
+    Example:
+        ```python
+        with load_credentials("research").get_client() as orthanc:
+            print(orthanc.system().version)
+        ```
+    """
+    return OrthancCredentials.load(block) if block else OrthancCredentials.from_env()
