@@ -86,13 +86,6 @@ class CohortTooBroad(SafeMessageError, ValueError):
     """Criteria whose C-FIND stays capped even for a single day: nothing would be complete."""
 
 
-def _count(value: object) -> int | None:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        return None
-
-
 def _local_complete(orthanc: Orthanc, uid: str, expected: int | None) -> bool:
     if not expected:
         return False
