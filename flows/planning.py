@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_orthanc.flows.cohort import CohortRow, Criteria
+from prefect_orthanc.flows.cohort import Criteria
+from prefect_orthanc.flows.cohort_file import CohortRow
 from prefect_orthanc.orthanc_client import (
     Level,
     Orthanc,
