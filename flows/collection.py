@@ -40,10 +40,10 @@ from prefect_orthanc.flows.site import DATA_DIR_ENV, SiteError, SiteSettings
 from prefect_orthanc.flows.states import cancel_run, fail_run, stop_run
 from prefect_orthanc.flows.window import OutsideWindow, admit, window_gate
 from prefect_orthanc.orthanc_client import (
-    CollectOutcome,
-    CollectResult,
     Level,
     Orthanc,
+    RetrieveOutcome,
+    RetrieveResult,
     SafeMessageError,
 )
 from prefect_orthanc.tasks import (
@@ -138,7 +138,7 @@ class CollectionReport(BaseModel):
         return self.studies_complete == self.studies_found and not self.deferred
 
 
-def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[str]) -> RowReport:
+def _row_report(row: PlanRow, results: dict[str, RetrieveResult], deferred: set[str]) -> RowReport:
     if row.status in (RowStatus.NOT_FOUND, RowStatus.AMBIGUOUS, RowStatus.DUPLICATE,
                       RowStatus.TOO_MANY, RowStatus.EXCLUDED, RowStatus.QUERY_FAILED):
         return RowReport(index=row.index, status=row.status.value, note=row.note)
@@ -342,8 +342,8 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
                 ", ".join(f"{k.value}={v}" for k, v in counts.items() if v), len(todo),
                 len(present))
 
-    results: dict[str, CollectResult] = {
-        key: CollectResult(key=key, outcome=CollectOutcome.ALREADY_PRESENT,
+    results: dict[str, RetrieveResult] = {
+        key: RetrieveResult(key=key, outcome=RetrieveOutcome.ALREADY_PRESENT,
                            expected_instances=s.expected, received_instances=s.expected or 0)
         for key, s in present.items()}
     deferred: set[str] = set()
@@ -386,14 +386,14 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
 
 
 def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
-                  studies: list[Any], deferred: set[str]) -> dict[str, CollectResult]:
-    results: dict[str, CollectResult] = {}
+                  studies: list[Any], deferred: set[str]) -> dict[str, RetrieveResult]:
+    results: dict[str, RetrieveResult] = {}
     if not studies:
         return results
     progress = create_progress_artifact(progress=0.0, key="collection-progress",
                                         description="Studies of this run retrieved so far.")
     pending = list(studies)
-    in_flight: dict[PrefectFuture[CollectResult], Any] = {}
+    in_flight: dict[PrefectFuture[RetrieveResult], Any] = {}
     marks: list[PrefectFuture[str]] = []
     done = 0
     window_open = True
@@ -422,7 +422,7 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
             pending.insert(0, study)  # the next admit() waits for the window, or defers it
             continue
         except Exception as error:  # retries exhausted: record it, let the other studies finish
-            result = CollectResult(key=key, outcome=CollectOutcome.FAILED,
+            result = RetrieveResult(key=key, outcome=RetrieveOutcome.FAILED,
                                    expected_instances=None, received_instances=0,
                                    reason=getattr(error, "reason_code", type(error).__name__),
                                    failure=f"{type(error).__name__}: {error}"[:300])
@@ -437,7 +437,7 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
 
 
 def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
-                  results: dict[str, CollectResult], present: dict[str, Any]) -> None:
+                  results: dict[str, RetrieveResult], present: dict[str, Any]) -> None:
     """Studies already complete before this run are marked too (idempotent)."""
     if not present:
         return
@@ -452,14 +452,14 @@ def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
     end_retrievals_left_behind(key for key in ids if results[key].complete)
 
 
-def _one_patient(result: CollectResult) -> CollectResult:
+def _one_patient(result: RetrieveResult) -> RetrieveResult:
     """A study that arrived as the studies of several patients (one StudyInstanceUID under
     several PatientIDs at the PACS: a C-MOVE by UID brings them all) is not complete: it is
     not marked for the project, so it is never shared as the cohort's, and the row says why."""
     if not result.complete or len(set(result.study_ids)) <= 1:
         return result
     return result.model_copy(update={
-        "outcome": CollectOutcome.SEVERAL_PATIENTS, "reason": "several_patients",
+        "outcome": RetrieveOutcome.SEVERAL_PATIENTS, "reason": "several_patients",
         "failure": f"the PACS holds this StudyInstanceUID under {len(set(result.study_ids))} "
                    f"patients; nothing was marked for the project: check the study at the "
                    f"PACS (the studies stay unmarked in research)"})

@@ -1,7 +1,7 @@
 """Prefect tasks for Orthanc: one task per operation, PACS-safe and PHI-safe by default.
 
 >>> from prefect import flow
->>> from tasks import OrthancCredentials, retrieve_study
+>>> from prefect_orthanc.tasks import OrthancCredentials, retrieve_study
 >>> @flow
 ... def pull(study_uid: str):
 ...     return retrieve_study(OrthancCredentials.load("research"), "pacs", study_uid)
@@ -33,7 +33,7 @@ from prefect_orthanc.tasks.policy import TaskFailure, is_transient, orthanc_task
 from prefect_orthanc.tasks.resources import (
                      add_labels,
                      delete_resources,
-                     find_resources,
+                     find_resource_ids,
                      set_metadata,
 )
 
@@ -51,7 +51,7 @@ __all__ = [
                      "download_archive",
                      "echo_modality",
                      "ensure_limits",
-                     "find_resources",
+                     "find_resource_ids",
                      "is_transient",
                      "limit_name",
                      "load_credentials",

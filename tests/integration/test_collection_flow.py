@@ -62,7 +62,7 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
         research_env, research, pacs_peer, cohort, tmp_path):
     present, ambiguous, wanted = cohort.studies[0], cohort.studies[1], cohort.studies[2:4]
     _forget(research, cohort.studies[:4])
-    research.collect(pacs_peer.modality, present.study_uid)
+    research.retrieve_study(pacs_peer.modality, present.study_uid)
     _copy_with_same_accession(pacs_peer, ambiguous)
     path = _write(tmp_path / "cohort.csv", ["accession_number", "note"], [
         [present.accession, "a"], [ambiguous.accession, "b"], ["ACC00000000", "c"],
