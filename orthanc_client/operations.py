@@ -385,14 +385,12 @@ class Operations:
 
     # ------------------------------------------------------------ metadata and labels
 
-    @operation
-    def metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[str | None]:
-        """One metadata value, or None if unset. Custom names must be declared in Orthanc's
-        ``UserMetadata`` configuration (Orthanc < 1.12 refuses undeclared names)."""
+    def _metadata_value(self, level: Level | str, resource_id: str, name: str,
+                        expect: core.Expect) -> Steps[Any]:
         path, route = self._resource_path(level, resource_id)
         try:
             return (yield from self._get(f"{path}/metadata/{_seg(name)}",
-                                         f"{route}/metadata/{{name}}", expect="text"))
+                                         f"{route}/metadata/{{name}}", expect=expect))
         except OrthancNotFound as error:
             # 1.10.1 answers an unset name with a bare 404 (newer ones with "inexistent item");
             # only "unknown resource" means the resource itself is missing.
@@ -401,18 +399,17 @@ class Operations:
             return None
 
     @operation
+    def metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[str | None]:
+        """One metadata value, or None if unset. Custom names must be declared in Orthanc's
+        ``UserMetadata`` configuration (Orthanc < 1.12 refuses undeclared names)."""
+        return (yield from self._metadata_value(level, resource_id, name, "text"))
+
+    @operation
     def metadata_entry(self, level: Level | str, resource_id: str,
                        name: str) -> Steps[tuple[str, str | None] | None]:
         """One metadata value with its ``ETag`` (for a conditional ``set_metadata``), or None
         if unset. Orthanc >= 1.9.2 sends the ETag (revision and MD5 of the value)."""
-        path, route = self._resource_path(level, resource_id)
-        try:
-            return (yield from self._get(f"{path}/metadata/{_seg(name)}",
-                                         f"{route}/metadata/{{name}}", expect="etag"))
-        except OrthancNotFound as error:
-            if error.orthanc_status == _UNKNOWN_RESOURCE:
-                raise
-            return None
+        return (yield from self._metadata_value(level, resource_id, name, "etag"))
 
     @operation
     def all_metadata(self, level: Level | str, resource_id: str) -> Steps[dict[str, str]]:
