@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,11 @@ def collect_cohort(
     except (ValueError, SiteError) as error:  # CohortError too: one line, nothing touched
         get_run_logger().error("collection not started: %s", error)
         return fail_run(f"collection not started: {error}")
+    if cohort is not None:  # what was not read as a row, said (counts only, no values)
+        kinds = Counter(record.kind for record in cohort.records)
+        get_run_logger().info("cohort %s: %d rows; not read: %d line(s) before the header, "
+                              "%d blank, %d comment (#)", cohort.path.name, len(cohort.rows),
+                              kinds["preamble"], kinds["blank"], kinds["comment"])
     return _collect(request, cohort, credentials_block)
 
 
