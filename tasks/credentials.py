@@ -13,6 +13,7 @@ Without a Prefect server, ``OrthancCredentials.from_env()`` reads ``ORTHANC_*`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
@@ -92,4 +93,8 @@ def load_credentials(block: str | None) -> OrthancCredentials:
             print(orthanc.system().version)
         ```
     """
-    return OrthancCredentials.load(block) if block else OrthancCredentials.from_env()
+    if not block:
+        return OrthancCredentials.from_env()
+    # _sync: a blocking load even when called from an async flow (Prefect's async_dispatch
+    # would hand back a coroutine there)
+    return cast(OrthancCredentials, OrthancCredentials.load(block, _sync=True))  # type: ignore[call-arg]
