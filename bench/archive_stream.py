@@ -4,7 +4,7 @@ Starts a throwaway Orthanc lab, stores one study of ``--instances`` images of
 ``--pixels``² 16-bit pixels, then downloads its archive with each method, every run in a
 fresh subprocess so peak RSS belongs to that method alone:
 
-* ``client``       orthanc_client ``Orthanc.download_archive`` (streamed, hashed, atomic)
+* ``client``       orthanc_client ``Orthanc.download_resource_archive`` (streamed, hashed, atomic)
 * ``client-async`` the same through ``AsyncOrthanc``
 * ``raw-stream``   a plain ``httpx.stream`` GET writing chunks to a file (the baseline)
 * ``raw-read``     a plain ``httpx.get`` reading the whole body into memory (for contrast)
@@ -45,11 +45,11 @@ def child(method: str, url: str, study_id: str, dest: Path) -> dict[str, float]:
     started = time.perf_counter()
     if method == "client":
         with Orthanc(url=url) as orthanc:
-            size = orthanc.download_archive("Study", study_id, dest).size
+            size = orthanc.download_resource_archive("Study", study_id, dest).size
     elif method == "client-async":
         async def run() -> int:
             async with AsyncOrthanc(url=url) as orthanc:
-                return (await orthanc.download_archive("Study", study_id, dest)).size
+                return (await orthanc.download_resource_archive("Study", study_id, dest)).size
         size = asyncio.run(run())
     elif method == "raw-stream":
         with httpx.Client(base_url=url, timeout=600) as http, \

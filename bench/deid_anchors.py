@@ -171,7 +171,7 @@ def run_orthanc(tool: str, research, creds, stored) -> tuple[dict, dict, float]:
                     zip_path = ""
             else:
                 new_id = research.anonymize("Study", study, asynchronous=False).id
-                zip_path = research.download_archive("Study", new_id,
+                zip_path = research.download_resource_archive("Study", new_id,
                                                      Path(tmp) / f"{study}.zip").path
             done = []
             if zip_path:

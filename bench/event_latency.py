@@ -77,7 +77,7 @@ import httpx  # noqa: E402
 
 from bench._common import quiet_prefect  # noqa: E402
 from prefect_orthanc.deployments.lab.processes import stop_group  # noqa: E402 - no Prefect import
-from prefect_orthanc.deployments.stack import (  # noqa: E402
+from prefect_orthanc.deployments.lab.runs import (  # noqa: E402
     FINAL_STATES,
     ROUTE_DEPLOYMENT,
     new_study_runs,

@@ -55,7 +55,7 @@ def _asynchronous(lab, research, cohort) -> dict:
             "AET": scp.aet, "Host": "127.0.0.1", "Port": scp.port}, expect="none")
         _forget(research, study.study_uid)
         start = time.perf_counter()
-        result = research.collect("async", study.study_uid, settle=Settle())
+        result = research.retrieve_study("async", study.study_uid, settle=Settle())
         total = time.perf_counter() - start
         scp.wait_for_stores()
         _forget(research, study.study_uid)
@@ -94,11 +94,11 @@ def main() -> int:
                     raw.append(time.perf_counter() - start)
                     _forget(research, uid)
                     start = time.perf_counter()
-                    result = research.collect(modality, uid)
+                    result = research.retrieve_study(modality, uid)
                     full.append(time.perf_counter() - start)
                     assert result.outcome.value == "complete", result
                     start = time.perf_counter()
-                    research.collect(modality, uid)  # a re-run: counts, moves nothing
+                    research.retrieve_study(modality, uid)  # a re-run: counts, moves nothing
                     again.append(time.perf_counter() - start)
                     answers = research.query(modality, "Study", {
                         "StudyInstanceUID": uid, "NumberOfStudyRelatedInstances": ""}).answers

@@ -118,7 +118,7 @@ def main() -> int:
                                      instances_per_series=args.instances // 2, seed=9)
                 load_into(lab.pacs.url, cohort.files)
                 with ThreadPoolExecutor(4) as pool:
-                    list(pool.map(lambda s: research.collect("pacs", s.study_uid),
+                    list(pool.map(lambda s: research.retrieve_study("pacs", s.study_uid),
                                   cohort.studies))
             ids = research.find("Study")
             size_mb = research.statistics()["TotalDiskSizeMB"]

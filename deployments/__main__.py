@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.full_name}: {when}; {len(spec.triggers)} trigger(s)")
         return 0
     if args.command == "setup":
-        from prefect_orthanc.deployments.stack import SetupError, setup
+        from prefect_orthanc.deployments.setup import SetupError, setup
         from prefect_orthanc.flows.site import SiteError
 
         try:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         for what, outcome in done.items():
             print(f"{what}: {outcome}")
         return 0
-    from prefect_orthanc.deployments.stack import serve as serve_all
+    from prefect_orthanc.deployments.serve import serve as serve_all
 
     serve_all(set(args.only) if args.only else None, replace=args.replace, path=args.file)
     return 0

@@ -1,67 +1,25 @@
 """What a researcher asks for: a cohort file or C-FIND criteria, and when PACS traffic is allowed.
 
 These models are the collection flow's parameters, so the Prefect UI renders them as a form.
-They hold no patient identifiers: a cohort *file* may, but only its path is a parameter.
-
-Cohort CSV: a header row, then one row per requested study or patient, with any of the columns
-``accession_number``, ``patient_id``, ``study_instance_uid`` (at least one filled per row) and
-optionally ``study_date`` (YYYYMMDD) to narrow a patient's studies. Values are read as text, so
-leading zeros survive; surrounding spaces are ignored. Other columns are carried along untouched.
+They hold no patient identifiers: a cohort *file* may, but only its path is a parameter (the
+file's format, and its one parser: ``flows.cohort_file``).
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import re
-from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefect_orthanc.orthanc_client.errors import SafeMessageError
+from prefect_orthanc.flows.cohort_file import is_study_date
+from prefect_orthanc.tasks.labels import LABEL_PATTERN
 
-__all__ = [
-    "KEY_COLUMNS",
-    "CohortError",
-    "CohortRow",
-    "CollectionRequest",
-    "Criteria",
-    "TimeWindow",
-    "read_cohort",
-]
+__all__ = ["CollectionRequest", "Criteria", "TimeWindow"]
 
-KEY_COLUMNS = ("accession_number", "patient_id", "study_instance_uid")
-_DATE = re.compile(r"^\d{8}$")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
-
-
-class CohortError(SafeMessageError, ValueError):
-    """The cohort cannot be used as given. Names the row or field, never the cell values."""
-
-
-class CohortRow(BaseModel):
-    """One cohort row as read from the file (values are the user's own identifiers)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    index: int  # 1-based data row number (the header is row 0)
-    accession_number: str = Field("", repr=False)
-    patient_id: str = Field("", repr=False)
-    study_instance_uid: str = Field("", repr=False)
-    study_date: str = Field("", repr=False)
-
-    def query(self) -> dict[str, str]:
-        """The study-level C-FIND keys for this row (return keys asked for empty)."""
-        keys = {"AccessionNumber": self.accession_number, "PatientID": self.patient_id,
-                "StudyInstanceUID": self.study_instance_uid, "StudyDate": self.study_date}
-        return {name: value for name, value in keys.items() if value}
-
-
-def _date(value: str) -> dt.date:
-    return dt.datetime.strptime(value, "%Y%m%d").date()
 
 
 class Criteria(BaseModel):
@@ -83,9 +41,8 @@ class Criteria(BaseModel):
         value = value.strip().replace("-", "")
         if not value:
             return value
-        if not _DATE.match(value):
+        if not is_study_date(value):  # also refuses 20240231
             raise ValueError("dates are YYYYMMDD")
-        _date(value)  # raises on 20240231
         return value
 
     @field_validator("modalities")
@@ -222,7 +179,7 @@ class CollectionRequest(BaseModel):
     @field_validator("project")
     @classmethod
     def _check_project(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        if not re.fullmatch(LABEL_PATTERN, value):  # the project is a label of its studies
             raise ValueError("project is 1-64 letters, digits, '-' or '_'")
         return value
 
@@ -248,61 +205,3 @@ class CollectionRequest(BaseModel):
         if (self.cohort_file is None) == (self.criteria is None):
             raise ValueError("give exactly one of cohort_file and criteria")
         return self
-
-
-def read_cohort(path: str | Path) -> list[CohortRow]:
-    """Read and check a cohort CSV; every problem is reported at once, by row and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise CohortError(f"cohort file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise CohortError(f"{path.name}: not UTF-8 text (save the sheet as CSV UTF-8)") from None
-    sample = text[:4096]
-    try:
-        dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(text.splitlines(), dialect)
-    header = next(reader, None)
-    if not header:
-        raise CohortError(f"{path.name}: empty file, expected a header row")
-    columns = [h.strip().lower().replace(" ", "_") for h in header]
-    if not set(columns) & set(KEY_COLUMNS):
-        raise CohortError(f"{path.name}: header has none of the columns {', '.join(KEY_COLUMNS)}")
-    if len(set(columns)) != len(columns):
-        raise CohortError(f"{path.name}: duplicate column names in the header")
-    problems: list[str] = []
-    rows: list[CohortRow] = []
-    for number, cells in enumerate(reader, start=1):
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) != len(columns):
-            problems.append(f"row {number}: {len(cells)} cells, header has {len(columns)}")
-            continue
-        values = {c: v.strip() for c, v in zip(columns, cells) if c in (*KEY_COLUMNS, "study_date")}
-        if not any(values.get(c) for c in KEY_COLUMNS):
-            problems.append(f"row {number}: no accession_number, patient_id or "
-                            f"study_instance_uid")
-            continue
-        uid = values.get("study_instance_uid", "")
-        if uid and (not _UID.match(uid) or len(uid) > 64):
-            problems.append(f"row {number}: study_instance_uid is not a DICOM UID")
-        date = values.get("study_date", "")
-        if date:
-            try:
-                if not _DATE.match(date):
-                    raise ValueError
-                _date(date)
-            except ValueError:
-                problems.append(f"row {number}: study_date is not YYYYMMDD")
-        if any(ch in v for v in values.values() for ch in "*?\\"):
-            problems.append(f"row {number}: wildcards and backslashes are not allowed")
-        rows.append(CohortRow(index=number, **values))
-    if problems:
-        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise CohortError(f"{path.name}: {len(problems)} problem(s): {shown}")
-    if not rows:
-        raise CohortError(f"{path.name}: no data rows")
-    return rows

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,29 +33,24 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
-from prefect_orthanc.flows.cohort import (
-    CohortError,
-    CohortRow,
-    CollectionRequest,
-    Criteria,
-    TimeWindow,
-    read_cohort,
-)
+from prefect_orthanc.flows.cohort import CollectionRequest, Criteria, TimeWindow
+from prefect_orthanc.flows.cohort_file import CohortError, CohortFile, CohortRow
 from prefect_orthanc.flows.parameters import described_by, request_from
 from prefect_orthanc.flows.planning import PlanRow, RowStatus, plan_criteria, plan_rows
 from prefect_orthanc.flows.site import DATA_DIR_ENV, SiteError, SiteSettings
 from prefect_orthanc.flows.states import cancel_run, fail_run, stop_run
 from prefect_orthanc.flows.window import OutsideWindow, admit, window_gate
 from prefect_orthanc.orthanc_client import (
-    CollectOutcome,
-    CollectResult,
     Level,
     Orthanc,
+    RetrieveOutcome,
+    RetrieveResult,
     SafeMessageError,
 )
 from prefect_orthanc.tasks import (
     OrthancCredentials,
     UnknownModality,
+    load_credentials,
     modality_slot,
     orthanc_task,
     require_modality,
@@ -64,11 +60,6 @@ from prefect_orthanc.tasks.labels import attach_labels
 from prefect_orthanc.tasks.origin import end_retrievals_left_behind
 
 __all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"]
-
-
-def load_credentials(block: str | None) -> OrthancCredentials:
-    """A saved ``OrthancCredentials`` block by name, or ``ORTHANC_*`` from the environment."""
-    return OrthancCredentials.load(block) if block else OrthancCredentials.from_env()
 
 
 @orthanc_task(name="plan_cohort", run_name=lambda p: f"plan-{p['request'].source_modality}",
@@ -100,7 +91,7 @@ def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest,
     Example:
         ```python
         request = CollectionRequest(cohort_file="cohort.csv")
-        plan = plan_cohort(creds, request, read_cohort(request.cohort_file))
+        plan = plan_cohort(creds, request, read_cohort(request.cohort_file))  # flows.cohort_file
         ```
     """
     with credentials.get_client() as orthanc:
@@ -152,7 +143,9 @@ def mark_collected(credentials: OrthancCredentials, study_ids: Sequence[str],
 
 
 class RowReport(BaseModel):
-    """The outcome of one cohort row: counts and Orthanc IDs, no patient identifiers."""
+    """The outcome of one cohort row: counts and Orthanc IDs, no patient identifiers.
+    ``index`` is the row's line number in the cohort file (a criteria cohort: the C-FIND
+    answer's number)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -184,7 +177,7 @@ class CollectionReport(BaseModel):
         return self.studies_complete == self.studies_found and not self.deferred
 
 
-def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[str]) -> RowReport:
+def _row_report(row: PlanRow, results: dict[str, RetrieveResult], deferred: set[str]) -> RowReport:
     if row.status in (RowStatus.NOT_FOUND, RowStatus.AMBIGUOUS, RowStatus.DUPLICATE,
                       RowStatus.TOO_MANY, RowStatus.EXCLUDED, RowStatus.QUERY_FAILED):
         return RowReport(index=row.index, status=row.status.value, note=row.note)
@@ -212,57 +205,58 @@ def _row_report(row: PlanRow, results: dict[str, CollectResult], deferred: set[s
     )
 
 
-def _publish(request: CollectionRequest, reports: Sequence[RowReport]) -> Path:
+def _publish(request: CollectionRequest, cohort: CohortFile | None,
+             reports: Sequence[RowReport]) -> Path:
     """The run's report: the CSV (``_write_csv``) and the ``collection-report`` table
     artifact (counts and statuses, no identifiers, no Orthanc IDs). Returns the CSV's path."""
     from prefect.runtime import flow_run
 
-    path = _write_csv(request, reports, str(flow_run.get_id() or "local"))
+    path = _write_csv(request, cohort, reports, str(flow_run.get_id() or "local"))
     create_table_artifact(
         key="collection-report",
         table=[{k: v for k, v in r.model_dump().items() if k != "study_ids"} for r in reports],
-        description=f"Collection of project {request.project}: per-row outcome "
-                    f"(row numbers refer to the cohort; no identifiers here).")
+        description=f"Collection of project {request.project}: per-row outcome (a row is "
+                    f"its line number in the cohort file; no identifiers here).")
     return path
 
 
-def _write_csv(request: CollectionRequest, reports: Sequence[RowReport], run_id: str) -> Path:
-    """The full per-row outcome. Next to a cohort file it repeats that file's own columns (the
-    user's identifiers: keep it where the cohort is kept); for criteria it holds none."""
-    fields = ["result_" + name for name in ("row", "status", "studies", "expected_instances",
-                                             "received_instances", "moved", "orthanc_study_ids",
-                                             "note")]  # prefixed: never clash with the user's
-    by_index = {r.index: r for r in reports}
-    if request.cohort_file:
-        source = Path(request.cohort_file)
-        path = source.with_name(f"{source.stem}.report.csv")
-        with source.open(encoding="utf-8-sig", newline="") as handle:
-            original = list(csv.reader(handle))
-        header, data = original[0], [r for r in original[1:] if any(c.strip() for c in r)]
-    else:
-        path = Path(request.report_dir) / f"collection-{run_id}.csv"
-        header, data = [], [[] for _ in reports]
+#: the report's result columns, prefixed: never clash with the user's own
+REPORT_COLUMNS = ["result_" + name for name in ("row", "status", "studies", "expected_instances",
+                                                "received_instances", "moved",
+                                                "orthanc_study_ids", "note")]
+
+
+def _write_csv(request: CollectionRequest, cohort: CohortFile | None,
+               reports: Sequence[RowReport], run_id: str) -> Path:
+    """The full per-row outcome. For a cohort file, the file itself line for line with the
+    result columns added, in its own delimiter, encoding and line ends, next to it
+    (``<name>.report<suffix>``: it holds the user's identifiers, keep it where the cohort is
+    kept); ``result_row`` is the row's line number. For criteria, one row per answer and no
+    identifiers."""
+    results = {r.index: [r.index, r.status, r.studies, r.expected_instances,
+                         r.received_instances, r.moved, " ".join(r.study_ids), r.note]
+               for r in reports}
+    if cohort is not None:
+        path = cohort.path.with_name(f"{cohort.path.stem}.report{cohort.path.suffix}")
+        return cohort.write_report(path, REPORT_COLUMNS, results)
+    path = Path(request.report_dir) / f"collection-{run_id}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(header + fields)
-        for number, cells in enumerate(data, start=1):
-            r = by_index.get(number)
-            extra = ([number, r.status, r.studies, r.expected_instances, r.received_instances,
-                      r.moved, " ".join(r.study_ids), r.note] if r else [number, "skipped"])
-            writer.writerow(cells + extra)
+        writer.writerow(REPORT_COLUMNS)
+        writer.writerows(results.values())
     tmp.replace(path)
     return path
 
 
-def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, list[CohortRow] | None]:
-    """The request with absolute paths, and the cohort's rows; ``ValueError`` (one line, no
-    cell values) for anything that would only fail later. Touches no server."""
+def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, CohortFile | None]:
+    """The request with absolute paths, and the cohort file as read; ``ValueError`` (one line,
+    no cell values) for anything that would only fail later. Touches no server."""
     request = request_from(CollectionRequest, values)
     site = SiteSettings.load()
     updates = {"report_dir": str(site.path(request.report_dir, "report_dir"))}
-    rows = None
+    cohort = None
     if request.cohort_file:
         path = site.path(request.cohort_file, "cohort_file")
         if not path.is_file():
@@ -271,8 +265,8 @@ def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, list[Co
             raise CohortError(f"cohort file not found: {path}: put the cohort there or set "
                               f"the cohort_file parameter{where}")
         updates["cohort_file"] = str(path)
-        rows = read_cohort(path)  # a malformed file: every bad row and column named
-    return request.model_copy(update=updates), rows
+        cohort = CohortFile.read(path)  # a malformed file: every bad line and column named
+    return request.model_copy(update=updates), cohort
 
 
 @flow(name="collect-research-cohort", flow_run_name="collect-{project}",
@@ -321,14 +315,19 @@ def collect_cohort(
     """
     values = dict(locals())
     try:
-        request, rows = _checked_request(values)
+        request, cohort = _checked_request(values)
     except (ValueError, SiteError) as error:  # CohortError too: one line, nothing touched
         get_run_logger().error("collection not started: %s", error)
         return fail_run(f"collection not started: {error}")
-    return _collect(request, rows, credentials_block)
+    if cohort is not None:  # what was not read as a row, said (counts only, no values)
+        kinds = Counter(record.kind for record in cohort.records)
+        get_run_logger().info("cohort %s: %d rows; not read: %d line(s) before the header, "
+                              "%d blank, %d comment (#)", cohort.path.name, len(cohort.rows),
+                              kinds["preamble"], kinds["blank"], kinds["comment"])
+    return _collect(request, cohort, credentials_block)
 
 
-def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
+def _collect(request: CollectionRequest, cohort: CohortFile | None,
              credentials_block: str | None) -> State[CollectionReport]:
     logger = get_run_logger()
     credentials = load_credentials(credentials_block)
@@ -340,11 +339,12 @@ def _collect(request: CollectionRequest, rows: list[CohortRow] | None,
         return fail_run(f"collection not started: {error}")
     with window_gate(request.time_window):  # every PACS exchange below, in every task
         try:
+            rows = list(cohort.rows) if cohort else None
             try:
                 plan = _plan(credentials, request, rows)
             except OutsideWindow as error:
-                return _not_planned(request, rows, error)
-            return _run_plan(credentials, request, plan)
+                return _not_planned(request, cohort, error)
+            return _run_plan(credentials, request, cohort, plan)
         except SafeMessageError as error:  # e.g. SlotWaitExceeded: one line, what to fix
             return stop_run("collection stopped", error)
 
@@ -370,12 +370,13 @@ def _plan(credentials: OrthancCredentials, request: CollectionRequest,
     raise AssertionError("unreachable")
 
 
-def _not_planned(request: CollectionRequest, rows: list[CohortRow] | None,
+def _not_planned(request: CollectionRequest, cohort: CohortFile | None,
                  error: OutsideWindow) -> State[CollectionReport]:
     """Cancelled before (or during) planning: every row deferred, nothing moved."""
     reports = [RowReport(index=row.index, status="deferred",
-                         note="outside the transfer window: not queried") for row in rows or ()]
-    path = _publish(request, reports)
+                         note="outside the transfer window: not queried")
+               for row in (cohort.rows if cohort else ())]
+    path = _publish(request, cohort, reports)
     report = CollectionReport(rows=tuple(reports), studies_found=0, studies_complete=0,
                               studies_moved=0, deferred=len(reports), report_path=str(path))
     message = f"not planned: {error}; re-run inside the window (report {path.name})"
@@ -384,7 +385,7 @@ def _not_planned(request: CollectionRequest, rows: list[CohortRow] | None,
 
 
 def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
-              plan: list[PlanRow]) -> State[CollectionReport]:
+              cohort: CohortFile | None, plan: list[PlanRow]) -> State[CollectionReport]:
     logger = get_run_logger()
     todo = {s.key: s for row in plan if row.status is RowStatus.FOUND
             for s in row.studies if not s.present}
@@ -396,8 +397,8 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
                 ", ".join(f"{k.value}={v}" for k, v in counts.items() if v), len(todo),
                 len(present))
 
-    results: dict[str, CollectResult] = {
-        key: CollectResult(key=key, outcome=CollectOutcome.ALREADY_PRESENT,
+    results: dict[str, RetrieveResult] = {
+        key: RetrieveResult(key=key, outcome=RetrieveOutcome.ALREADY_PRESENT,
                            expected_instances=s.expected, received_instances=s.expected or 0)
         for key, s in present.items()}
     deferred: set[str] = set()
@@ -409,7 +410,7 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
         else [RowReport(index=r.index, status=r.status.value, studies=len(r.studies),
                         expected_instances=sum(s.expected or 0 for s in r.studies),
                         note=r.note) for r in plan]
-    path = _publish(request, reports)
+    path = _publish(request, cohort, reports)
     found = sum(len(r.studies) for r in plan if r.status in (RowStatus.FOUND,
                                                              RowStatus.ALREADY_PRESENT))
     complete = sum(r.complete for r in results.values())
@@ -440,14 +441,14 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
 
 
 def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
-                  studies: list[Any], deferred: set[str]) -> dict[str, CollectResult]:
-    results: dict[str, CollectResult] = {}
+                  studies: list[Any], deferred: set[str]) -> dict[str, RetrieveResult]:
+    results: dict[str, RetrieveResult] = {}
     if not studies:
         return results
     progress = create_progress_artifact(progress=0.0, key="collection-progress",
                                         description="Studies of this run retrieved so far.")
     pending = list(studies)
-    in_flight: dict[PrefectFuture[CollectResult], Any] = {}
+    in_flight: dict[PrefectFuture[RetrieveResult], Any] = {}
     marks: list[PrefectFuture[str]] = []
     done = 0
     window_open = True
@@ -476,7 +477,7 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
             pending.insert(0, study)  # the next admit() waits for the window, or defers it
             continue
         except Exception as error:  # retries exhausted: record it, let the other studies finish
-            result = CollectResult(key=key, outcome=CollectOutcome.FAILED,
+            result = RetrieveResult(key=key, outcome=RetrieveOutcome.FAILED,
                                    expected_instances=None, received_instances=0,
                                    reason=getattr(error, "reason_code", type(error).__name__),
                                    failure=f"{type(error).__name__}: {error}"[:300])
@@ -491,7 +492,7 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
 
 
 def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
-                  results: dict[str, CollectResult], present: dict[str, Any]) -> None:
+                  results: dict[str, RetrieveResult], present: dict[str, Any]) -> None:
     """Studies already complete before this run are marked too (idempotent)."""
     if not present:
         return
@@ -506,14 +507,14 @@ def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
     end_retrievals_left_behind(key for key in ids if results[key].complete)
 
 
-def _one_patient(result: CollectResult) -> CollectResult:
+def _one_patient(result: RetrieveResult) -> RetrieveResult:
     """A study that arrived as the studies of several patients (one StudyInstanceUID under
     several PatientIDs at the PACS: a C-MOVE by UID brings them all) is not complete: it is
     not marked for the project, so it is never shared as the cohort's, and the row says why."""
     if not result.complete or len(set(result.study_ids)) <= 1:
         return result
     return result.model_copy(update={
-        "outcome": CollectOutcome.SEVERAL_PATIENTS, "reason": "several_patients",
+        "outcome": RetrieveOutcome.SEVERAL_PATIENTS, "reason": "several_patients",
         "failure": f"the PACS holds this StudyInstanceUID under {len(set(result.study_ids))} "
                    f"patients; nothing was marked for the project: check the study at the "
                    f"PACS (the studies stay unmarked in research)"})

@@ -30,11 +30,12 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+from prefect_orthanc.orthanc_client.models import is_orthanc_id
+
 __all__ = ["EVENT", "post_events", "study_event", "study_event_id", "study_resource_id"]
 
 EVENT = "orthanc.study.stable"
 
-_STUDY_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _STAMP = re.compile(r"^\d{8}T\d{6}$")
 _SERVER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -42,7 +43,7 @@ _SERVER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 def _check(server: str, study_id: str, last_update: str | None = None) -> None:
     if not _SERVER.match(server):
         raise ValueError("server names are 1-64 letters, digits, '-' or '_'")
-    if not _STUDY_ID.match(study_id):
+    if not is_orthanc_id(study_id):
         raise ValueError("not an Orthanc study ID (five groups of 8 hex digits)")
     if last_update is not None and not _STAMP.match(last_update):
         raise ValueError("LastUpdate is YYYYMMDDTHHMMSS")

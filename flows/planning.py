@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_orthanc.flows.cohort import CohortRow, Criteria
+from prefect_orthanc.flows.cohort import Criteria
+from prefect_orthanc.flows.cohort_file import CohortRow
 from prefect_orthanc.orthanc_client import (
     Level,
     Orthanc,
@@ -93,13 +94,6 @@ class PlanRow(BaseModel):
 
 class CohortTooBroad(SafeMessageError, ValueError):
     """Criteria whose C-FIND stays capped even for a single day: nothing would be complete."""
-
-
-def _count(value: object) -> int | None:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        return None
 
 
 def _local_complete(orthanc: Orthanc, uid: str, expected: int | None) -> bool:

@@ -19,11 +19,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefect_orthanc.flows.collection import load_credentials
 from prefect_orthanc.flows.sharing import SharingOptions, share_studies
 from prefect_orthanc.flows.states import fail_run
 from prefect_orthanc.orthanc_client import Level, OrthancNotFound
 from prefect_orthanc.tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
+from prefect_orthanc.tasks.credentials import load_credentials
 from prefect_orthanc.tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
 from prefect_orthanc.tasks.origin import Origin, study_origin
 from prefect_orthanc.tasks.policy import short_id

@@ -16,11 +16,11 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict
 
-from prefect_orthanc.flows.collection import load_credentials
 from prefect_orthanc.flows.events import post_events, study_event
 from prefect_orthanc.flows.states import fail_run
 from prefect_orthanc.orthanc_client import Level, OrthancError
 from prefect_orthanc.tasks.changes import cursor_position, cursor_variable
+from prefect_orthanc.tasks.credentials import load_credentials
 from prefect_orthanc.tasks.variables import put_variable
 
 __all__ = ["WatchReport", "watch_changes"]

@@ -51,10 +51,10 @@ from prefect_orthanc.orthanc_client.models import (
 )
 from prefect_orthanc.orthanc_client.operations import dicom_gate
 from prefect_orthanc.orthanc_client.retrieval import (
-    CollectOutcome,
-    CollectResult,
     CountSource,
     ExpectedCount,
+    RetrieveOutcome,
+    RetrieveResult,
     Settle,
 )
 from prefect_orthanc.orthanc_client.settings import OrthancSettings
@@ -71,8 +71,6 @@ __all__ = [
     "AsyncOrthanc",
     "Change",
     "ChangesPage",
-    "CollectOutcome",
-    "CollectResult",
     "CountSource",
     "ExpectedCount",
     "JobInfo",
@@ -105,6 +103,8 @@ __all__ = [
     "QueryResult",
     "Resource",
     "ResourceStatistics",
+    "RetrieveOutcome",
+    "RetrieveResult",
     "SafeMessageError",
     "Settle",
     "SystemInfo",

@@ -123,10 +123,7 @@ class Orthanc(_Client):
             if response.is_error:
                 response.read()
                 return response
-            step.sink.expected = _expected_length(response)
-            if response.is_stream_consumed:  # body already read by a mock transport (respx)
-                step.sink.write(response.content)
-            else:
+            if step.sink.begin(response):
                 for chunk in response.iter_bytes(_CHUNK):
                     step.sink.write(chunk)
             return None
@@ -194,10 +191,7 @@ class AsyncOrthanc(_Client):
             if response.is_error:
                 await response.aread()
                 return response
-            step.sink.expected = _expected_length(response)
-            if response.is_stream_consumed:  # body already read by a mock transport (respx)
-                step.sink.write(response.content)
-            else:
+            if step.sink.begin(response):
                 async for chunk in response.aiter_bytes(_CHUNK):
                     step.sink.write(chunk)
             return None
@@ -218,9 +212,3 @@ class AsyncOrthanc(_Client):
                 return
 
 
-def _expected_length(response: httpx.Response) -> int | None:
-    """The body length to expect after decoding: known only when the body is not encoded."""
-    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
-        return None
-    length = response.headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None

@@ -287,6 +287,18 @@ class ArchiveSink:
         self.size = 0
         self.expected: int | None = None
 
+    def begin(self, response: httpx.Response) -> bool:
+        """The answer's headers are in: note the length to expect (known only when the body is
+        not encoded). False when the body is already read (a mock transport such as respx):
+        it is written here and there is nothing to stream; True otherwise."""
+        length = response.headers.get("Content-Length")
+        identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
+        self.expected = int(length) if identity and length and length.isdigit() else None
+        if response.is_stream_consumed:
+            self.write(response.content)
+            return False
+        return True
+
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
         self._hash.update(chunk)

@@ -27,7 +27,17 @@ __all__ = [
     "ResourceStatistics",
     "SystemInfo",
     "UploadResult",
+    "is_orthanc_id",
 ]
+
+_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+
+
+def is_orthanc_id(value: str) -> bool:
+    """Whether ``value`` has the shape of an Orthanc resource ID (a SHA-1 of the resource's
+    DICOM identifiers, as five dash-separated groups of 8 lowercase hex digits), e.g.
+    ``"0b8c9fd4-8e4a2f1c-5d3b7a90-1c2e4f6a-9b8d7c6e"``."""
+    return bool(_ORTHANC_ID.match(value))
 
 
 class Level(str, enum.Enum):

@@ -43,11 +43,11 @@ from prefect_orthanc.orthanc_client.models import (
     UploadResult,
 )
 from prefect_orthanc.orthanc_client.retrieval import (
-    CollectResult,
     ExpectedCount,
+    RetrieveResult,
     Settle,
-    collect_study,
     expected_instances,
+    retrieve_study,
 )
 from prefect_orthanc.orthanc_client.settings import OrthancSettings
 
@@ -385,14 +385,12 @@ class Operations:
 
     # ------------------------------------------------------------ metadata and labels
 
-    @operation
-    def metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[str | None]:
-        """One metadata value, or None if unset. Custom names must be declared in Orthanc's
-        ``UserMetadata`` configuration (Orthanc < 1.12 refuses undeclared names)."""
+    def _metadata_value(self, level: Level | str, resource_id: str, name: str,
+                        expect: core.Expect) -> Steps[Any]:
         path, route = self._resource_path(level, resource_id)
         try:
             return (yield from self._get(f"{path}/metadata/{_seg(name)}",
-                                         f"{route}/metadata/{{name}}", expect="text"))
+                                         f"{route}/metadata/{{name}}", expect=expect))
         except OrthancNotFound as error:
             # 1.10.1 answers an unset name with a bare 404 (newer ones with "inexistent item");
             # only "unknown resource" means the resource itself is missing.
@@ -401,18 +399,17 @@ class Operations:
             return None
 
     @operation
+    def metadata(self, level: Level | str, resource_id: str, name: str) -> Steps[str | None]:
+        """One metadata value, or None if unset. Custom names must be declared in Orthanc's
+        ``UserMetadata`` configuration (Orthanc < 1.12 refuses undeclared names)."""
+        return (yield from self._metadata_value(level, resource_id, name, "text"))
+
+    @operation
     def metadata_entry(self, level: Level | str, resource_id: str,
                        name: str) -> Steps[tuple[str, str | None] | None]:
         """One metadata value with its ``ETag`` (for a conditional ``set_metadata``), or None
         if unset. Orthanc >= 1.9.2 sends the ETag (revision and MD5 of the value)."""
-        path, route = self._resource_path(level, resource_id)
-        try:
-            return (yield from self._get(f"{path}/metadata/{_seg(name)}",
-                                         f"{route}/metadata/{{name}}", expect="etag"))
-        except OrthancNotFound as error:
-            if error.orthanc_status == _UNKNOWN_RESOURCE:
-                raise
-            return None
+        return (yield from self._metadata_value(level, resource_id, name, "etag"))
 
     @operation
     def all_metadata(self, level: Level | str, resource_id: str) -> Steps[dict[str, str]]:
@@ -579,9 +576,12 @@ class Operations:
         return core.download(call, Path(dest), self._policy(), self.settings.safe_url)
 
     @operation
-    def download_archive(self, level: Level | str, resource_id: str, dest: Path | str, *,
-                         media: bool = False) -> Steps[ArchiveResult]:
-        """Stream a resource's ZIP (``/archive``, or ``/media`` with a DICOMDIR) to ``dest``.
+    def download_resource_archive(self, level: Level | str, resource_id: str,
+                                  dest: Path | str, *, media: bool = False
+                                  ) -> Steps[ArchiveResult]:
+        """Stream one resource's ZIP (``GET /{level}/{id}/archive``, or ``/media`` with a
+        DICOMDIR) to ``dest``: one synchronous request (``download_archive`` for many
+        resources or big ones, through an Orthanc job).
 
         Memory stays flat whatever the size; the file appears only when complete.
         """
@@ -608,9 +608,12 @@ class Operations:
         return (yield from self._download(call, Path(dest)))
 
     @operation
-    def archive(self, resource_ids: Sequence[str], dest: Path | str, *, media: bool = False,
-                timeout: float | None = None) -> Steps[ArchiveResult]:
-        """Archive many resources through a job (no HTTP timeout on big sets), then stream it."""
+    def download_archive(self, resource_ids: Sequence[str], dest: Path | str, *,
+                         media: bool = False, timeout: float | None = None
+                         ) -> Steps[ArchiveResult]:
+        """ZIP resources of any level through an archive job (``POST /tools/create-archive``:
+        no HTTP timeout on big sets), wait for it (``timeout`` seconds), then stream the ZIP to
+        ``dest``; the task ``tasks.download_archive`` is this operation."""
         job_id = yield from self.archive_job.steps(resource_ids, media=media)
         yield from self.wait_for_job.steps(job_id, timeout=timeout)
         return (yield from self.download_job_archive.steps(job_id, dest))
@@ -778,9 +781,10 @@ class Operations:
         return (yield from self._send("peers", peer, resource_ids, synchronous))
 
     @operation
-    def collect(self, modality: str, study_uid: str, *, job_timeout: float | None = None,
-                refetch_rounds: int = 2, settle: Settle | None = None, move_attempts: int = 3,
-                backoff: float = 1.0) -> Steps[CollectResult]:
+    def retrieve_study(self, modality: str, study_uid: str, *,
+                       job_timeout: float | None = None, refetch_rounds: int = 2,
+                       settle: Settle | None = None, move_attempts: int = 3,
+                       backoff: float = 1.0) -> Steps[RetrieveResult]:
         """Retrieve a study from ``modality`` into this Orthanc and verify it is complete.
 
         Counts first (study-level count, else series-level, else IMAGE-level SOP Instance
@@ -789,12 +793,12 @@ class Operations:
         a move that moved nothing is tried again up to ``move_attempts`` times, ``backoff``
         seconds doubling. See ``retrieval`` for the algorithm.
 
-        >>> result = orthanc.collect("pacs", "1.2.840.113619.2.55.3")
+        >>> result = orthanc.retrieve_study("pacs", "1.2.840.113619.2.55.3")
         >>> result.outcome, result.expected_instances, result.count_source
         """
-        return (yield from collect_study(self, modality, study_uid, job_timeout=job_timeout,
-                                         refetch_rounds=refetch_rounds, settle=settle,
-                                         move_attempts=move_attempts, backoff=backoff))
+        return (yield from retrieve_study(self, modality, study_uid, job_timeout=job_timeout,
+                                          refetch_rounds=refetch_rounds, settle=settle,
+                                          move_attempts=move_attempts, backoff=backoff))
 
     @operation
     def expected_instances(self, modality: str, study_uid: str,

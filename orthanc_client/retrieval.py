@@ -1,7 +1,7 @@
 """Retrieve a study from a DICOM modality into this Orthanc, and prove it arrived whole.
 
 C-MOVE answers "success" for partial transfers often enough that success means nothing until
-counted, and real PACS differ in what they answer. ``collect_study`` therefore:
+counted, and real PACS differ in what they answer. ``retrieve_study`` therefore:
 
 1. asks the PACS for the study (C-FIND) and keeps only answers that really carry that
    StudyInstanceUID (a PACS may answer once per stored instance, or ignore a filter);
@@ -43,11 +43,19 @@ from prefect_orthanc.orthanc_client.errors import (
 )
 from prefect_orthanc.orthanc_client.models import Level
 
-__all__ = ["CollectOutcome", "CollectResult", "CountSource", "ExpectedCount", "Settle",
-           "collect_study", "expected_instances", "uid_key"]
+__all__ = [
+    "CountSource",
+    "ExpectedCount",
+    "RetrieveOutcome",
+    "RetrieveResult",
+    "Settle",
+    "expected_instances",
+    "retrieve_study",
+    "uid_key",
+]
 
 
-class CollectOutcome(str, enum.Enum):
+class RetrieveOutcome(str, enum.Enum):
     ALREADY_PRESENT = "already_present"  # complete before we started: nothing moved
     COMPLETE = "complete"  # moved (perhaps in several rounds) and verified
     PARTIAL = "partial"  # some instances still missing after every round
@@ -91,8 +99,8 @@ class Settle:
     max_wait: float = 120.0
 
 
-class CollectResult(BaseModel):
-    """What ``collect_study`` did. Holds counts, Orthanc IDs and a hash key: no DICOM values.
+class RetrieveResult(BaseModel):
+    """What ``retrieve_study`` did. Holds counts, Orthanc IDs and a hash key: no DICOM values.
 
     ``moved_instances`` counts instances that arrived during this call (so ``moved`` means a
     study was moved, not that a move was attempted); ``reason`` is a short code of the last
@@ -103,7 +111,7 @@ class CollectResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     key: str
-    outcome: CollectOutcome
+    outcome: RetrieveOutcome
     expected_instances: int | None
     received_instances: int
     count_source: CountSource | None = None
@@ -118,7 +126,7 @@ class CollectResult(BaseModel):
 
     @property
     def complete(self) -> bool:
-        return self.outcome in (CollectOutcome.ALREADY_PRESENT, CollectOutcome.COMPLETE)
+        return self.outcome in (RetrieveOutcome.ALREADY_PRESENT, RetrieveOutcome.COMPLETE)
 
     @property
     def moved(self) -> bool:
@@ -279,10 +287,10 @@ def _reason(error: OrthancError | None, fallback: str) -> tuple[str, str]:
     return getattr(error, "reason_code", "orthanc_error"), str(error)
 
 
-def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float | None = None,
-                  refetch_rounds: int = 2, settle: Settle | None = None,
-                  move_attempts: int = 3, backoff: float = 1.0) -> Steps[CollectResult]:
-    """Steps of ``Orthanc.collect``: see the module docstring. ``ops`` is the client."""
+def retrieve_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float | None = None,
+                   refetch_rounds: int = 2, settle: Settle | None = None,
+                   move_attempts: int = 3, backoff: float = 1.0) -> Steps[RetrieveResult]:
+    """Steps of ``Orthanc.retrieve_study``: see the module docstring. ``ops`` is the client."""
     settle = settle or Settle()
     key = uid_key(study_uid)
     target = (yield from ops._system_info()).dicom_aet
@@ -292,7 +300,7 @@ def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float
     answers = _matching(found.answers, "StudyInstanceUID", study_uid)
     if not answers:
         yield from _forget(ops, found.query_id)
-        return CollectResult(key=key, outcome=CollectOutcome.NOT_FOUND, expected_instances=None,
+        return RetrieveResult(key=key, outcome=RetrieveOutcome.NOT_FOUND, expected_instances=None,
                              received_instances=0)
     expected = yield from expected_instances(ops, modality, study_uid,
                                              [a.tags for a in answers])
@@ -302,7 +310,7 @@ def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float
     before = local.total
     if total and before >= total:
         yield from _forget(ops, found.query_id)
-        return CollectResult(key=key, outcome=CollectOutcome.ALREADY_PRESENT,
+        return RetrieveResult(key=key, outcome=RetrieveOutcome.ALREADY_PRESENT,
                              expected_instances=total, received_instances=before,
                              count_source=source, study_ids=local.study_ids)
 
@@ -348,14 +356,14 @@ def collect_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float
 
     received = local.total
     if not total:
-        outcome = CollectOutcome.UNVERIFIED if received else CollectOutcome.FAILED
+        outcome = RetrieveOutcome.UNVERIFIED if received else RetrieveOutcome.FAILED
     elif received >= total:
-        outcome, reason, failure = CollectOutcome.COMPLETE, None, None
+        outcome, reason, failure = RetrieveOutcome.COMPLETE, None, None
     else:
-        outcome = CollectOutcome.PARTIAL if received else CollectOutcome.FAILED
+        outcome = RetrieveOutcome.PARTIAL if received else RetrieveOutcome.FAILED
         if reason is None:
             reason, failure = _reason(None, "incomplete")
-    return CollectResult(key=key, outcome=outcome, expected_instances=total,
+    return RetrieveResult(key=key, outcome=outcome, expected_instances=total,
                          received_instances=received, count_source=source,
                          study_ids=local.study_ids, job_ids=tuple(jobs),
                          moved_instances=max(0, received - before), move_attempts=attempts,

@@ -11,7 +11,7 @@ from prefect_orthanc.orthanc_client import __version__ as __version__  # re-expo
 from prefect_orthanc.tasks.anonymize import anonymize_resource, modify_resource
 from prefect_orthanc.tasks.archives import download_archive
 from prefect_orthanc.tasks.changes import ChangesBatch, advance_changes_cursor, read_changes
-from prefect_orthanc.tasks.credentials import OrthancCredentials
+from prefect_orthanc.tasks.credentials import OrthancCredentials, load_credentials
 from prefect_orthanc.tasks.jobs import wait_for_job
 from prefect_orthanc.tasks.limits import (
                      ModalityLimitMissing,
@@ -34,7 +34,7 @@ from prefect_orthanc.tasks.policy import TaskFailure, is_transient, orthanc_task
 from prefect_orthanc.tasks.resources import (
                      add_labels,
                      delete_resources,
-                     find_resources,
+                     find_resource_ids,
                      set_metadata,
 )
 
@@ -52,9 +52,10 @@ __all__ = [
                      "download_archive",
                      "echo_modality",
                      "ensure_limits",
-                     "find_resources",
+                     "find_resource_ids",
                      "is_transient",
                      "limit_name",
+                     "load_credentials",
                      "modality_slot",
                      "modify_resource",
                      "orthanc_task",

@@ -48,4 +48,5 @@ def download_archive(credentials: OrthancCredentials, resource_ids: Sequence[str
         ```
     """
     with credentials.get_client() as orthanc:
-        return orthanc.archive(list(resource_ids), Path(dest), media=media, timeout=job_timeout)
+        return orthanc.download_archive(list(resource_ids), Path(dest), media=media,
+                                        timeout=job_timeout)

@@ -13,13 +13,14 @@ Without a Prefect server, ``OrthancCredentials.from_env()`` reads ``ORTHANC_*`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
 
-__all__ = ["OrthancCredentials"]
+__all__ = ["OrthancCredentials", "load_credentials"]
 
 
 class OrthancCredentials(Block):
@@ -77,3 +78,23 @@ class OrthancCredentials(Block):
     def get_async_client(self) -> AsyncOrthanc:
         """An async client; use it with ``async with``."""
         return AsyncOrthanc(self.settings())
+
+
+def load_credentials(block: str | None) -> OrthancCredentials:
+    """The ``OrthancCredentials`` block saved as ``block``, or, when ``block`` is empty, one
+    read from the ``ORTHANC_*`` environment variables (``OrthancCredentials.from_env``): what
+    the ``credentials_block`` parameter of every flow of this package means.
+
+    Raises ``ValueError`` when no block of that name is saved.
+
+    Example:
+        ```python
+        with load_credentials("research").get_client() as orthanc:
+            print(orthanc.system().version)
+        ```
+    """
+    if not block:
+        return OrthancCredentials.from_env()
+    # _sync: a blocking load even when called from an async flow (Prefect's async_dispatch
+    # would hand back a coroutine there)
+    return cast(OrthancCredentials, OrthancCredentials.load(block, _sync=True))  # type: ignore[call-arg]

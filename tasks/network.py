@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from prefect_orthanc.orthanc_client import (
-    CollectResult,
     JobInfo,
     Level,
     Orthanc,
     OrthancJobFailed,
     QueryResult,
+    RetrieveResult,
     SafeMessageError,
 )
 from prefect_orthanc.orthanc_client.errors import store_failure
@@ -153,7 +153,7 @@ def query_modality(credentials: OrthancCredentials, modality: str, level: Level 
               run_name=lambda p: f"retrieve-{p['modality']}-{uid_key(p['study_uid'])}")
 def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: str, *,
                    job_timeout: float | None = None, refetch_rounds: int = 2,
-                   slot_timeout: float | None = None) -> CollectResult:
+                   slot_timeout: float | None = None) -> RetrieveResult:
     """Bring one study from a modality into this Orthanc, verified complete.
 
     C-FIND the expected instance count, move only if something is missing (C-MOVE job, bounded
@@ -202,7 +202,7 @@ def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: st
         require_modality(orthanc, modality)
         with modality_slot(modality, timeout=slot_timeout):
             register_retrieval(study_uid, modality)  # before the move: see tasks.origin
-            result = orthanc.collect(modality, study_uid, job_timeout=job_timeout,
+            result = orthanc.retrieve_study(modality, study_uid, job_timeout=job_timeout,
                                      refetch_rounds=refetch_rounds)
             if result.moved:
                 mark_retrieved(orthanc, result.study_ids, modality)

@@ -9,15 +9,17 @@ from prefect_orthanc.tasks.credentials import OrthancCredentials
 from prefect_orthanc.tasks.labels import attach_labels, labels_of
 from prefect_orthanc.tasks.policy import orthanc_task, short_id
 
-__all__ = ["add_labels", "delete_resources", "find_resources", "set_metadata"]
+__all__ = ["add_labels", "delete_resources", "find_resource_ids", "set_metadata"]
 
 
-@orthanc_task(name="find_resources",
+@orthanc_task(name="find_resource_ids",
               run_name=lambda p: f"find-{Level(p['level']).value.lower()}")
-def find_resources(credentials: OrthancCredentials, level: Level | str,
-                   query: Mapping[str, str] | None = None, *, labels: Sequence[str] = (),
-                   limit: int | None = None) -> list[str]:
-    """Orthanc IDs of stored resources matching a DICOM query (all pages, none lost).
+def find_resource_ids(credentials: OrthancCredentials, level: Level | str,
+                      query: Mapping[str, str] | None = None, *, labels: Sequence[str] = (),
+                      limit: int | None = None) -> list[str]:
+    """Orthanc IDs of stored resources matching a DICOM query (all pages, none lost): the
+    client's ``Orthanc.find`` as a task. IDs only, never tags (a task's result may be stored
+    by Prefect); read summaries with ``Orthanc.find_resources`` inside your own task.
 
     Args:
         credentials: The Orthanc server to use (``OrthancCredentials`` block).
@@ -37,7 +39,7 @@ def find_resources(credentials: OrthancCredentials, level: Level | str,
 
     Example:
         ```python
-        study_ids = find_resources(creds, "Study", {"ModalitiesInStudy": "CT"})
+        study_ids = find_resource_ids(creds, "Study", {"ModalitiesInStudy": "CT"})
         ```
     """
     with credentials.get_client() as orthanc:

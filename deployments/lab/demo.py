@@ -103,7 +103,7 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
         os.environ.setdefault(SECRET_ENV, secrets.token_hex(24))  # a throwaway demo secret
 
         _banner("setup: work pool, PACS concurrency limit, blocks (python -m prefect_orthanc.deployments setup)")
-        from prefect_orthanc.deployments.stack import setup
+        from prefect_orthanc.deployments.setup import setup
 
         for what, outcome in setup().items():
             print(f"{what}: {outcome}")
@@ -189,7 +189,7 @@ def _report_rows(cohort_csv: Path) -> list[dict[str, str]]:
 def _new_study_run(study_id: str, timeout: float) -> dict | None:
     """The finished route-new-study run for this study (None if none came in time), with the
     number of runs made for the study."""
-    from prefect_orthanc.deployments.stack import new_study_runs, wait_until_final
+    from prefect_orthanc.deployments.lab.runs import new_study_runs, wait_until_final
 
     deadline = time.monotonic() + timeout
     while not (runs := new_study_runs(study_id)):
@@ -228,7 +228,7 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     print(f"cohort: {cohort_csv} ({len(wanted)} known accession numbers + 1 unknown), where "
           f"{NIGHTLY} looks for it")
 
-    from prefect_orthanc.deployments.stack import wait_until_served
+    from prefect_orthanc.deployments.lab.runs import wait_until_served
 
     wait_until_served([NIGHTLY, SHARING], served, serve_log)
     _banner(f"running {NIGHTLY} now, with one parameter overridden")
@@ -259,7 +259,7 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     delivered = len(list(shared_dir.glob("*.zip")))
 
     _banner("a new study arrives in research (C-STORE) -> event -> new-study flow")
-    from prefect_orthanc.deployments.stack import ROUTE_DEPLOYMENT
+    from prefect_orthanc.deployments.lab.runs import ROUTE_DEPLOYMENT
 
     wait_until_served([ROUTE_DEPLOYMENT], served, serve_log)
     from prefect_orthanc.orthanc_client import Orthanc
@@ -281,7 +281,7 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
         print(f"no new-study run within 60 s: see {serve_log}")
 
     _banner(f"a run made by a schedule: {WATCHER} (every {WATCHER_DEMO_INTERVAL} s here)")
-    from prefect_orthanc.deployments.stack import wait_for_scheduled_run
+    from prefect_orthanc.deployments.lab.runs import wait_for_scheduled_run
 
     try:
         scheduled = wait_for_scheduled_run(WATCHER, timeout=3 * WATCHER_DEMO_INTERVAL + 60)

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydicom.uid import RE_VALID_UID
 
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
@@ -151,7 +152,6 @@ _PREFIX = re.compile(r"^[A-Z0-9]{0,8}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,7}$")
 _DA = re.compile(r"^\d{8}$")
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 class DeidError(SafeMessageError, ValueError):
@@ -542,7 +542,7 @@ def build_request(profile: DeidProfile, secret: bytes,
         return _normalize(str(value or ""))
 
     study_uid = text("StudyInstanceUID")
-    if not study_uid or not _UID.match(study_uid):
+    if not study_uid or not RE_VALID_UID.match(study_uid):
         raise DeidError("the source study has no valid StudyInstanceUID")
     patient_id = text("PatientID")
     key, key_source = patient_key(patient_id, text("IssuerOfPatientID"), study_uid)

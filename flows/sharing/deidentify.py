@@ -133,7 +133,7 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         work = work_dir(staged)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            download = orthanc.download_archive(Level.STUDY, new_id, work / "orthanc.zip")
+            download = orthanc.download_resource_archive(Level.STUDY, new_id, work / "orthanc.zip")
             size, sha256 = deterministic_zip(download.path, staged)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -14,9 +14,6 @@ from prefect.futures import as_completed
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-# Absolute imports: prefect.yaml's entrypoint loads this file as a script, where a relative
-# import beyond its own folder fails.
-from prefect_orthanc.flows.collection import load_credentials
 from prefect_orthanc.flows.deid import DeidProfile
 from prefect_orthanc.flows.parameters import described_by, request_from
 from prefect_orthanc.flows.sharing.deidentify import deidentify_study
@@ -41,6 +38,7 @@ from prefect_orthanc.tasks import (
     require_modality,
     study_lock,
 )
+from prefect_orthanc.tasks.credentials import load_credentials
 from prefect_orthanc.tasks.labels import project_studies
 from prefect_orthanc.tasks.policy import short_id
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from prefect_orthanc.flows.deid import DeidProfile
 from prefect_orthanc.flows.sharing.secret import SECRET_ENV
 from prefect_orthanc.orthanc_client import SafeMessageError
+from prefect_orthanc.orthanc_client.models import is_orthanc_id
 
 __all__ = [
     "SHARED_DIRECTORY",
@@ -31,7 +32,6 @@ class DeliveryError(SafeMessageError):
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 
 
 class Destination(BaseModel):
@@ -151,7 +151,7 @@ class SharingRequest(SharingOptions):
     @classmethod
     def _check_ids(cls, value: list[str]) -> list[str]:
         ids = [v.strip() for v in value if v.strip()]
-        bad = sum(not _ORTHANC_ID.match(v) for v in ids)
+        bad = sum(not is_orthanc_id(v) for v in ids)
         if bad:
             raise ValueError(f"{bad} of the study_ids are not Orthanc study IDs "
                              f"(xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx)")

@@ -15,7 +15,6 @@ import pytest
 
 from prefect_orthanc.orthanc_client import (
     AsyncOrthanc,
-    CollectOutcome,
     JobState,
     Level,
     Orthanc,
@@ -27,6 +26,7 @@ from prefect_orthanc.orthanc_client import (
     OrthancUnauthorized,
     OrthancUnavailable,
     OrthancUnsupported,
+    RetrieveOutcome,
 )
 
 
@@ -67,22 +67,22 @@ def test_collect_moves_as_job_then_is_idempotent(research: Orthanc, loaded_pacs,
     research_ids = research.find("Study", {"StudyInstanceUID": study.study_uid})
     research.delete_many(research_ids)
 
-    first = research.collect("pacs", study.study_uid)
-    assert first.outcome is CollectOutcome.COMPLETE
+    first = research.retrieve_study("pacs", study.study_uid)
+    assert first.outcome is RetrieveOutcome.COMPLETE
     assert first.expected_instances == first.received_instances == len(study.files)
     assert len(first.job_ids) == 1 and len(first.study_ids) == 1
     job = research.job(first.job_ids[0])
     assert job.state is JobState.SUCCESS and job.type == "DicomMoveScu"
     assert research.count_instances("Study", first.study_ids[0]) == len(study.files)
 
-    again = research.collect("pacs", study.study_uid)
-    assert again.outcome is CollectOutcome.ALREADY_PRESENT
+    again = research.retrieve_study("pacs", study.study_uid)
+    assert again.outcome is RetrieveOutcome.ALREADY_PRESENT
     assert again.job_ids == () and again.received_instances == len(study.files)
 
 
 def test_collect_refetches_missing_series(research: Orthanc, loaded_pacs, cohort):
     study = _study(cohort, 1)
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     series = research.children("Study", study_id)
     assert len(series) >= 2
@@ -90,14 +90,14 @@ def test_collect_refetches_missing_series(research: Orthanc, loaded_pacs, cohort
     before = research.count_instances("Study", study_id)
     assert before < len(study.files)
 
-    result = research.collect("pacs", study.study_uid)
-    assert result.outcome is CollectOutcome.COMPLETE
+    result = research.retrieve_study("pacs", study.study_uid)
+    assert result.outcome is RetrieveOutcome.COMPLETE
     assert result.received_instances == len(study.files)
 
 
 def test_collect_unknown_study_is_not_found(research: Orthanc, loaded_pacs):
-    result = research.collect("pacs", "1.2.826.0.1.3680043.99999.1")
-    assert result.outcome is CollectOutcome.NOT_FOUND and not result.moved
+    result = research.retrieve_study("pacs", "1.2.826.0.1.3680043.99999.1")
+    assert result.outcome is RetrieveOutcome.NOT_FOUND and not result.moved
 
 
 def test_retrieve_and_wait_for_job(research: Orthanc, loaded_pacs, cohort):
@@ -124,7 +124,7 @@ def test_synchronous_move_and_dimse_failure(research: Orthanc, loaded_pacs, coho
 
 def test_anonymize_as_job_and_synchronously(research: Orthanc, loaded_pacs, cohort):
     study = _study(cohort, 0)
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
 
     job_id = research.anonymize("Study", study_id, replace={"PatientName": "PSEUDO^ONE"})
@@ -145,7 +145,7 @@ def test_anonymize_as_job_and_synchronously(research: Orthanc, loaded_pacs, coho
 
 def test_modify_keeps_source(research: Orthanc, loaded_pacs, cohort):
     study = _study(cohort, 0)
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     job = research.wait_for_job(research.modify("Study", study_id,
                                                 replace={"InstitutionName": "RESEARCH SITE"}))
@@ -166,9 +166,9 @@ def _check_zip(path: Path, expected: int) -> None:
 
 def test_archive_streamed_to_file(research: Orthanc, loaded_pacs, cohort, tmp_path):
     study = _study(cohort, 0)
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
-    result = research.download_archive("Study", study_id, tmp_path / "study.zip")
+    result = research.download_resource_archive("Study", study_id, tmp_path / "study.zip")
     assert result.path.exists() and result.size == result.path.stat().st_size
     import hashlib
     assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
@@ -176,15 +176,15 @@ def test_archive_streamed_to_file(research: Orthanc, loaded_pacs, cohort, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["study.zip"]  # no partial file left
 
 
-def test_archive_job_for_many_studies(research: Orthanc, loaded_pacs, cohort, tmp_path):
+def test_download_archive_job_for_many_studies(research: Orthanc, loaded_pacs, cohort, tmp_path):
     uids = [s.study_uid for s in cohort.studies[:2]]
     ids = []
     for uid in uids:
-        research.collect("pacs", uid)
+        research.retrieve_study("pacs", uid)
         ids += research.find("Study", {"StudyInstanceUID": uid})
-    result = research.archive(ids, tmp_path / "many.zip", timeout=60)
+    result = research.download_archive(ids, tmp_path / "many.zip", timeout=60)
     _check_zip(result.path, sum(len(s.files) for s in cohort.studies[:2]))
-    media = research.archive(ids[:1], tmp_path / "media.zip", media=True, timeout=60)
+    media = research.download_archive(ids[:1], tmp_path / "media.zip", media=True, timeout=60)
     with zipfile.ZipFile(media.path) as archive:
         assert any(name.endswith("DICOMDIR") for name in archive.namelist())
 
@@ -216,7 +216,7 @@ def test_bounded_wait_raises_then_reports_failure(research: Orthanc, loaded_pacs
                 "AET": "BLACKHOLE", "Host": "127.0.0.1", "Port": port, "Timeout": 3},
                 expect="none")
             study = _study(cohort, 0)
-            research.collect("pacs", study.study_uid)
+            research.retrieve_study("pacs", study.study_uid)
             (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
             job_id = research.store("blackhole", [study_id])
             started = time.monotonic()
@@ -251,7 +251,7 @@ def test_upload_file_and_zip_is_idempotent(pacs: Orthanc, cohort):
 
 def test_navigation(research: Orthanc, loaded_pacs, cohort):
     study = _study(cohort, 0)
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     resource = research.resource("Study", study_id)
     assert resource.level is Level.STUDY and resource.parent_id
@@ -277,7 +277,7 @@ def test_find_pages_on_real_server(pacs: Orthanc, loaded_pacs, cohort):
 
 def test_store_to_modality_as_job(research: Orthanc, pacs: Orthanc, loaded_pacs, cohort):
     study = _study(cohort, 0)
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     job_id = research.store("pacs", [study_id])
     info = research.wait_for_job(job_id, timeout=60)
@@ -286,7 +286,7 @@ def test_store_to_modality_as_job(research: Orthanc, pacs: Orthanc, loaded_pacs,
 
 def test_metadata_roundtrip(research: Orthanc, loaded_pacs, cohort):
     study = _study(cohort, 0)
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     assert research.metadata("Study", study_id, "PrefectOrthancSource") is None
     research.set_metadata("Study", study_id, "PrefectOrthancSource", "pacs")
@@ -358,7 +358,7 @@ def test_async_client(lab, loaded_pacs, cohort):
             info = await client.system()
             found = await client.query("pacs", "Study", {"StudyInstanceUID": ""})
             study = cohort.studies[0]
-            result = await client.collect("pacs", study.study_uid)
+            result = await client.retrieve_study("pacs", study.study_uid)
             ids = await client.find("Study", {"StudyInstanceUID": study.study_uid})
             return info, found, result, ids
 

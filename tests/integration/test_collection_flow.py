@@ -62,7 +62,7 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
         research_env, research, pacs_peer, cohort, tmp_path):
     present, ambiguous, wanted = cohort.studies[0], cohort.studies[1], cohort.studies[2:4]
     _forget(research, cohort.studies[:4])
-    research.collect(pacs_peer.modality, present.study_uid)
+    research.retrieve_study(pacs_peer.modality, present.study_uid)
     _copy_with_same_accession(pacs_peer, ambiguous)
     path = _write(tmp_path / "cohort.csv", ["accession_number", "note"], [
         [present.accession, "a"], [ambiguous.accession, "b"], ["ACC00000000", "c"],
@@ -153,8 +153,42 @@ def test_malformed_cohort_fails_fast_and_moves_nothing(research_env, research, l
     state = collect_cohort(cohort_file=str(path), return_state=True)
     assert state.is_failed()
     assert state.message.startswith("collection not started: bad.csv: 1 problem(s)")
-    assert "row 1: study_date is not YYYYMMDD" in state.message and "ACC1" not in state.message
+    assert "line 2: study_date is not YYYYMMDD" in state.message and "ACC1" not in state.message
     assert _move_jobs(research) == before
+
+
+def test_spreadsheet_shaped_cohort_gets_its_report_line_for_line(
+        research_env, research, loaded_pacs, cohort, tmp_path):
+    """A cohort as a European Excel saves it (BOM, ';', CRLF, an Excel "sep=" line, rows
+    padded with empty columns, a quoted note with ';' and a line break, blank rows, comments):
+    read by the same parser that writes the report, so the report is the file itself in its
+    own dialect, each row's outcome on its own line (the lines after a blank one included)."""
+    wanted = cohort.studies[4:6]
+    _forget(research, wanted)
+    lines = ["sep=;", "# lung cohort: batch 1", "Accession Number;Note;;",
+             f"{wanted[0].accession};\"left; right\";;", ";;;", "",
+             "# batch 2", f"{wanted[1].accession};\"two\r\nlines\";;", "ACC00000000;;;",
+             "# end"]
+    path = tmp_path / "excel.csv"
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+
+    report = collect_cohort(cohort_file=str(path), project="excel-shape")
+    assert [(r.index, r.status) for r in report.rows] == [
+        (4, "collected"), (8, "collected"), (10, "not_found")]
+    written = Path(report.report_path)
+    assert written == tmp_path / "excel.report.csv"
+    data = written.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf") and data.count(b"\n") == data.count(b"\r\n")
+    out = data.decode("utf-8-sig").split("\r\n")
+    physical = "\r\n".join(lines).split("\r\n")
+    for number in (1, 2, 5, 6, 7, 11):  # sep=, comments, blank rows: copied as they are
+        assert out[number - 1] == physical[number - 1]
+    assert out[2].startswith("Accession Number;Note;;;result_row;result_status;")
+    assert out[3].startswith(f'{wanted[0].accession};"left; right";;;4;collected;')
+    assert out[7] == f'{wanted[1].accession};"two'
+    assert out[8].startswith('lines";;;8;collected;')
+    assert out[9].startswith("ACC00000000;;;;10;not_found;")
+    assert "skipped" not in data.decode() and "," not in data.decode()
 
 
 def _task_runs(flow_run_id) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from prefect_orthanc.deployments.lab.processes import stop_group
-from prefect_orthanc.deployments.stack import (
+from prefect_orthanc.deployments.lab.runs import (
     ROUTE_DEPLOYMENT,
     new_study_runs,
     wait_until_final,

@@ -94,7 +94,7 @@ def test_concurrent_writers_keep_every_label(research, loaded_pacs, cohort):
     """Eight writers add a label each to the same study at once (the set exists, so every
     write is a compare-and-set on 1.10.1): none is lost."""
     study = cohort.studies[5]
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     attach_labels(research, Level.STUDY, study_id, ["seed"])
     before = labels_of(research, Level.STUDY, study_id)
@@ -152,7 +152,7 @@ def test_anonymized_copies_are_not_new_studies(research_env, research, loaded_pa
     delivery and fire the stable event too: skipped unless include_copies."""
     rules = [RouteRule(name="tag", action="label", labels=["arrived"])]
     study = cohort.studies[3]
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (source,) = _ids(research, [study])
     copy = research.modified_resource(research.wait_for_job(str(
         research.anonymize(Level.STUDY, source, asynchronous=True)))).id

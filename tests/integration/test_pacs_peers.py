@@ -13,10 +13,10 @@ from prefect_orthanc.flows.collection import collect_cohort
 from prefect_orthanc.flows.states import report_of
 from prefect_orthanc.orthanc_client import (
     AssociationRejected,
-    CollectOutcome,
     CountSource,
     Orthanc,
     PacsUnreachable,
+    RetrieveOutcome,
 )
 
 AETS = {"orthanc": "PACS", "dcmqrscp": "DCMQR"}
@@ -71,17 +71,17 @@ def test_expected_count_and_how_it_was_obtained(research, pacs_peer, cohort):
 def test_retrieve_verify_rerun_and_refetch(research, pacs_peer, cohort):
     study = cohort.studies[2]
     _forget(research, study.study_uid)
-    first = research.collect(pacs_peer.modality, study.study_uid)
-    assert first.outcome is CollectOutcome.COMPLETE and first.moved
+    first = research.retrieve_study(pacs_peer.modality, study.study_uid)
+    assert first.outcome is RetrieveOutcome.COMPLETE and first.moved
     assert first.expected_instances == first.received_instances == len(study.files)
 
-    again = research.collect(pacs_peer.modality, study.study_uid)
-    assert again.outcome is CollectOutcome.ALREADY_PRESENT and not again.job_ids
+    again = research.retrieve_study(pacs_peer.modality, study.study_uid)
+    assert again.outcome is RetrieveOutcome.ALREADY_PRESENT and not again.job_ids
 
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     research.delete_many(research.instances("Study", study_id)[:2])
-    fixed = research.collect(pacs_peer.modality, study.study_uid)
-    assert fixed.outcome is CollectOutcome.COMPLETE and fixed.moved_instances == 2
+    fixed = research.retrieve_study(pacs_peer.modality, study.study_uid)
+    assert fixed.outcome is RetrieveOutcome.COMPLETE and fixed.moved_instances == 2
     if pacs_peer.kind == "dcmqrscp":  # exactly the two missing instances were asked for
         assert fixed.refetched_instances == 2 and fixed.refetched_series == 0
     else:
@@ -97,7 +97,7 @@ def test_pacs_down_says_so(research, pacs_peer, cohort):
         research.echo(name)
     assert info.value.transient and info.value.reason_code == "pacs_unreachable"
     with pytest.raises(PacsUnreachable):
-        research.collect(name, cohort.studies[0].study_uid)
+        research.retrieve_study(name, cohort.studies[0].study_uid)
 
 
 def test_wrong_called_aet(research, pacs_peer, lab, cohort):
@@ -142,8 +142,8 @@ def without_destination(request, pacs_peer, lab, research, cohort, tmp_path):
 def test_unknown_move_destination(research, pacs_peer, without_destination, cohort):
     study = cohort.studies[3]
     _forget(research, study.study_uid)
-    result = research.collect(without_destination, study.study_uid)
-    assert result.outcome is CollectOutcome.FAILED and not result.moved
+    result = research.retrieve_study(without_destination, study.study_uid)
+    assert result.outcome is RetrieveOutcome.FAILED and not result.moved
     assert result.move_attempts == 1  # permanent: not retried
     assert "register research's AET" in result.failure
     # dcmqrscp answers 0xA801; an Orthanc PACS answers 0xC000 for an AET it does not know
@@ -206,7 +206,7 @@ def test_forward_to_a_partner_that_comes_back(research, research_creds, modality
     from prefect_orthanc.tasks import store_to_modality
 
     study = cohort.studies[5]
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     port = free_ports(1)[0]
     _declare(research, "partner", "PARTNER", port)

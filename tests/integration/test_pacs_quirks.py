@@ -12,7 +12,7 @@ import pytest
 from prefect_orthanc.flows.cohort import Criteria
 from prefect_orthanc.flows.collection import collect_cohort
 from prefect_orthanc.flows.states import report_of
-from prefect_orthanc.orthanc_client import CollectOutcome, Orthanc
+from prefect_orthanc.orthanc_client import Orthanc, RetrieveOutcome
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quirky_scp import QuirkySCP
@@ -90,8 +90,8 @@ def test_asynchronous_move_waits_for_arrivals(quirky, quirk_cohort, research):
     arrivals settle, with no re-fetch and one C-MOVE."""
     scp = quirky(async_store=True, store_interval=0.1)
     study = quirk_cohort.studies[1]
-    result = research.collect("quirky", study.study_uid)
-    assert result.outcome is CollectOutcome.COMPLETE
+    result = research.retrieve_study("quirky", study.study_uid)
+    assert result.outcome is RetrieveOutcome.COMPLETE
     assert result.received_instances == len(study.files)
     assert result.refetched_series == result.refetched_instances == 0
     assert scp.moves == 1
@@ -101,8 +101,8 @@ def test_busy_pacs_move_is_retried(quirky, quirk_cohort, research):
     """Out of resources (0xA702), nothing sent: retried with backoff, then complete."""
     scp = quirky(busy_moves=2)
     study = quirk_cohort.studies[2]
-    result = research.collect("quirky", study.study_uid, backoff=0.2)
-    assert result.outcome is CollectOutcome.COMPLETE and result.move_attempts == 3
+    result = research.retrieve_study("quirky", study.study_uid, backoff=0.2)
+    assert result.outcome is RetrieveOutcome.COMPLETE and result.move_attempts == 3
     assert scp.moves == 3
 
 
@@ -113,14 +113,14 @@ def test_rejected_associations_are_retried(quirky, quirk_cohort, lab):
     study = quirk_cohort.studies[3]
     with Orthanc(url=lab.research.url, username=lab.research.username,
                  password=lab.research.password, retries=3, backoff=0.1) as client:
-        result = client.collect("quirky", study.study_uid)
-    assert result.outcome is CollectOutcome.COMPLETE and scp.rejected == 2
+        result = client.retrieve_study("quirky", study.study_uid)
+    assert result.outcome is RetrieveOutcome.COMPLETE and scp.rejected == 2
 
 
 def test_unknown_destination_on_quirky(quirky, quirk_cohort, research):
     scp = quirky()
     scp.destinations.clear()
-    result = research.collect("quirky", quirk_cohort.studies[4].study_uid)
+    result = research.retrieve_study("quirky", quirk_cohort.studies[4].study_uid)
     assert result.reason == "move_destination_unknown" and result.move_attempts == 1
     assert scp.moves == 1
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from prefect_orthanc.deployments.lab.processes import stop_group
-from prefect_orthanc.deployments.stack import deployment_runs, wait_until_served
+from prefect_orthanc.deployments.lab.runs import deployment_runs, wait_until_served
 
 from .conftest import delete_deployment
 
@@ -85,7 +85,7 @@ def set_up(lab) -> dict[str, str]:
 
 def _wait(deployment: str, process: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
     """The first scheduled run of ``deployment`` that completed; the runner's log on failure."""
-    from prefect_orthanc.deployments.stack import wait_for_scheduled_run
+    from prefect_orthanc.deployments.lab.runs import wait_for_scheduled_run
 
     if process.poll() is not None:
         pytest.fail(f"the runner exited:\n{log.read_text(errors='replace')[-3000:]}")

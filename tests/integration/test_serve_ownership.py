@@ -26,7 +26,7 @@ def test_deploy_while_serving_stops_serve(lab, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     from prefect_orthanc.deployments.lab.processes import stop_group
-    from prefect_orthanc.deployments.stack import wait_until_served
+    from prefect_orthanc.deployments.lab.runs import wait_until_served
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "PREFECT_ORTHANC_OWNERSHIP_CHECK_SECONDS": "1", "ORTHANC_URL": lab.research.url,

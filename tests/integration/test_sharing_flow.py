@@ -30,7 +30,7 @@ def _patient_studies(research: Orthanc, cohort, patient_index: int = 0) -> tuple
     patient = cohort.patients[patient_index]
     ids = []
     for study in patient.studies:
-        research.collect("pacs", study.study_uid)
+        research.retrieve_study("pacs", study.study_uid)
         ids += research.find("Study", {"StudyInstanceUID": study.study_uid})
     return patient, ids
 

@@ -22,7 +22,8 @@ def test_setup_reports_the_lease_storage_and_makes_the_zombie_automation_once():
         ZOMBIE_AUTOMATION,
         lease_storage_report,
     )
-    from prefect_orthanc.deployments.stack import StackSettings, _server_for_crashes
+    from prefect_orthanc.deployments.settings import DeploymentSettings
+    from prefect_orthanc.deployments.setup import _server_for_crashes
 
     with get_client(sync_client=True) as client:
         report = lease_storage_report(client)
@@ -30,8 +31,8 @@ def test_setup_reports_the_lease_storage_and_makes_the_zombie_automation_once():
         assert "LOST when the server restarts" in report
         assert f"{LEASE_STORAGE_ENV}={FILESYSTEM_LEASES}" in report
         assert "every 15 s" in report  # the repossessor's loop, read from the server
-        first = _server_for_crashes(StackSettings())
-        again = _server_for_crashes(StackSettings())
+        first = _server_for_crashes(DeploymentSettings())
+        again = _server_for_crashes(DeploymentSettings())
         assert first[f"automation {ZOMBIE_AUTOMATION}"].startswith(("created", "up to date"))
         assert again[f"automation {ZOMBIE_AUTOMATION}"].startswith("up to date")
         found = client.read_automations_by_name(ZOMBIE_AUTOMATION)

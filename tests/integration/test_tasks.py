@@ -13,9 +13,9 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 
 from prefect_orthanc.orthanc_client import (
-    CollectOutcome,
     JobState,
     Level,
+    RetrieveOutcome,
 )
 from prefect_orthanc.tasks import (
     ModalityLimitMissing,
@@ -26,7 +26,7 @@ from prefect_orthanc.tasks import (
     delete_resources,
     download_archive,
     echo_modality,
-    find_resources,
+    find_resource_ids,
     modify_resource,
     query_modality,
     read_changes,
@@ -71,10 +71,10 @@ def test_retrieve_study_then_rerun_moves_nothing(research_creds, research, loade
     study = cohort.studies[4]
     research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
     first = _run(retrieve_study, research_creds, "pacs", study.study_uid)
-    assert first.outcome is CollectOutcome.COMPLETE
+    assert first.outcome is RetrieveOutcome.COMPLETE
     assert first.received_instances == first.expected_instances == len(study.files)
     second = _run(retrieve_study, research_creds, "pacs", study.study_uid)
-    assert second.outcome is CollectOutcome.ALREADY_PRESENT and not second.moved
+    assert second.outcome is RetrieveOutcome.ALREADY_PRESENT and not second.moved
 
 
 def test_partial_move_is_detected_and_completed(research_creds, research, pacs, flaky_study):
@@ -82,7 +82,7 @@ def test_partial_move_is_detected_and_completed(research_creds, research, pacs, 
     reports a failure or a short count, and the task re-fetches just that series."""
     uid, expected = flaky_study
     result = _run(retrieve_study, research_creds, "pacs", uid)
-    assert result.outcome is CollectOutcome.COMPLETE
+    assert result.outcome is RetrieveOutcome.COMPLETE
     assert result.received_instances == result.expected_instances == expected
     assert result.refetched_series == 1
     assert len(result.job_ids) == 2  # the study move, then the one series
@@ -92,7 +92,7 @@ def test_partial_result_is_honest_when_refetch_is_off(research_creds, research, 
                                                      flaky_study_factory):
     uid, expected = flaky_study_factory()
     result = _run(retrieve_study, research_creds, "pacs", uid, refetch_rounds=0)
-    assert result.outcome is CollectOutcome.PARTIAL
+    assert result.outcome is RetrieveOutcome.PARTIAL
     assert 0 < result.received_instances < expected == result.expected_instances
     assert not result.complete
 
@@ -172,7 +172,7 @@ def test_transient_failure_succeeds_after_retry(lab, research_creds, research, l
         restarter.join()
     (state,) = states
     result = state.result()
-    assert result.outcome is CollectOutcome.COMPLETE
+    assert result.outcome is RetrieveOutcome.COMPLETE
     task_run = asyncio.run(_read_task_run(state.state_details.task_run_id))
     assert task_run.run_count >= 2
 
@@ -210,7 +210,7 @@ def test_moves_in_flight_never_exceed_the_limit(research_creds, research, loaded
             thread.join(timeout=240)
     finally:
         asyncio.run(modality_limit("pacs", 2))
-    assert all(r is not None and r.outcome is CollectOutcome.COMPLETE for r in results)
+    assert all(r is not None and r.outcome is RetrieveOutcome.COMPLETE for r in results)
 
     jobs = [research.job(j) for r in results for j in r.job_ids]
     assert len(jobs) == 4
@@ -223,7 +223,7 @@ def test_moves_in_flight_never_exceed_the_limit(research_creds, research, loaded
 def test_anonymize_modify_archive_store_delete(research_creds, research, loaded_pacs, cohort,
                                                tmp_path):
     study = cohort.studies[0]
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     source_id = _study_id(research, study)
 
     anonymized = _run(anonymize_resource, research_creds, "Study", source_id,
@@ -249,12 +249,12 @@ def test_anonymize_modify_archive_store_delete(research_creds, research, loaded_
 
 def test_wait_find_metadata_labels(research_creds, research, loaded_pacs, cohort):
     study = cohort.studies[0]
-    research.collect("pacs", study.study_uid)
+    research.retrieve_study("pacs", study.study_uid)
     study_id = _study_id(research, study)
     job_id = research.archive_job([study_id])
     assert _run(wait_for_job, research_creds, job_id, timeout=60).state is JobState.SUCCESS
 
-    found = _run(find_resources, research_creds, "Study", {"StudyInstanceUID": study.study_uid})
+    found = _run(find_resource_ids, research_creds, "Study", {"StudyInstanceUID": study.study_uid})
     assert found == [study_id]
     _run(set_metadata, research_creds, "Study", study_id, "PrefectOrthancCollected", "demo")
     assert research.metadata("Study", study_id, "PrefectOrthancCollected") == "demo"

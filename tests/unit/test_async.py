@@ -145,7 +145,7 @@ def test_async_wait_for_job_failure_and_timeout(router, make_async):
     assert 1 <= running.call_count <= 5
 
 
-def test_async_download_archive(router, make_async, tmp_path):
+def test_async_download_resource_archive(router, make_async, tmp_path):
     body = b"PK" + b"z" * 300_000
     chunks = [body[i:i + 70_000] for i in range(0, len(body), 70_000)]
     router.get("/studies/st/archive").mock(side_effect=lambda request: httpx.Response(
@@ -153,7 +153,7 @@ def test_async_download_archive(router, make_async, tmp_path):
 
     async def main():
         async with make_async() as client:
-            return await client.download_archive("Study", "st", tmp_path / "st.zip")
+            return await client.download_resource_archive("Study", "st", tmp_path / "st.zip")
 
     result = run(main())
     assert result.size == len(body)
@@ -180,7 +180,7 @@ def test_async_download_failures_leave_nothing(router, make_async, tmp_path):
 
     async def download(resource_id):
         async with make_async() as client:
-            await client.download_archive("Study", resource_id, tmp_path / "x.zip")
+            await client.download_resource_archive("Study", resource_id, tmp_path / "x.zip")
 
     with pytest.raises(OrthancArchiveError):
         run(download("short"))
@@ -204,7 +204,7 @@ def test_async_cancelled_download_leaves_nothing(router, make_async, tmp_path):
     async def main():
         async with make_async() as client:
             task = asyncio.create_task(
-                client.download_archive("Study", "st", tmp_path / "st.zip"))
+                client.download_resource_archive("Study", "st", tmp_path / "st.zip"))
             await asyncio.sleep(0.02)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -259,7 +259,7 @@ def test_async_cancelled_before_headers_leaves_nothing(tmp_path):
     async def main():
         async with AsyncOrthanc(url=BASE, transport=transport, backoff=0.001) as client:
             task = asyncio.create_task(
-                client.download_archive("Study", "st", tmp_path / "st.zip"))
+                client.download_resource_archive("Study", "st", tmp_path / "st.zip"))
             await asyncio.sleep(0.02)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

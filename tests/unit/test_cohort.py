@@ -1,4 +1,5 @@
-"""Cohort files, criteria and time windows: malformed input fails fast, by row and field."""
+"""Cohort files, criteria and time windows: malformed input fails fast, by line and field.
+(Real-world file shapes and the report: test_cohort_file.py.)"""
 
 from __future__ import annotations
 
@@ -7,13 +8,8 @@ import datetime as dt
 import pytest
 from pydantic import ValidationError
 
-from prefect_orthanc.flows.cohort import (
-    CohortError,
-    CollectionRequest,
-    Criteria,
-    TimeWindow,
-    read_cohort,
-)
+from prefect_orthanc.flows.cohort import CollectionRequest, Criteria, TimeWindow
+from prefect_orthanc.flows.cohort_file import CohortError, read_cohort
 
 
 def _csv(tmp_path, text, name="cohort.csv"):
@@ -26,7 +22,7 @@ def test_reads_rows_keeping_leading_zeros(tmp_path):
     rows = read_cohort(_csv(tmp_path, "Accession Number,patient_id,extra\n"
                                       " 000123 ,,x\n\n,0042,y\n"))
     assert [(r.index, r.accession_number, r.patient_id) for r in rows] == [
-        (1, "000123", ""), (3, "", "0042")]
+        (2, "000123", ""), (4, "", "0042")]  # line numbers: line 3 is blank
     assert rows[0].query() == {"AccessionNumber": "000123"}
     assert "000123" not in repr(rows[0])
 
@@ -40,19 +36,20 @@ def test_semicolon_and_bom_are_accepted(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("", "empty file"),
-    ("name,age\nA,1\n", "none of the columns"),
+    ("name,age\nA,1\n", "no header row with any of the columns"),
     ("accession_number\n", "no data rows"),
-    ("accession_number,patient_id\nA1\n", "row 1: 1 cells, header has 2"),
+    ("accession_number,patient_id\nA1\n", "line 2: 1 cells, the header has 2"),
     ("accession_number,patient_id\n,\n ,x\n", None),
-    ("study_instance_uid\n1.2.abc\n", "row 1: study_instance_uid is not a DICOM UID"),
-    ("patient_id,study_date\nP1,2024-01-05\n", "row 1: study_date is not YYYYMMDD"),
-    ("patient_id,study_date\nP1,20240231\n", "row 1: study_date is not YYYYMMDD"),
-    ("accession_number\nAC*\n", "row 1: wildcards"),
-    ("accession_number,accession_number\nA,B\n", "duplicate column"),
+    ("study_instance_uid\n1.2.abc\n", "line 2: study_instance_uid is not a DICOM UID"),
+    ("study_instance_uid\n1.02.3\n", "line 2: study_instance_uid is not a DICOM UID"),
+    ("patient_id,study_date\nP1,2024-01-05\n", "line 2: study_date is not YYYYMMDD"),
+    ("patient_id,study_date\nP1,20240231\n", "line 2: study_date is not YYYYMMDD"),
+    ("accession_number\nAC*\n", "line 2: wildcards"),
+    ("accession_number,AccessionNumber\nA,B\n", "names accession_number more than once"),
 ])
-def test_malformed_files_name_the_row(tmp_path, text, message):
+def test_malformed_files_name_the_line(tmp_path, text, message):
     if message is None:  # blank rows are skipped; a row with only unknown data is an error
-        text, message = "accession_number,patient_id,note\n,,hello\n", "row 1: no accession"
+        text, message = "accession_number,patient_id,note\n,,hello\n", "line 2: no accession"
     with pytest.raises(CohortError) as caught:
         read_cohort(_csv(tmp_path, text))
     assert message in str(caught.value)
@@ -68,14 +65,14 @@ def test_errors_never_echo_cell_values(tmp_path):
 def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(CohortError) as caught:
         read_cohort(_csv(tmp_path, "study_instance_uid,study_date\nx,1\ny,2\n"))
-    assert "4 problem(s)" in str(caught.value) and "row 2" in str(caught.value)
+    assert "2 problem(s)" in str(caught.value) and "line 3" in str(caught.value)
 
 
 def test_missing_and_binary_files(tmp_path):
     with pytest.raises(CohortError, match="not found"):
         read_cohort(tmp_path / "nope.csv")
     path = tmp_path / "bin.csv"
-    path.write_bytes(b"\xff\xfe\x00\x81")
+    path.write_bytes(b"patient_id\n\x81\xfe\x00\n")
     with pytest.raises(CohortError, match="not UTF-8"):
         read_cohort(path)
 

@@ -64,8 +64,9 @@ def test_the_zombie_automation_expects_a_heartbeat_or_a_final_state_per_run():
 
 
 def test_the_zombie_bound_is_at_least_two_heartbeats():
-    from prefect_orthanc.deployments.stack import StackSettings
+    from prefect_orthanc.deployments.settings import DeploymentSettings
 
-    assert StackSettings().zombie_seconds == 90 and StackSettings().heartbeat_seconds == 30
+    settings = DeploymentSettings()
+    assert settings.zombie_seconds == 90 and settings.heartbeat_seconds == 30
     with pytest.raises(ValueError, match="ZOMBIE_SECONDS"):
-        StackSettings(heartbeat_seconds=60, zombie_seconds=90)
+        DeploymentSettings(heartbeat_seconds=60, zombie_seconds=90)

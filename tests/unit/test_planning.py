@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from prefect_orthanc.flows.cohort import CohortRow, Criteria
+from prefect_orthanc.flows.cohort import Criteria
+from prefect_orthanc.flows.cohort_file import CohortRow
 from prefect_orthanc.flows.planning import (
     CohortTooBroad,
     RowStatus,

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from prefect_orthanc.flows.cohort import CohortError
+from prefect_orthanc.flows.cohort_file import CohortError
 from prefect_orthanc.flows.deid import DeidError
 from prefect_orthanc.flows.planning import CohortTooBroad
 from prefect_orthanc.flows.sharing import DeliveryError

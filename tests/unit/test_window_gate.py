@@ -65,7 +65,7 @@ def test_outside_the_window_no_dicom_exchange_reaches_orthanc(orthanc, dicom_rou
                          lambda: orthanc.retrieve("q1", "RESEARCH", answer=0),
                          lambda: orthanc.move("pacs", Level.STUDY, [{}], "RESEARCH"),
                          lambda: orthanc.store("pacs", ["abc"]),
-                         lambda: orthanc.collect("pacs", "1.2.3"),
+                         lambda: orthanc.retrieve_study("pacs", "1.2.3"),
                          lambda: orthanc.expected_instances("pacs", "1.2.3")):
             with pytest.raises(OutsideWindow, match="outside the transfer window"):
                 exchange()

@@ -1,4 +1,4 @@
-"""collect_study against a fake PACS behind a respx-mocked Orthanc: counting where the PACS
+"""retrieve_study against a fake PACS behind a respx-mocked Orthanc: counting where the PACS
 sends no counts, asynchronous arrivals, moves that moved nothing, permanent refusals."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import httpx
 import pytest
 from _mocks import SYSTEM_1_10
 
-from prefect_orthanc.orthanc_client import CollectOutcome, CountSource, Settle
+from prefect_orthanc.orthanc_client import CountSource, RetrieveOutcome, Settle
 
 STUDY = "1.2.3"
 SERIES = {"1.2.3.1": ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"],
@@ -161,44 +161,44 @@ def pacs(router):
 ])
 def test_complete_wherever_the_count_comes_from(orthanc, pacs, options, source):
     fake = pacs(**options)
-    result = orthanc.collect("pacs", STUDY, settle=FAST)
-    assert result.outcome is CollectOutcome.COMPLETE
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST)
+    assert result.outcome is RetrieveOutcome.COMPLETE
     assert (result.expected_instances, result.received_instances) == (6, 6)
     assert result.count_source is source
     assert len(fake.moves) == 1  # one C-MOVE of the study, even with one answer per instance
-    again = orthanc.collect("pacs", STUDY, settle=FAST)
-    assert again.outcome is CollectOutcome.ALREADY_PRESENT and not again.moved
+    again = orthanc.retrieve_study("pacs", STUDY, settle=FAST)
+    assert again.outcome is RetrieveOutcome.ALREADY_PRESENT and not again.moved
     assert len(fake.moves) == 1  # a re-run never re-moves a complete study
 
 
 def test_half_a_study_without_counts_is_not_complete(orthanc, pacs):
     """No counts from the PACS used to mean 'unverified' for 3 of 6 as for 6 of 6."""
     fake = pacs(lose=3)
-    result = orthanc.collect("pacs", STUDY, settle=FAST, refetch_rounds=0)
-    assert result.outcome is CollectOutcome.PARTIAL
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, refetch_rounds=0)
+    assert result.outcome is RetrieveOutcome.PARTIAL
     assert (result.expected_instances, result.received_instances) == (6, 3)
     assert result.reason == "incomplete" and len(fake.moves) == 1
 
 
 def test_missing_instances_are_refetched_one_by_one(orthanc, pacs):
     fake = pacs(lose=2)
-    result = orthanc.collect("pacs", STUDY, settle=FAST)
-    assert result.outcome is CollectOutcome.COMPLETE and result.refetched_instances == 2
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST)
+    assert result.outcome is RetrieveOutcome.COMPLETE and result.refetched_instances == 2
     assert [level for level, _ in fake.moves] == ["Study", "Instance", "Instance"]
 
 
 def test_missing_series_are_refetched_when_only_series_counts_exist(orthanc, pacs):
     fake = pacs(series_count=True, lose=2)
-    result = orthanc.collect("pacs", STUDY, settle=FAST)
-    assert result.outcome is CollectOutcome.COMPLETE and result.refetched_series == 1
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST)
+    assert result.outcome is RetrieveOutcome.COMPLETE and result.refetched_series == 1
     assert [level for level, _ in fake.moves] == ["Study", "Series"]
 
 
 def test_asynchronous_move_is_waited_for_not_refetched(orthanc, pacs):
     """The C-MOVE job ends before the C-STOREs do: arrivals are waited for until they settle."""
     fake = pacs(study_count=True, arrive_per_poll=1)
-    result = orthanc.collect("pacs", STUDY, settle=FAST)
-    assert result.outcome is CollectOutcome.COMPLETE
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST)
+    assert result.outcome is RetrieveOutcome.COMPLETE
     assert result.refetched_series == result.refetched_instances == 0
     assert len(fake.moves) == 1
 
@@ -214,22 +214,22 @@ def test_a_move_that_moved_nothing_is_retried(orthanc, pacs, details):
         sends = iter([[], []])
         original = fake._send
         fake._send = lambda items: original(next(sends, items))  # type: ignore[method-assign]
-    result = orthanc.collect("pacs", STUDY, settle=FAST, backoff=0.01)
-    assert result.outcome is CollectOutcome.COMPLETE and result.move_attempts == 3
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, backoff=0.01)
+    assert result.outcome is RetrieveOutcome.COMPLETE and result.move_attempts == 3
 
 
 def test_retries_are_bounded(orthanc, pacs):
     pacs(study_count=True, job_failures=[REJECTED] * 5)
-    result = orthanc.collect("pacs", STUDY, settle=FAST, backoff=0.01, move_attempts=3)
-    assert result.outcome is CollectOutcome.FAILED and result.move_attempts == 3
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, backoff=0.01, move_attempts=3)
+    assert result.outcome is RetrieveOutcome.FAILED and result.move_attempts == 3
     assert result.reason == "association_rejected"
     assert "AET" in result.failure and not result.moved
 
 
 def test_unknown_destination_is_permanent_and_says_what_to_fix(orthanc, pacs):
     fake = pacs(study_count=True, job_failures=[UNKNOWN_DEST] * 3)
-    result = orthanc.collect("pacs", STUDY, settle=FAST, backoff=0.01)
-    assert result.outcome is CollectOutcome.FAILED and result.move_attempts == 1
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, backoff=0.01)
+    assert result.outcome is RetrieveOutcome.FAILED and result.move_attempts == 1
     assert result.reason == "move_destination_unknown"
     assert "register research's AET" in result.failure
     assert not result.moved and len(fake.jobs) == 1
@@ -238,6 +238,6 @@ def test_unknown_destination_is_permanent_and_says_what_to_fix(orthanc, pacs):
 def test_a_partial_move_is_not_repeated_blindly(orthanc, pacs):
     """Something arrived: the study is not moved again, only what is missing is asked for."""
     fake = pacs(study_count=True, series_count=True, lose=4)
-    result = orthanc.collect("pacs", STUDY, settle=FAST)
-    assert result.outcome is CollectOutcome.COMPLETE and result.move_attempts == 1
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST)
+    assert result.outcome is RetrieveOutcome.COMPLETE and result.move_attempts == 1
     assert [level for level, _ in fake.moves].count("Study") == 1

@@ -1,0 +1,343 @@
+"""The cohort file: the one parser of a cohort CSV, for reading it and for writing its report.
+
+A cohort file is made by a person, usually in a spreadsheet: a header row, then one row per
+requested study or patient, with any of the columns ``accession_number``, ``patient_id``,
+``study_instance_uid`` (at least one filled per row) and optionally ``study_date``
+(YYYYMMDD) to narrow a patient's studies. Column names ignore case, spaces, ``_`` and ``-``,
+so ``Accession Number``, ``AccessionNumber`` (the DICOM keyword) and ``accession_number``
+name one column. Values are read as text, so leading zeros survive; surrounding spaces are
+ignored. Other columns are carried along untouched.
+
+What spreadsheets and exports produce is read as the person sees it:
+
+- UTF-8 with or without a byte-order mark, or UTF-16 with one (Excel's "Unicode Text");
+- ``,``, ``;``, tab or ``|`` between cells, whichever splits the header into known columns
+  (or the one an Excel ``sep=;`` first line declares); CRLF, LF or CR line ends;
+- quoted cells, with delimiters, doubled quotes or line breaks inside;
+- blank lines (also ``;;;``), lines starting with ``#`` and lines before the header anywhere:
+  kept as they are, never read as rows;
+- empty columns after the named ones (Excel exports its used range).
+
+A row is identified by its **line number in the file** (the first line is 1), as a text
+editor or a spreadsheet shows it: errors name lines, and the report
+(``CohortFile.write_report``) is the file itself, line for line, in the file's own encoding,
+delimiter and line ends, with result columns added to the header and to every row.
+
+Example:
+    ```python
+    cohort = CohortFile.read("cohorts/lung.csv")
+    [row.index for row in cohort.rows]  # e.g. [2, 3, 5]: line 4 was blank
+    ```
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import dataclasses
+import datetime as dt
+import io
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydicom.uid import RE_VALID_UID
+
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
+
+__all__ = ["KEY_COLUMNS", "CohortError", "CohortFile", "CohortRow", "is_study_date", "read_cohort"]
+
+KEY_COLUMNS = ("accession_number", "patient_id", "study_instance_uid")
+_COLUMNS = (*KEY_COLUMNS, "study_date")
+_CANONICAL = {name.replace("_", ""): name for name in _COLUMNS}
+_DELIMITERS = (",", ";", "\t", "|")
+_DATE = re.compile(r"^\d{8}$")
+#: lines before the header (titles, notes) looked through for it
+_PREAMBLE_LINES = 20
+_SHOWN_PROBLEMS = 20
+
+
+class CohortError(SafeMessageError, ValueError):
+    """The cohort cannot be used as given. Names the line or column, never the cell values."""
+
+
+class CohortRow(BaseModel):
+    """One cohort row as read from the file (values are the user's own identifiers)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(description="The row's identity: its line number in the cohort file "
+                                   "(the first line is 1), as an editor or spreadsheet shows it.")
+    accession_number: str = Field("", repr=False)
+    patient_id: str = Field("", repr=False)
+    study_instance_uid: str = Field("", repr=False)
+    study_date: str = Field("", repr=False)
+
+    def query(self) -> dict[str, str]:
+        """The study-level C-FIND keys for this row (return keys asked for empty)."""
+        keys = {"AccessionNumber": self.accession_number, "PatientID": self.patient_id,
+                "StudyInstanceUID": self.study_instance_uid, "StudyDate": self.study_date}
+        return {name: value for name, value in keys.items() if value}
+
+
+Kind = Literal["preamble", "header", "row", "blank", "comment"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One record of the file as read: its first line, what it is, its text (without the final
+    line break) and, for the header and rows, its cells (a row's padded to the header's)."""
+
+    line: int
+    kind: Kind
+    text: str
+    cells: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortFile:
+    """A cohort file as read: its dialect, every record in order, and its checked rows."""
+
+    path: Path
+    encoding: str  # "utf-8", "utf-8-sig" (a BOM) or "utf-16"
+    delimiter: str
+    line_terminator: str
+    records: tuple[Record, ...]
+    rows: tuple[CohortRow, ...]
+
+    @classmethod
+    def read(cls, path: str | Path) -> CohortFile:
+        """Read and check a cohort file; ``CohortError`` lists every problem at once, by line
+        and column (never a cell's value)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CohortError(f"cohort file not found: {path}")
+        encoding, text = _decode(path)
+        delimiter, terminator, header_at, records = _records(path.name, text)
+        header = records[header_at]
+        columns = _column_names(path.name, header)
+        named = max(i for i, c in enumerate(header.cells) if c.strip()) + 1  # Excel pads
+        problems: list[str] = []
+        rows: list[CohortRow] = []
+        kept: list[Record] = [*records[:header_at], header]
+        for record in records[header_at + 1:]:
+            if record.kind != "row":
+                kept.append(record)
+                continue
+            cells = record.cells
+            if len(cells) < named or any(c.strip() for c in cells[len(columns):]):
+                problems.append(f"line {record.line}: {len(cells)} cells, the header has "
+                                f"{named} (a missing or extra delimiter?)")
+                continue
+            cells = cells[:len(columns)] + ("",) * (len(columns) - len(cells))
+            kept.append(dataclasses.replace(record, cells=cells))
+            values = {c: v.strip() for c, v in zip(columns, cells, strict=True) if c}
+            problem = _check_row(values)
+            if problem:
+                problems.append(f"line {record.line}: {problem}")
+            else:
+                rows.append(CohortRow(index=record.line, **values))
+        if problems:
+            more = len(problems) - _SHOWN_PROBLEMS
+            shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; and {more} more" if more > 0
+                                                              else "")
+            raise CohortError(f"{path.name}: {len(problems)} problem(s): {shown}")
+        if not rows:
+            raise CohortError(f"{path.name}: no data rows after the header (line "
+                              f"{header.line})")
+        return cls(path=path, encoding=encoding, delimiter=delimiter,
+                   line_terminator=terminator, records=tuple(kept),
+                   rows=tuple(rows))
+
+    def write_report(self, target: Path, columns: Sequence[str],
+                     results: Mapping[int, Sequence[object]]) -> Path:
+        """Write this file to ``target`` line for line, in its own encoding, delimiter and line
+        ends, with ``columns`` added to the header and ``results[row.index]`` to each row
+        (empty cells for a row without one); blank, comment and preamble lines are copied as
+        they are. Written to a temporary name, then renamed: never half a report."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        with tmp.open("w", encoding=self.encoding, newline="") as handle:
+            writer = csv.writer(handle, delimiter=self.delimiter, quotechar='"',
+                                lineterminator=self.line_terminator,
+                                quoting=csv.QUOTE_MINIMAL)
+            for record in self.records:
+                if record.kind == "header":
+                    writer.writerow([*record.cells, *columns])
+                elif record.kind == "row":
+                    extra = results.get(record.line, [""] * len(columns))
+                    writer.writerow([*record.cells, *extra])
+                else:
+                    handle.write(record.text + self.line_terminator)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(target)
+        return target
+
+
+def read_cohort(path: str | Path) -> list[CohortRow]:
+    """The checked rows of a cohort file (``CohortFile.read``); ``CohortError`` otherwise.
+
+    Example:
+        ```python
+        rows = read_cohort("cohorts/lung.csv")
+        rows[0].index, rows[0].query()  # its line number, its C-FIND keys
+        ```
+    """
+    return list(CohortFile.read(path).rows)
+
+
+def _decode(path: Path) -> tuple[str, str]:
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif data.startswith(codecs.BOM_UTF8):
+        encoding = "utf-8-sig"
+    else:
+        encoding = "utf-8"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:
+        raise CohortError(f"{path.name}: not UTF-8 text (save the sheet as \"CSV UTF-8\")")
+    return encoding, text
+
+
+def _line_terminator(lines: Sequence[str]) -> str:
+    for line in lines:
+        for ending in ("\r\n", "\n", "\r"):
+            if line.endswith(ending):
+                return ending
+    return "\n"
+
+
+def _cells(line: str, delimiter: str) -> tuple[str, ...]:
+    """The cells of one physical line."""
+    return tuple(next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter), []))
+
+
+def _name(cell: str) -> str:
+    return _CANONICAL.get(re.sub(r"[\s_\-]", "", cell).lower(), "")
+
+
+def _known(cells: Sequence[str]) -> int:
+    return sum(bool(_name(c)) for c in cells)
+
+
+def _kind(line: str, delimiter: str) -> Kind:
+    """What a record starting with this physical line is, before its cells are read."""
+    if line.lstrip().startswith("#"):
+        return "comment"
+    if not re.sub(r'[\s"]', "", line.replace(delimiter, "")):
+        return "blank"  # also ";;;": a blank spreadsheet row
+    return "row"
+
+
+def _header(lines: Sequence[str]) -> tuple[str, int]:
+    """The delimiter and the header's index in ``lines``: the first line (after blank,
+    comment and title lines, and an Excel ``sep=;`` first line) that some delimiter splits into
+    at least one known column; ties go to more cells."""
+    declared = None
+    looked = 0
+    for index, line in enumerate(lines):
+        if index == 0 and re.fullmatch(r"sep=.", line.strip()):
+            declared = line.strip()[-1]
+            continue
+        if _kind(line, declared or ",") != "row":
+            continue
+        candidates = (declared,) if declared else _DELIMITERS
+        best = max(candidates, key=lambda d: (_known(_cells(line, d)), len(_cells(line, d))))
+        if _known(_cells(line, best)):
+            return best, index
+        looked += 1
+        if looked >= _PREAMBLE_LINES:
+            break
+    raise ValueError("no header row with any of the columns " + ", ".join(KEY_COLUMNS)
+                     + " (names ignore case, spaces, '_' and '-')")
+
+
+def _records(filename: str, text: str) -> tuple[str, str, int, list[Record]]:
+    """The delimiter, the line terminator, the header's position in the records, and every
+    record in order: lines before the header as "preamble" (or blank/comment), then the header,
+    then rows (csv-parsed, so a quoted cell may span lines), blank lines and comments."""
+    lines = list(io.StringIO(text, newline=""))
+    if not text.strip():
+        raise CohortError(f"{filename}: empty file, expected a header row")
+    try:
+        delimiter, header_index = _header(lines)
+    except ValueError as error:
+        raise CohortError(f"{filename}: {error}") from None
+    records = [Record(i + 1, "preamble" if _kind(line, delimiter) == "row" else
+                      _kind(line, delimiter), line.rstrip("\r\n"))
+               for i, line in enumerate(lines[:header_index])]
+    header = lines[header_index]
+    records.append(Record(header_index + 1, "header", header.rstrip("\r\n"),
+                          _cells(header, delimiter)))
+    position = header_index + 1
+
+    def feed() -> Iterator[str]:  # hands lines to the csv reader only when it asks for one
+        nonlocal position
+        while position < len(lines):
+            position += 1
+            yield lines[position - 1]
+
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)  # no row swallowed silently
+    while position < len(lines):
+        first = position
+        kind = _kind(lines[first], delimiter)
+        if kind != "row":
+            position += 1
+            records.append(Record(first + 1, kind, lines[first].rstrip("\r\n")))
+            continue
+        try:
+            cells = tuple(next(reader))
+        except csv.Error:
+            raise CohortError(f"{filename}: line {first + 1}: a quote opened there is never "
+                              f"closed, or text follows a closing quote (quote whole cells, "
+                              f"doubling the quotes inside)") from None
+        records.append(Record(first + 1, "row", "".join(lines[first:position]).rstrip("\r\n"),
+                              cells))
+    return delimiter, _line_terminator(lines), header_index, records
+
+
+def _column_names(filename: str, header: Record) -> list[str]:
+    """The known column of each header cell ("" for the others); ``CohortError`` when a
+    known column is named twice."""
+    columns = [_name(cell) for cell in header.cells]
+    twice = sorted({c for c in columns if c and columns.count(c) > 1})
+    if twice:
+        raise CohortError(f"{filename}: the header (line {header.line}) names "
+                          f"{', '.join(twice)} more than once")
+    return columns
+
+
+def _check_row(values: Mapping[str, str]) -> str:
+    """What is wrong with a row's values (never the values themselves), or ""."""
+    if not any(values.get(c) for c in KEY_COLUMNS):
+        return "no accession_number, patient_id or study_instance_uid"
+    problems = []
+    uid = values.get("study_instance_uid", "")
+    # pydicom's rule, not UID(uid).is_valid: that warns and logs the value
+    if uid and not (len(uid) <= 64 and RE_VALID_UID.match(uid)):
+        problems.append("study_instance_uid is not a DICOM UID")
+    date = values.get("study_date", "")
+    if date and not is_study_date(date):
+        problems.append("study_date is not YYYYMMDD")
+    if any(ch in v for v in values.values() for ch in "*?\\"):
+        problems.append("wildcards and backslashes are not allowed")
+    return ", ".join(problems)
+
+
+def is_study_date(value: str) -> bool:
+    """Whether ``value`` is a DICOM DA date, YYYYMMDD, that exists (not 20240231)."""
+    if not _DATE.match(value):
+        return False
+    try:
+        dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return False
+    return True
