@@ -175,7 +175,7 @@ def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: st
             default ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS`` (1 h).
 
     Returns:
-        What happened (``CollectResult``), with the ``outcome`` (``already_present``, ``complete``,
+        What happened (``RetrieveResult``), with the ``outcome`` (``already_present``, ``complete``,
         ``partial``, ``failed``, ``not_found``, ``unverified``, ``several_patients``), the expected
         and received instance counts, where the count came from (``count_source``), the study's
         Orthanc IDs, and a ``reason`` code when a move failed. A move the PACS refuses is an

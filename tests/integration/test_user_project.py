@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from prefect_orthanc.deployments.lab.processes import stop_group
-from prefect_orthanc.deployments.stack import wait_until_served
+from prefect_orthanc.deployments.lab.runs import wait_until_served
 
 from .conftest import delete_deployment
 
@@ -65,7 +65,7 @@ import json
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from prefect_orthanc.tasks import OrthancCredentials, echo_modality, find_resources
+from prefect_orthanc.tasks import OrthancCredentials, echo_modality, find_resource_ids
 from tasks import summarise
 
 
@@ -73,7 +73,7 @@ from tasks import summarise
 def audit_research(credentials_block: str, modality: str = "pacs") -> dict:
     credentials = OrthancCredentials.load(credentials_block)
     answered = echo_modality(credentials, modality)
-    summary = summarise(find_resources(credentials, "Study"), answered)
+    summary = summarise(find_resource_ids(credentials, "Study"), answered)
     create_markdown_artifact(json.dumps(summary), key="research-audit")
     return summary
 '''
@@ -87,13 +87,13 @@ import tasks
 from prefect.plugins import load_prefect_collections
 
 from prefect_orthanc.deployments.pull import set_working_directory
-from prefect_orthanc.tasks import OrthancCredentials, find_resources
+from prefect_orthanc.tasks import OrthancCredentials, find_resource_ids
 
 collections = load_prefect_collections()
 print(json.dumps({
     "user_tasks": tasks.__file__, "user_flows": flows.__file__,
     "block": OrthancCredentials.get_block_type_slug(),
-    "task": find_resources.name, "task_module": find_resources.fn.__module__,
+    "task": find_resource_ids.name, "task_module": find_resource_ids.fn.__module__,
     "collection": getattr(collections.get("prefect_orthanc"), "__name__", None),
     "collection_file": getattr(collections.get("prefect_orthanc"), "__file__", None),
     "pull": set_working_directory(), "cwd": os.getcwd(),
