@@ -570,7 +570,8 @@ class Operations:
     def modified_resource(job: JobInfo) -> ModifyResult:
         """The resource an anonymize/modify job created (its ``Content.ID``)."""
         if job.state is not JobState.SUCCESS or "ID" not in job.content:
-            raise OrthancUsageError(f"job {job.id} has no result resource (state {job.state.value})")
+            raise OrthancUsageError(
+                f"job {job.id} has no result resource (state {job.state.value})")
         return ModifyResult.model_validate({**job.content, "job_id": job.id})
 
     # ------------------------------------------------------------ archives
