@@ -61,7 +61,8 @@ class CohortRow(BaseModel):
 
 
 def _date(value: str) -> dt.date:
-    return dt.datetime.strptime(value, "%Y%m%d").date()
+    # A DICOM DA is a calendar date: no zone to attach, the UTC below only makes that explicit.
+    return dt.datetime.strptime(value, "%Y%m%d").replace(tzinfo=dt.UTC).date()
 
 
 class Criteria(BaseModel):
@@ -110,7 +111,7 @@ class Criteria(BaseModel):
         """The study date range to query: the fixed one, or the last ``last_days`` days."""
         if not self.last_days:
             return self.date_from, self.date_to
-        today = today or dt.date.today()
+        today = today or dt.datetime.now().astimezone().date()  # the worker's local date
         first = today - dt.timedelta(days=self.last_days - 1)
         return first.strftime("%Y%m%d"), today.strftime("%Y%m%d")
 
@@ -281,7 +282,8 @@ def read_cohort(path: str | Path) -> list[CohortRow]:
         if len(cells) != len(columns):
             problems.append(f"row {number}: {len(cells)} cells, header has {len(columns)}")
             continue
-        values = {c: v.strip() for c, v in zip(columns, cells) if c in (*KEY_COLUMNS, "study_date")}
+        values = {c: v.strip() for c, v in zip(columns, cells, strict=True)
+                  if c in (*KEY_COLUMNS, "study_date")}
         if not any(values.get(c) for c in KEY_COLUMNS):
             problems.append(f"row {number}: no accession_number, patient_id or "
                             f"study_instance_uid")
@@ -301,7 +303,8 @@ def read_cohort(path: str | Path) -> list[CohortRow]:
             problems.append(f"row {number}: wildcards and backslashes are not allowed")
         rows.append(CohortRow(index=number, **values))
     if problems:
-        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more"
+                                            if len(problems) > 20 else "")
         raise CohortError(f"{path.name}: {len(problems)} problem(s): {shown}")
     if not rows:
         raise CohortError(f"{path.name}: no data rows")

@@ -89,9 +89,7 @@ class RouteRule(BaseModel):
     def matches(self, facts: StudyFacts) -> bool:
         if self.modalities and not set(self.modalities) & set(facts.modalities):
             return False
-        if self.calling_aets and facts.calling_aet not in self.calling_aets:
-            return False
-        return True
+        return not (self.calling_aets and facts.calling_aet not in self.calling_aets)
 
 
 class StudyFacts(BaseModel):

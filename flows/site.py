@@ -11,7 +11,8 @@ given. Nothing resolves against the working directory, so a run started by a wor
 Default: ``$XDG_DATA_HOME/prefect-orthanc`` (``~/.local/share/prefect-orthanc``). A data
 directory or a path inside the code checkout is refused (``SiteError``) unless
 ``PREFECT_ORTHANC_ALLOW_DATA_IN_CHECKOUT=true``, which is meant for synthetic data only (the
-demo writes to ``demo-output/``). ``python -m prefect_orthanc.deployments setup`` checks and creates it.
+demo writes to ``demo-output/``). ``python -m prefect_orthanc.deployments setup`` checks and
+creates it.
 
 Layout (the shipped deployments' defaults)::
 

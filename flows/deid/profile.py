@@ -326,9 +326,10 @@ class DeidProfile(BaseModel):
 
         Always 113100 (Basic Profile: Orthanc applies PS3.15 Table E.1-1). Plus 113107 when
         dates are shifted: ``rewrite.Rewriter`` moves every DA and DT at every depth by the
-        patient's offset (or removes it), which is what the option requires; 113105 when descriptions
-        are kept (their "cleaning" here is the output scan against the source identifiers,
-        which blocks delivery on any hit: it cannot catch an identifier it was not given), and
+        patient's offset (or removes it), which is what the option requires; 113105 when
+        descriptions are kept (their "cleaning" here is the output scan against the source
+        identifiers, which blocks delivery on any hit: it cannot catch an identifier it was not
+        given), and
         113111 when private tags are allowlisted (the user vouches that they are safe).
         UIDs, device, institution and patient characteristics are not retained, pixels not
         cleaned: no code for those.
@@ -348,8 +349,8 @@ class DeidProfile(BaseModel):
         values = [f"prefect-orthanc profile {self.name} v{self.version}",
                   f"PS3.15-{DICOM_VERSION} Basic Profile (Orthanc)",
                   "keyed pseudonyms and UIDs at every depth"]
-        values.append("every date shifted per patient (date shift), times kept" if self.dates == "shift"
-                      else "dates blanked, times removed")
+        values.append("every date shifted per patient (date shift), times kept"
+                      if self.dates == "shift" else "dates blanked, times removed")
         if self.descriptions == "keep_if_clean":
             values.append("descriptions kept, scanned")
         if self.private_tags == "allowlist" and self.private_allowlist:
