@@ -1,9 +1,9 @@
 """``python -m prefect_orthanc.deployments check | setup | serve``: the deployments' command line.
 
-    python -m prefect_orthanc.deployments check                 # validate prefect.yaml strictly
-    python -m prefect_orthanc.deployments setup                 # work pool, PACS limits, blocks (from settings)
-    python -m prefect_orthanc.deployments serve [--only NAME] [--replace] [--file PATH]   # serve them
-    python -m prefect_orthanc.deployments stack up|status|down [--netns] ...   # the production stack, locally
+    python -m prefect_orthanc.deployments check   # validate prefect.yaml strictly
+    python -m prefect_orthanc.deployments setup   # work pool, PACS limits, blocks (from settings)
+    python -m prefect_orthanc.deployments serve [--only NAME] [--replace] [--file PATH]
+    python -m prefect_orthanc.deployments stack up|status|down [--netns] ...   # local stack
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate prefect.yaml (unknown keys, "

@@ -11,7 +11,7 @@ holding the de-identification secret. ``serve()`` runs every deployment of prefe
 this process, polling often enough for new-study runs to start within seconds, and leaves the
 deployments active when it stops (paused deployments would ignore new-study events).
 
-    python -m prefect_orthanc.deployments setup        # PREFECT_ORTHANC_MODALITY_LIMITS="pacs=2" by default
+    python -m prefect_orthanc.deployments setup   # PREFECT_ORTHANC_MODALITY_LIMITS="pacs=2" default
     python -m prefect_orthanc.deployments serve
 """
 
@@ -312,7 +312,8 @@ def wait_until_served(names: Sequence[str], process: subprocess.Popen[bytes], lo
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"`python -m prefect_orthanc.deployments serve` exited:\n{_tail(log)}")
+                raise RuntimeError("`python -m prefect_orthanc.deployments serve` exited:\n"
+                                   f"{_tail(log)}")
             try:
                 if all(client.read_deployment_by_name(n).status.value == "READY"
                        for n in names):

@@ -22,7 +22,8 @@
    20 s for the demo) to complete, checks the Prefect server's log for tracebacks from its
    services, and prints a summary.
 
-    scripts/demo            # or: .venv/bin/python -m prefect_orthanc.deployments.lab.demo --keep  (UI stays up)
+    scripts/demo   # or (the UI stays up):
+    .venv/bin/python -m prefect_orthanc.deployments.lab.demo --keep
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _banner(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.demo",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output",
                         help="where the cohort, reports and lab data go (default: demo-output)")
@@ -101,7 +103,8 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
 
         os.environ.setdefault(SECRET_ENV, secrets.token_hex(24))  # a throwaway demo secret
 
-        _banner("setup: work pool, PACS concurrency limit, blocks (python -m prefect_orthanc.deployments setup)")
+        _banner("setup: work pool, PACS concurrency limit, blocks "
+                "(python -m prefect_orthanc.deployments setup)")
         from prefect_orthanc.deployments.stack import setup
 
         for what, outcome in setup().items():

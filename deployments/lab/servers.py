@@ -18,6 +18,7 @@ context manager, and, as a last resort, by an ``atexit`` guard.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import os
@@ -154,15 +155,11 @@ _guard_lock = threading.Lock()
 def _stop_everything() -> None:
     """atexit guard: no Orthanc process and no temporary lab directory outlives Python."""
     for lab in list(_live_labs):
-        try:
+        with contextlib.suppress(Exception):
             lab.stop()
-        except Exception:
-            pass
     for server in list(_live_servers):
-        try:
+        with contextlib.suppress(Exception):
             server.stop()
-        except Exception:
-            pass
 
 
 atexit.register(_stop_everything)
@@ -314,10 +311,8 @@ class OrthancServer(ChildProcess):
         """Send SIGTERM without waiting (Orthanc needs ~3 s to shut down; ``stop()`` waits)."""
         process = self._process
         if process is not None and process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def _is_own(self, system: object) -> bool:
         return (isinstance(system, dict)

@@ -435,7 +435,7 @@ class _SeriesWriter:
         head.is_implicit_VR = False
         write_file_meta_info(head, self._meta, enforce_standard=True)
         parts = [b"\x00" * 128, b"DICM", head.getvalue()]
-        for chunk, element in zip(self._chunks, values):
+        for chunk, element in zip(self._chunks[:-1], values, strict=True):
             single = Dataset()
             single.add(element)
             parts += [chunk, _encode(single)]
