@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import peak_rss_mb  # noqa: E402
+from bench._common import peak_rss_mb
 
 METHODS = ("client", "client-async", "raw-stream", "raw-read")
 

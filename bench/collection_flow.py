@@ -25,13 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect  # noqa: E402
+from bench._common import quiet_prefect
 
 quiet_prefect()
 
-import httpx  # noqa: E402
+import httpx
 
-from bench import _raw  # noqa: E402
+from bench import _raw
 
 
 def raw_collect(url: str, auth: tuple[str, str], accessions: list[str], concurrency: int

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect  # noqa: E402
+from bench._common import quiet_prefect
 
 quiet_prefect()
 warnings.simplefilter("ignore")
@@ -205,25 +205,25 @@ def main() -> int:
             print(f"{tool}: not installed (pip install -e '.[bench]')")
             continue
         rows[tool] = (runs, sources)
-    with OrthancLab.start() as lab:
-        with Orthanc(url=lab.research.url, username=lab.research.username,
+    with OrthancLab.start() as lab, \
+             Orthanc(url=lab.research.url, username=lab.research.username,
                      password=lab.research.password) as research:
-            creds = OrthancCredentials(url=lab.research.url, username=lab.research.username,
-                                       password=lab.research.password)
-            stored = defaultdict(list)
-            for paths in studies.values():
-                for path in paths:
-                    try:
-                        (result,) = research.upload(path.read_bytes())
-                    except Exception:
-                        continue
-                    stored[result.parent_study].append(result.id)
-            orthanc_sources = {
-                study: [pydicom.dcmread(io.BytesIO(research.instance_file(i)), force=True)
-                        for i in ids] for study, ids in stored.items()}
-            for tool in ("project", "orthanc"):
-                runs = [run_orthanc(tool, research, creds, list(stored)) for _ in range(2)]
-                rows[tool] = (runs, orthanc_sources)
+        creds = OrthancCredentials(url=lab.research.url, username=lab.research.username,
+                                   password=lab.research.password)
+        stored = defaultdict(list)
+        for paths in studies.values():
+            for path in paths:
+                try:
+                    (result,) = research.upload(path.read_bytes())
+                except Exception:
+                    continue
+                stored[result.parent_study].append(result.id)
+        orthanc_sources = {
+            study: [pydicom.dcmread(io.BytesIO(research.instance_file(i)), force=True)
+                    for i in ids] for study, ids in stored.items()}
+        for tool in ("project", "orthanc"):
+            runs = [run_orthanc(tool, research, creds, list(stored)) for _ in range(2)]
+            rows[tool] = (runs, orthanc_sources)
     table = []
     for tool, (runs, srcs) in rows.items():
         (outputs, ids_a, seconds), (_, ids_b, seconds_b) = runs

@@ -34,7 +34,8 @@ changes) for the route run to finish before the next study. What is timed, per s
 
 Setup, all torn down at the end (also on Ctrl-C): a Prefect server on a free loopback port with
 a temporary PREFECT_HOME (or ``--api-url`` to use a running one), an ``OrthancLab`` whose
-research server runs the Lua emitter pointed at it, then ``python -m prefect_orthanc.deployments setup`` and
+research server runs the Lua emitter pointed at it, then
+``python -m prefect_orthanc.deployments setup`` and
 ``python -m prefect_orthanc.deployments serve --only on-stable-study --only research-changes`` as
 subprocesses (runner poll ``PREFECT_ORTHANC_SERVE_POLL_SECONDS``, 2 s unless
 ``--serve-poll``). The watcher deployment's interval schedule is switched off while measuring,
@@ -73,11 +74,11 @@ from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import httpx  # noqa: E402
+import httpx
 
-from bench._common import quiet_prefect  # noqa: E402
-from prefect_orthanc.deployments.lab.processes import stop_group  # noqa: E402 - no Prefect import
-from prefect_orthanc.deployments.stack import (  # noqa: E402
+from bench._common import quiet_prefect
+from prefect_orthanc.deployments.lab.processes import stop_group  # no Prefect import
+from prefect_orthanc.deployments.stack import (
     FINAL_STATES,
     ROUTE_DEPLOYMENT,
     new_study_runs,
@@ -593,14 +594,15 @@ def main() -> int:
                "ORTHANC_PASSWORD": lab.research.password or "", "PYTHONPATH": str(ROOT)}
         if args.serve_poll:
             env["PREFECT_ORTHANC_SERVE_POLL_SECONDS"] = str(args.serve_poll)
-        setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=ROOT,
-                               env=env, capture_output=True, text=True, timeout=180,
+        setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
                                check=False)
         if setup.returncode != 0:
-            raise SystemExit("`python -m prefect_orthanc.deployments setup` failed:\n" + setup.stderr[-3000:])
+            raise SystemExit("`python -m prefect_orthanc.deployments setup` failed:\n"
+                             + setup.stderr[-3000:])
         serve_log = logs / "serve.log"
-        serve = spawn([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only", "on-stable-study",
-                       "--only", "research-changes"], env, serve_log)
+        serve = spawn([sys.executable, "-m", "prefect_orthanc.deployments", "serve",
+                       "--only", "on-stable-study", "--only", "research-changes"], env, serve_log)
         stack.callback(stop_group, serve)
         client = stack.enter_context(get_client(sync_client=True))
         wait_until_served([ROUTE, WATCH], serve, serve_log, timeout=120)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import peak_rss_mb, quiet_prefect  # noqa: E402
+from bench._common import peak_rss_mb, quiet_prefect
 
 quiet_prefect()
 
