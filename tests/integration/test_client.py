@@ -320,9 +320,9 @@ def test_labels_unsupported_on_1_10(research: Orthanc, loaded_pacs):
 
 
 def test_wrong_password_is_unauthorized(lab):
-    with Orthanc(url=lab.research.url, username="research", password="wrong") as client:
-        with pytest.raises(OrthancUnauthorized) as caught:
-            client.system()
+    with Orthanc(url=lab.research.url, username="research", password="wrong") as client, \
+            pytest.raises(OrthancUnauthorized) as caught:
+        client.system()
     error = caught.value
     assert error.status_code == 401 and "wrong" not in str(error)
     assert pickle.loads(pickle.dumps(error)) == error

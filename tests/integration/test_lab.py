@@ -246,7 +246,8 @@ def test_same_seed_gives_identical_files(tmp_path: Path):
     other = make_cohort(tmp_path / "c", seed=4, **shape)
     assert [p.relative_to(tmp_path / "a") for p in first.files] == \
            [p.relative_to(tmp_path / "b") for p in second.files]
-    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first.files, second.files))
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first.files, second.files,
+                                                                   strict=True))
     assert first.phi_values() == second.phi_values()
     assert not {s.study_uid for s in first.studies} & {s.study_uid for s in other.studies}
     assert first.phi_values() != other.phi_values()

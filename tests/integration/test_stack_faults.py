@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -270,8 +270,9 @@ def _moved_studies(jobs: list[dict]) -> Counter:
 
 
 def _stamp(value: str) -> float:
+    # Orthanc's job times, only compared with each other: the zone is the same for all
     return datetime.strptime(value if "." in value else value + ".0",
-                             "%Y%m%dT%H%M%S.%f").timestamp()
+                             "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC).timestamp()
 
 
 def _max_overlap(jobs: list[dict]) -> int:

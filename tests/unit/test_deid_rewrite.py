@@ -230,7 +230,8 @@ def test_the_rewritten_instance_is_clean_for_the_scanner():
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "waveform_ecg.dcm",
                                   "rtplan.dcm", "liver_1frame.dcm", "SC_rgb_rle.dcm",
-                                  "chrH31.dcm", "chrJapMulti.dcm", "chrKoreanMulti.dcm", "chrX2.dcm"])
+                                  "chrH31.dcm", "chrJapMulti.dcm", "chrKoreanMulti.dcm",
+                                  "chrX2.dcm"])
 def test_real_files_rewrite_and_scan_clean(name):
     """What the rewrite owns (names, IDs, UIDs, dates) is clean on files written by others;
     what is left (institutions, descriptions) is for Orthanc's Basic Profile to remove."""
@@ -294,7 +295,8 @@ def test_scanner_reads_waveform_labels_and_other_charsets():
     ({"ImageType": ["ORIGINAL", "PRIMARY", "LABEL", "NONE"],
       "SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.6"}, "label or overview image"),
     ({"ImageType": ["DERIVED", "PRIMARY", "OVERVIEW"]}, "label or overview image"),
-    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.1.1"}, "SOP class Video Endoscopic Image Storage"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.1.1"},
+     "SOP class Video Endoscopic Image Storage"),
     ({"BurnedInAnnotation": "NO"}, None),
 ])
 def test_risk_reasons(attributes, reason):

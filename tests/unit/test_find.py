@@ -42,7 +42,7 @@ def test_find_returns_every_id_once_in_order(router, orthanc):
     assert found == IDS
     assert len(set(found)) == TOTAL
     # Since advances by what was actually returned (100), never by the page size asked (1000)
-    assert [b["Since"] for b in server.bodies] == list(range(0, TOTAL, CAP)) + [TOTAL]
+    assert [b["Since"] for b in server.bodies] == [*range(0, TOTAL, CAP), TOTAL]
     assert all(b["Limit"] == 1000 for b in server.bodies)
     first = server.bodies[0]
     assert first["Level"] == "Study"
