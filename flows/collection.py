@@ -19,16 +19,17 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Completed, State
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
@@ -68,7 +69,9 @@ __all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"
 
 def load_credentials(block: str | None) -> OrthancCredentials:
     """A saved ``OrthancCredentials`` block by name, or ``ORTHANC_*`` from the environment."""
-    return OrthancCredentials.load(block) if block else OrthancCredentials.from_env()
+    # Prefect types load() as "the block or a coroutine": it is the block in synchronous code
+    return cast(OrthancCredentials, OrthancCredentials.load(block)) if block \
+        else OrthancCredentials.from_env()
 
 
 @orthanc_task(name="plan_cohort", run_name=lambda p: f"plan-{p['request'].source_modality}",
@@ -238,7 +241,9 @@ def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, list[Co
 
 
 @flow(name="collect-research-cohort", flow_run_name="collect-{project}",
-      task_runner=ThreadPoolTaskRunner(max_workers=32), validate_parameters=True)
+      # Prefect #16938: mypy sees ThreadPoolTaskRunner as no TaskRunner[PrefectFuture[Any]]
+      task_runner=ThreadPoolTaskRunner(max_workers=32),  # type: ignore[arg-type]
+      validate_parameters=True)
 @described_by(CollectionRequest, credentials_block="Name of the OrthancCredentials block of "
               "the research Orthanc (empty: the ORTHANC_* environment variables).")
 def collect_cohort(
@@ -395,8 +400,9 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
     results: dict[str, CollectResult] = {}
     if not studies:
         return results
-    progress = create_progress_artifact(progress=0.0, key="collection-progress",
-                                        description="Studies of this run retrieved so far.")
+    progress = cast(UUID, create_progress_artifact(  # synchronous here (not a coroutine)
+        progress=0.0, key="collection-progress",
+        description="Studies of this run retrieved so far."))
     pending = list(studies)
     in_flight: dict[PrefectFuture[CollectResult], Any] = {}
     marks: list[PrefectFuture[str]] = []

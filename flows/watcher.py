@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from prefect import flow, get_run_logger
-from prefect.states import Completed, State
+from prefect import State, flow, get_run_logger
+from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict
 
 from prefect_orthanc.flows.collection import load_credentials

@@ -30,7 +30,7 @@ import hmac
 import re
 import unicodedata
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -80,7 +80,10 @@ def _storage_sop_classes() -> dict[str, str]:
 STORAGE_SOP_CLASSES: dict[str, str] = _storage_sop_classes()
 _SOP_KEYWORDS = {uid: keyword for keyword, uid in STORAGE_SOP_CLASSES.items()}
 #: a storage SOP class, named by its DICOM keyword (the UI shows a list of names)
-SopClass = Literal[tuple(sorted(STORAGE_SOP_CLASSES))]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # built at run time from pydicom's dictionary: a keyword string to mypy
+    SopClass = str
+else:
+    SopClass = Literal[tuple(sorted(STORAGE_SOP_CLASSES))]
 
 DEFAULT_EXCLUDED_SOP_CLASSES: tuple[str, ...] = (
     # Secondary capture (screenshots, scanned paper)

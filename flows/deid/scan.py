@@ -375,7 +375,7 @@ class _Collector:
                 value = value.get("Value")
                 match = _TAG_KEY.match(keyword)
             tag = int(match[1] + match[2], 16) if match else tag_for_keyword(keyword)
-            if match:
+            if match and tag is not None:  # a numeric key: name it
                 keyword = keyword_for_tag(tag) or keyword
             if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
                 for item in value:
