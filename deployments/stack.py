@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -135,7 +135,7 @@ def _checked_secret(value: str, block: str, rotate: bool) -> None:
                          f"sharing refuses it; use a long random value (e.g. `openssl rand "
                          f"-hex 32`)")
     try:
-        current = Secret.load(block).get()
+        current = cast("Secret[str]", Secret.load(block)).get()  # synchronous: the block
     except (ObjectNotFound, ValueError):
         return
     if current != value and not rotate:
@@ -306,6 +306,7 @@ def wait_until_served(names: Sequence[str], process: subprocess.Popen[bytes], lo
     """Return once every named deployment exists and is READY (a runner is polling it);
     raise ``RuntimeError`` with the end of ``log`` if ``serve`` exits or time runs out."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import DeploymentStatus
     from prefect.exceptions import ObjectNotFound
 
     deadline = time.monotonic() + timeout
@@ -315,7 +316,7 @@ def wait_until_served(names: Sequence[str], process: subprocess.Popen[bytes], lo
                 raise RuntimeError("`python -m prefect_orthanc.deployments serve` exited:\n"
                                    f"{_tail(log)}")
             try:
-                if all(client.read_deployment_by_name(n).status.value == "READY"
+                if all(client.read_deployment_by_name(n).status == DeploymentStatus.READY
                        for n in names):
                     return
             except ObjectNotFound:
