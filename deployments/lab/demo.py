@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,11 +172,14 @@ SHARING_PARAMETERS = _deployment_parameters("ad-hoc")
 
 def _run(name: str, parameters: dict):
     """Run a served deployment (parameters: a partial override) and wait for its end."""
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    run = run_deployment(name, parameters=parameters, timeout=300, poll_interval=1,
-                         as_subflow=False)
-    print(f"{run.name}: {run.state.type.value} — {run.state.message}")
+    run = cast(FlowRun, run_deployment(name, parameters=parameters, timeout=300,
+                                       poll_interval=1, as_subflow=False))  # synchronous
+    state = run.state
+    print(f"{run.name}: {state.type.value if state else 'no state'} — "
+          f"{state.message if state else ''}")
     return run
 
 
@@ -316,7 +320,8 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     print(f"total {time.monotonic() - started:.1f} s")
     ok = (first.state.is_completed() and again.state.is_completed() and moved_again == 0
           and sharing.state.is_completed() and delivered == len(wanted)
-          and bool(routed) and routed["state"]["type"] == "COMPLETED" and routed["count"] == 1
+          and routed is not None and routed["state"]["type"] == "COMPLETED"
+          and routed["count"] == 1
           and scheduled is not None and tracebacks == 0)
     if args.keep:
         print(f"\neverything is still running: open {ui_url} ; Ctrl-C to stop", flush=True)
