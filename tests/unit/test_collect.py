@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from _mocks import SYSTEM_1_10
 
 from prefect_orthanc.orthanc_client import CollectOutcome, CountSource, Settle
+from tests.unit._mocks import SYSTEM_1_10
 
 STUDY = "1.2.3"
 SERIES = {"1.2.3.1": ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"],

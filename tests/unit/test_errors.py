@@ -7,7 +7,6 @@ import pickle
 
 import httpx
 import pytest
-from _mocks import BASE, orthanc_error
 
 from prefect_orthanc.orthanc_client import (
     OrthancArchiveError,
@@ -34,6 +33,7 @@ from prefect_orthanc.orthanc_client.errors import (
     pacs_error,
     redact,
 )
+from tests.unit._mocks import BASE, orthanc_error
 
 STUDY = "6b9e19d9-62094390-5f9ddb01-4a191ae7-9766b715"
 

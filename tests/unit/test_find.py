@@ -6,9 +6,9 @@ import json
 
 import httpx
 import pytest
-from _mocks import SYSTEM_1_10, SYSTEM_1_12
 
 from prefect_orthanc.orthanc_client import Level, OrthancUnsupported, Resource
+from tests.unit._mocks import SYSTEM_1_10, SYSTEM_1_12
 
 TOTAL = 2345
 CAP = 100

@@ -7,10 +7,10 @@ import pickle
 
 import httpx
 import pytest
-from _mocks import BASE, SYSTEM_1_10, run
 from pydantic import SecretStr, ValidationError
 
 from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
+from tests.unit._mocks import BASE, SYSTEM_1_10, run
 
 
 def test_defaults_without_environment():

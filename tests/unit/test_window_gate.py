@@ -13,7 +13,6 @@ import sys
 import threading
 
 import pytest
-from _mocks import BASE, SYSTEM_1_10
 
 import prefect_orthanc.flows  # noqa: F401 - installs the log filter
 from prefect_orthanc.flows.cohort import TimeWindow
@@ -21,6 +20,7 @@ from prefect_orthanc.flows.states import PurposefulFailureFilter
 from prefect_orthanc.flows.window import OutsideWindow, admit, is_open, window_gate
 from prefect_orthanc.orthanc_client import AsyncOrthanc, Level, dicom_gate
 from prefect_orthanc.tasks.network import UnknownModality, require_modality
+from tests.unit._mocks import BASE, SYSTEM_1_10
 
 
 def _window(open_now: bool, outside: str = "stop", max_wait_hours: float = 16) -> TimeWindow:
