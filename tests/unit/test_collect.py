@@ -213,7 +213,7 @@ def test_a_move_that_moved_nothing_is_retried(orthanc, pacs, details):
         fake.job_failures = []
         sends = iter([[], []])
         original = fake._send
-        fake._send = lambda items: original(next(sends, items))  # type: ignore[method-assign]
+        fake._send = lambda items: original(next(sends, items))
     result = orthanc.collect("pacs", STUDY, settle=FAST, backoff=0.01)
     assert result.outcome is CollectOutcome.COMPLETE and result.move_attempts == 3
 

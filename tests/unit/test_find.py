@@ -139,9 +139,9 @@ def test_unknown_level_is_value_error(text):
         Level(text)
 
 
-def test_unknown_level_non_string():
+def test_unknown_level_non_string() -> None:
     with pytest.raises(ValueError):
-        Level(3)  # type: ignore[arg-type]
+        Level(3)
 
 
 def test_level_navigation():

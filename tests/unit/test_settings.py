@@ -139,7 +139,7 @@ def test_from_env_overrides(monkeypatch):
         assert client.settings.retries == 0
 
 
-def test_settings_are_frozen_and_picklable():
+def test_settings_are_frozen_and_picklable() -> None:
     settings = OrthancSettings(url=BASE, password="pw")
     with pytest.raises(ValidationError):
         settings.url = "http://other"  # type: ignore[misc]
