@@ -47,7 +47,8 @@ def _move_jobs(research: Orthanc) -> set[str]:
 
 def _copy_with_same_accession(peer, study) -> None:
     """Another patient's study carrying the same accession number: a classic ambiguity."""
-    study_uid, series, copies = generate_uid(), {}, []
+    series: dict[str, str] = {}  # source series UID -> the copy's
+    study_uid, copies = generate_uid(), []
     for path in study.files:
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = study_uid

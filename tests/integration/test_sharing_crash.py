@@ -87,9 +87,11 @@ def _study(name: str, count: int, patient: str) -> list[pydicom.Dataset]:
     """``count`` instances of a new study made from a pydicom test file (a real header):
     new study, series and SOP instance UIDs and PatientID, the rest as its authors wrote."""
     study, series = generate_uid(), generate_uid()
-    copies = []
+    copies: list[pydicom.Dataset] = []
+    path = get_testdata_file(name)
+    assert isinstance(path, str), name
     for index in range(count):
-        ds = pydicom.dcmread(get_testdata_file(name))
+        ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber, ds.PatientID = index + 1, patient
@@ -103,6 +105,7 @@ def _upload(research: Orthanc, datasets) -> str:
         ds.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
     (study,) = {r.parent_study for ds in datasets for r in research.upload(raw(ds))}
+    assert study is not None
     return study
 
 

@@ -28,6 +28,7 @@ from collections import Counter
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -82,7 +83,7 @@ class Api:
     def __init__(self, url: str) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
 
-    def call(self, method: str, path: str, **kwargs) -> object:
+    def call(self, method: str, path: str, **kwargs) -> Any:
         for attempt in range(60):  # the server may be restarting
             try:
                 response = self.http.request(method, path, **kwargs)
