@@ -62,7 +62,7 @@ def measure(outputs, sources) -> dict[str, int]:
     from tests.integration.test_deid_corpus import source_secrets
 
     texts, uids, dates = source_secrets(sources)
-    counts = defaultdict(int)
+    counts: defaultdict[str, int] = defaultdict(int)
     for out in outputs:
         counts["instances"] += 1
         leaked_text = leaked_uid = False
@@ -227,7 +227,7 @@ def main() -> int:
     table = []
     for tool, (runs, srcs) in rows.items():
         (outputs, ids_a, seconds), (_, ids_b, seconds_b) = runs
-        totals = defaultdict(int)
+        totals: defaultdict[str, int] = defaultdict(int)
         for key, outs in outputs.items():
             for name, value in measure(outs, srcs[key]).items():
                 totals[name] += value

@@ -70,7 +70,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -401,6 +401,7 @@ def run_raw(bench: Bench) -> list[Sample]:
 
 
 def run_changes(bench: Bench) -> list[Sample]:
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
     from prefect.variables import Variable
@@ -408,9 +409,9 @@ def run_changes(bench: Bench) -> list[Sample]:
     disable_lua(bench)
     Variable.unset(WATCH_CURSOR)  # a new cursor starts at the end of the change log
     run_for = 120 + 40 * bench.args.n  # generous; cancelled when done
-    watcher = run_deployment(WATCH, parameters={"run_for": run_for,
-                                                "poll_interval": bench.args.poll_interval},
-                             timeout=0)
+    watcher = cast(FlowRun, run_deployment(  # synchronous here
+        WATCH, parameters={"run_for": run_for, "poll_interval": bench.args.poll_interval},
+        timeout=0))
     watcher_id = str(watcher.id)
     try:
         deadline = time.monotonic() + 120

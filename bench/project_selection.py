@@ -29,7 +29,9 @@ def _zip(count: int) -> bytes:
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    path = get_testdata_file("CT_small.dcm")
+    assert isinstance(path, str)
+    source = pydicom.dcmread(path)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for i in range(count):
