@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import peak_rss_mb  # noqa: E402
+from bench._common import peak_rss_mb
 
 METHODS = ("client", "client-async", "raw-stream", "raw-read")
 
@@ -124,6 +124,7 @@ def main() -> int:
         with Orthanc(url=lab.pacs.url) as pacs:
             stored = pacs.upload(make_study(args.instances, args.pixels))
             study_id = stored[0].parent_study
+            assert study_id is not None
             stats = pacs.statistics_of("Study", study_id)
         print(f"study: {stats.count_instances} instances, "
               f"{stats.disk_size / 1e6:.1f} MB on disk")

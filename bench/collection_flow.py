@@ -22,16 +22,17 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect  # noqa: E402
+from bench._common import quiet_prefect
 
 quiet_prefect()
 
-import httpx  # noqa: E402
+import httpx
 
-from bench import _raw  # noqa: E402
+from bench import _raw
 
 
 def raw_collect(url: str, auth: tuple[str, str], accessions: list[str], concurrency: int
@@ -79,17 +80,19 @@ def main() -> int:
                 writer = csv.writer(handle)
                 writer.writerow(["accession_number"])
                 writer.writerows([[a] for a in accessions])
-            auth = (lab.research.username, lab.research.password)
+            auth = lab.research.auth
+            assert auth is not None  # the research server asks for a password
             os.environ.update({"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": auth[0],
                                "ORTHANC_PASSWORD": auth[1]})
             raw = raw_collect(lab.research.url, auth, accessions, args.concurrency)
             _raw.clear(lab.research.url, auth)
             started = time.perf_counter()
-            report = collect_cohort(cohort_file=str(path), concurrency=args.concurrency)
+            # a flow that returns a State gives that state's data when called: the report
+            report: Any = collect_cohort(cohort_file=str(path), concurrency=args.concurrency)
             flow_seconds = time.perf_counter() - started
             assert report.studies_complete == size, report
             again_started = time.perf_counter()
-            again = collect_cohort(cohort_file=str(path), concurrency=args.concurrency)
+            again: Any = collect_cohort(cohort_file=str(path), concurrency=args.concurrency)
             rerun = time.perf_counter() - again_started
             assert again.studies_moved == 0
         rows.append({"studies": size, "raw_s": raw, "flow_s": flow_seconds, "rerun_s": rerun,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect  # noqa: E402
+from bench._common import quiet_prefect
 
 quiet_prefect()
 warnings.simplefilter("ignore")
@@ -62,7 +62,7 @@ def measure(outputs, sources) -> dict[str, int]:
     from tests.integration.test_deid_corpus import source_secrets
 
     texts, uids, dates = source_secrets(sources)
-    counts = defaultdict(int)
+    counts: defaultdict[str, int] = defaultdict(int)
     for out in outputs:
         counts["instances"] += 1
         leaked_text = leaked_uid = False
@@ -205,29 +205,29 @@ def main() -> int:
             print(f"{tool}: not installed (pip install -e '.[bench]')")
             continue
         rows[tool] = (runs, sources)
-    with OrthancLab.start() as lab:
-        with Orthanc(url=lab.research.url, username=lab.research.username,
+    with OrthancLab.start() as lab, \
+             Orthanc(url=lab.research.url, username=lab.research.username,
                      password=lab.research.password) as research:
-            creds = OrthancCredentials(url=lab.research.url, username=lab.research.username,
-                                       password=lab.research.password)
-            stored = defaultdict(list)
-            for paths in studies.values():
-                for path in paths:
-                    try:
-                        (result,) = research.upload(path.read_bytes())
-                    except Exception:
-                        continue
-                    stored[result.parent_study].append(result.id)
-            orthanc_sources = {
-                study: [pydicom.dcmread(io.BytesIO(research.instance_file(i)), force=True)
-                        for i in ids] for study, ids in stored.items()}
-            for tool in ("project", "orthanc"):
-                runs = [run_orthanc(tool, research, creds, list(stored)) for _ in range(2)]
-                rows[tool] = (runs, orthanc_sources)
+        creds = OrthancCredentials(url=lab.research.url, username=lab.research.username,
+                                   password=lab.research.password)
+        stored = defaultdict(list)
+        for paths in studies.values():
+            for path in paths:
+                try:
+                    (result,) = research.upload(path.read_bytes())
+                except Exception:
+                    continue
+                stored[result.parent_study].append(result.id)
+        orthanc_sources = {
+            study: [pydicom.dcmread(io.BytesIO(research.instance_file(i)), force=True)
+                    for i in ids] for study, ids in stored.items()}
+        for tool in ("project", "orthanc"):
+            runs = [run_orthanc(tool, research, creds, list(stored)) for _ in range(2)]
+            rows[tool] = (runs, orthanc_sources)
     table = []
     for tool, (runs, srcs) in rows.items():
         (outputs, ids_a, seconds), (_, ids_b, seconds_b) = runs
-        totals = defaultdict(int)
+        totals: defaultdict[str, int] = defaultdict(int)
         for key, outs in outputs.items():
             for name, value in measure(outs, srcs[key]).items():
                 totals[name] += value

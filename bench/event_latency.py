@@ -34,7 +34,8 @@ changes) for the route run to finish before the next study. What is timed, per s
 
 Setup, all torn down at the end (also on Ctrl-C): a Prefect server on a free loopback port with
 a temporary PREFECT_HOME (or ``--api-url`` to use a running one), an ``OrthancLab`` whose
-research server runs the Lua emitter pointed at it, then ``python -m prefect_orthanc.deployments setup`` and
+research server runs the Lua emitter pointed at it, then
+``python -m prefect_orthanc.deployments setup`` and
 ``python -m prefect_orthanc.deployments serve --only on-stable-study --only research-changes`` as
 subprocesses (runner poll ``PREFECT_ORTHANC_SERVE_POLL_SECONDS``, 2 s unless
 ``--serve-poll``). The watcher deployment's interval schedule is switched off while measuring,
@@ -69,15 +70,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import httpx  # noqa: E402
+import httpx
 
-from bench._common import quiet_prefect  # noqa: E402
-from prefect_orthanc.deployments.lab.processes import stop_group  # noqa: E402 - no Prefect import
-from prefect_orthanc.deployments.lab.runs import (  # noqa: E402
+from bench._common import quiet_prefect
+from prefect_orthanc.deployments.lab.processes import stop_group  # no Prefect import
+from prefect_orthanc.deployments.lab.runs import (
     FINAL_STATES,
     ROUTE_DEPLOYMENT,
     new_study_runs,
@@ -400,6 +401,7 @@ def run_raw(bench: Bench) -> list[Sample]:
 
 
 def run_changes(bench: Bench) -> list[Sample]:
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
     from prefect.variables import Variable
@@ -407,9 +409,9 @@ def run_changes(bench: Bench) -> list[Sample]:
     disable_lua(bench)
     Variable.unset(WATCH_CURSOR)  # a new cursor starts at the end of the change log
     run_for = 120 + 40 * bench.args.n  # generous; cancelled when done
-    watcher = run_deployment(WATCH, parameters={"run_for": run_for,
-                                                "poll_interval": bench.args.poll_interval},
-                             timeout=0)
+    watcher = cast(FlowRun, run_deployment(  # synchronous here
+        WATCH, parameters={"run_for": run_for, "poll_interval": bench.args.poll_interval},
+        timeout=0))
     watcher_id = str(watcher.id)
     try:
         deadline = time.monotonic() + 120
@@ -593,14 +595,15 @@ def main() -> int:
                "ORTHANC_PASSWORD": lab.research.password or "", "PYTHONPATH": str(ROOT)}
         if args.serve_poll:
             env["PREFECT_ORTHANC_SERVE_POLL_SECONDS"] = str(args.serve_poll)
-        setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=ROOT,
-                               env=env, capture_output=True, text=True, timeout=180,
+        setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
                                check=False)
         if setup.returncode != 0:
-            raise SystemExit("`python -m prefect_orthanc.deployments setup` failed:\n" + setup.stderr[-3000:])
+            raise SystemExit("`python -m prefect_orthanc.deployments setup` failed:\n"
+                             + setup.stderr[-3000:])
         serve_log = logs / "serve.log"
-        serve = spawn([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only", "on-stable-study",
-                       "--only", "research-changes"], env, serve_log)
+        serve = spawn([sys.executable, "-m", "prefect_orthanc.deployments", "serve",
+                       "--only", "on-stable-study", "--only", "research-changes"], env, serve_log)
         stack.callback(stop_group, serve)
         client = stack.enter_context(get_client(sync_client=True))
         wait_until_served([ROUTE, WATCH], serve, serve_log, timeout=120)

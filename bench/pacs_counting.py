@@ -42,8 +42,7 @@ def _asynchronous(lab, research, cohort) -> dict:
     transfer after the C-MOVE job ended, waited for instead of re-fetched (``refetched`` 0,
     ``moves`` 1)."""
     try:
-        sys.path.insert(0, str(ROOT / "tests" / "integration"))
-        from quirky_scp import QuirkySCP
+        from tests.integration.quirky_scp import QuirkySCP
     except ImportError:
         return {"skipped": "pynetdicom not installed (pip install -e .[test])"}
     from prefect_orthanc.orthanc_client import Settle

@@ -29,7 +29,9 @@ def _zip(count: int) -> bytes:
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    path = get_testdata_file("CT_small.dcm")
+    assert isinstance(path, str)
+    source = pydicom.dcmread(path)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for i in range(count):
@@ -60,30 +62,30 @@ def main() -> None:
     def count(request: httpx.Request) -> None:
         requests["n"] += 1
 
-    with OrthancLab.start(tempfile.mkdtemp(prefix="bench-projects-")) as lab:
-        with Orthanc(url=lab.research.url, username=lab.research.username,
+    with OrthancLab.start(tempfile.mkdtemp(prefix="bench-projects-")) as lab, \
+             Orthanc(url=lab.research.url, username=lab.research.username,
                      password=lab.research.password, timeout=120) as orthanc:
+        started = time.perf_counter()
+        orthanc.upload(_zip(args.studies))
+        ids = orthanc.find(Level.STUDY, {})
+        print(f"stored {len(ids)} studies in {time.perf_counter() - started:.1f} s")
+        members = set(ids[::args.every])
+        for study_id in members:
+            attach_labels(orthanc, Level.STUDY, study_id, ["bench"])
+        orthanc._http.event_hooks["request"].append(count)
+        for name in ("per-study", "bulk"):
+            requests["n"] = 0
             started = time.perf_counter()
-            orthanc.upload(_zip(args.studies))
-            ids = orthanc.find(Level.STUDY, {})
-            print(f"stored {len(ids)} studies in {time.perf_counter() - started:.1f} s")
-            members = set(ids[::args.every])
-            for study_id in members:
-                attach_labels(orthanc, Level.STUDY, study_id, ["bench"])
-            orthanc._http.event_hooks["request"].append(count)
-            for name in ("per-study", "bulk"):
-                requests["n"] = 0
-                started = time.perf_counter()
-                if name == "per-study":
-                    found = [i for i in orthanc.find(Level.STUDY, {})
-                             if "bench" in (orthanc.metadata(Level.STUDY, i, LABELS_METADATA)
-                                            or "").split(",")]
-                else:
-                    found = project_studies(orthanc, "bench")
-                elapsed = time.perf_counter() - started
-                assert set(found) == members, name
-                print(f"{name:10s} {len(found)} of {len(ids)} studies: {elapsed:.2f} s, "
-                      f"{requests['n']} requests")
+            if name == "per-study":
+                found = [i for i in orthanc.find(Level.STUDY, {})
+                         if "bench" in (orthanc.metadata(Level.STUDY, i, LABELS_METADATA)
+                                        or "").split(",")]
+            else:
+                found = project_studies(orthanc, "bench")
+            elapsed = time.perf_counter() - started
+            assert set(found) == members, name
+            print(f"{name:10s} {len(found)} of {len(ids)} studies: {elapsed:.2f} s, "
+                  f"{requests['n']} requests")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import peak_rss_mb, quiet_prefect  # noqa: E402
+from bench._common import peak_rss_mb, quiet_prefect
 
 quiet_prefect()
 
@@ -123,8 +123,8 @@ def main() -> int:
             ids = research.find("Study")
             size_mb = research.statistics()["TotalDiskSizeMB"]
         env = {**os.environ, "ORTHANC_URL": lab.research.url,
-               "ORTHANC_USERNAME": lab.research.username,
-               "ORTHANC_PASSWORD": lab.research.password,
+               "ORTHANC_USERNAME": lab.research.username or "",
+               "ORTHANC_PASSWORD": lab.research.password or "",
                "PREFECT_ORTHANC_DEID_SECRET": "bench-secret-0123456789abcdef"}
         results: dict[str, list[dict[str, float]]] = {"raw": [], "flow": []}
         for round_index in range(args.rounds):

@@ -20,11 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect  # noqa: E402
+from bench._common import quiet_prefect
 
 quiet_prefect()
 
-from bench import _raw  # noqa: E402
+from bench import _raw
 
 
 def main() -> int:
@@ -50,11 +50,13 @@ def main() -> int:
                              seed=5)
         load_into(lab.pacs.url, cohort.files)
         uids = [s.study_uid for s in cohort.studies]
-        auth = (lab.research.username, lab.research.password)
+        auth = lab.research.auth
+        assert auth is not None  # the research server asks for a password
         creds = OrthancCredentials(url=lab.research.url, username=auth[0], password=auth[1])
         asyncio.run(ensure_limits({"pacs": args.concurrency}))
 
-        @flow(task_runner=ThreadPoolTaskRunner(max_workers=args.concurrency))
+        # Prefect #16938: mypy sees ThreadPoolTaskRunner as no TaskRunner[PrefectFuture[Any]]
+        @flow(task_runner=ThreadPoolTaskRunner(max_workers=args.concurrency))  # type: ignore[arg-type]
         def pull_all() -> int:  # the UIDs come from the closure: never as flow parameters
             futures = [retrieve_study.submit(creds, "pacs", uid) for uid in uids]
             results = [f.result() for f in futures]

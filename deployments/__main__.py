@@ -17,7 +17,8 @@ from prefect_orthanc.orthanc_client import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"prefect-orthanc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -1,7 +1,8 @@
 """What ``setup`` checks and configures on the Prefect server for crashes and restarts.
 
 - **Lease storage**: Prefect keeps concurrency leases in memory unless the server is started
-  with ``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem``.
+  with ``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=``
+  ``prefect.server.concurrency.lease_storage.filesystem``.
   In memory, a restart forgets every lease while ``active_slots`` stays counted; the slots
   are still freed (``tasks.slots`` reclaims them from waiters), but the file-based storage
   lets the server's own repossessor free them too. The server's settings are read from

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import cast
 
 from prefect_orthanc.deployments.settings import DeploymentSettings
 
@@ -55,7 +56,7 @@ def _checked_secret(value: str, block: str, rotate: bool) -> None:
                          f"sharing refuses it; use a long random value (e.g. `openssl rand "
                          f"-hex 32`)")
     try:
-        current = Secret.load(block).get()
+        current = cast("Secret[str]", Secret.load(block)).get()  # synchronous: the block
     except (ObjectNotFound, ValueError):
         return
     if current != value and not rotate:

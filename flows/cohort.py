@@ -67,7 +67,7 @@ class Criteria(BaseModel):
         """The study date range to query: the fixed one, or the last ``last_days`` days."""
         if not self.last_days:
             return self.date_from, self.date_to
-        today = today or dt.date.today()
+        today = today or dt.datetime.now().astimezone().date()  # the worker's local date
         first = today - dt.timedelta(days=self.last_days - 1)
         return first.strftime("%Y%m%d"), today.strftime("%Y%m%d")
 

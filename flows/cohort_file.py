@@ -48,7 +48,8 @@ from pydicom.uid import RE_VALID_UID
 
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
-__all__ = ["KEY_COLUMNS", "CohortError", "CohortFile", "CohortRow", "is_study_date", "read_cohort"]
+__all__ = ["KEY_COLUMNS", "CohortError", "CohortFile", "CohortRow", "is_study_date", "read_cohort",
+           "study_date"]
 
 KEY_COLUMNS = ("accession_number", "patient_id", "study_instance_uid")
 _COLUMNS = (*KEY_COLUMNS, "study_date")
@@ -332,12 +333,21 @@ def _check_row(values: Mapping[str, str]) -> str:
     return ", ".join(problems)
 
 
+def study_date(value: str) -> dt.date:
+    """The calendar date of a DICOM DA value, YYYYMMDD (a DA has no time zone).
+
+    Raises:
+        ValueError: not eight digits, or no such day (20240231).
+    """
+    if not _DATE.match(value):
+        raise ValueError("not a DICOM DA date (YYYYMMDD)")
+    return dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+
+
 def is_study_date(value: str) -> bool:
     """Whether ``value`` is a DICOM DA date, YYYYMMDD, that exists (not 20240231)."""
-    if not _DATE.match(value):
-        return False
     try:
-        dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+        study_date(value)
     except ValueError:
         return False
     return True

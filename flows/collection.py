@@ -20,16 +20,17 @@ import csv
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Completed, State
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
@@ -270,7 +271,9 @@ def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, CohortF
 
 
 @flow(name="collect-research-cohort", flow_run_name="collect-{project}",
-      task_runner=ThreadPoolTaskRunner(max_workers=32), validate_parameters=True)
+      # Prefect #16938: mypy sees ThreadPoolTaskRunner as no TaskRunner[PrefectFuture[Any]]
+      task_runner=ThreadPoolTaskRunner(max_workers=32),  # type: ignore[arg-type]
+      validate_parameters=True)
 @described_by(CollectionRequest, credentials_block="Name of the OrthancCredentials block of "
               "the research Orthanc (empty: the ORTHANC_* environment variables).")
 def collect_cohort(
@@ -445,8 +448,9 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
     results: dict[str, RetrieveResult] = {}
     if not studies:
         return results
-    progress = create_progress_artifact(progress=0.0, key="collection-progress",
-                                        description="Studies of this run retrieved so far.")
+    progress = cast(UUID, create_progress_artifact(  # synchronous here (not a coroutine)
+        progress=0.0, key="collection-progress",
+        description="Studies of this run retrieved so far."))
     pending = list(studies)
     in_flight: dict[PrefectFuture[RetrieveResult], Any] = {}
     marks: list[PrefectFuture[str]] = []

@@ -6,8 +6,8 @@ nested model passed as one parameter is replaced whole by ``--param`` or the UI'
 silently dropping the deployment's other defaults. So the deployed flows take flat parameters,
 one per field of their request model (``CollectionRequest``, ``SharingRequest``), and build the
 model when a run starts: its validators (cross-field rules included) then reject a bad request
-before any server is touched, and ``python -m prefect_orthanc.deployments check`` runs the same validation on
-prefect.yaml.
+before any server is touched, and ``python -m prefect_orthanc.deployments check`` runs the same
+validation on prefect.yaml.
 
 ``described_by(Model)`` writes the model's field descriptions into the flow's docstring
 ``Args:`` section, where Prefect reads parameter descriptions for the UI form.

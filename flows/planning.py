@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_orthanc.flows.cohort import Criteria
-from prefect_orthanc.flows.cohort_file import CohortRow
+from prefect_orthanc.flows.cohort_file import CohortRow, study_date
 from prefect_orthanc.orthanc_client import (
     Level,
     Orthanc,
@@ -235,8 +235,8 @@ def find_capped(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int
                 raise CohortTooBroad(
                     f"the PACS returned its cap of {cap} answers for a single day: narrow "
                     f"the criteria (modality, description) so nothing is silently dropped")
-            first = dt.datetime.strptime(start, "%Y%m%d").date()
-            last = dt.datetime.strptime(end, "%Y%m%d").date()
+            first = study_date(start)
+            last = study_date(end)
             middle = first + (last - first) // 2
             pending.append(((middle + dt.timedelta(days=1)).strftime("%Y%m%d"), end))
             pending.append((start, middle.strftime("%Y%m%d")))

@@ -14,9 +14,9 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Completed, State
+from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefect_orthanc.flows.sharing import SharingOptions, share_studies
@@ -89,9 +89,7 @@ class RouteRule(BaseModel):
     def matches(self, facts: StudyFacts) -> bool:
         if self.modalities and not set(self.modalities) & set(facts.modalities):
             return False
-        if self.calling_aets and facts.calling_aet not in self.calling_aets:
-            return False
-        return True
+        return not (self.calling_aets and facts.calling_aet not in self.calling_aets)
 
 
 class StudyFacts(BaseModel):
@@ -306,7 +304,7 @@ class SweepReport(BaseModel):
     still_failing: int
 
 
-def _failed_routes(lookback_hours: float) -> dict[str, dict]:
+def _failed_routes(lookback_hours: float) -> dict[str, dict[str, Any]]:
     """study_id -> the parameters of its latest route-new-study run, for the studies whose
     latest run in the look-back window failed (a later success means nothing to redo)."""
     import asyncio
@@ -314,11 +312,12 @@ def _failed_routes(lookback_hours: float) -> dict[str, dict]:
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowRunFilter
+    from prefect.client.schemas.objects import FlowRun
     from prefect.client.schemas.sorting import FlowRunSort
 
     since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=lookback_hours)
 
-    async def read() -> list:
+    async def read() -> list[FlowRun]:
         async with get_client() as client:
             return await client.read_flow_runs(
                 flow_filter=FlowFilter(name={"any_": ["route-new-study"]}),

@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prefect.states import Cancelled, Failed, State
+from prefect import State
+from prefect.states import Cancelled, Failed
 
 from prefect_orthanc.orthanc_client import SafeMessageError
 

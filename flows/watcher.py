@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from prefect import flow, get_run_logger
-from prefect.states import Completed, State
+from prefect import State, flow, get_run_logger
+from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict
 
 from prefect_orthanc.flows.events import post_events, study_event
@@ -56,8 +56,9 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
     cursor's Variable (``orthanc_changes_events_<server>``). A new cursor starts at the end of
     the change log (only studies that become stable from now on) unless ``start_at`` is
     ``beginning``. The default poll interval stays under Orthanc's 1 s HTTP keep-alive, so the
-    connection is reused instead of racing the server closing it. Transient Orthanc or Prefect errors are logged (without values) and retried
-    at the next poll; the run fails only if the last poll failed.
+    connection is reused instead of racing the server closing it. Transient Orthanc or Prefect
+    errors are logged (without values) and retried at the next poll; the run fails only if the
+    last poll failed.
 
     Example:
         ```python

@@ -71,8 +71,8 @@ def window_gate(window: TimeWindow | None) -> Iterator[None]:
         yield
 
 
-def admit(window: TimeWindow | None, *, log: logging.Logger | logging.LoggerAdapter | None
-          = None) -> None:
+def admit(window: TimeWindow | None, *,
+          log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None) -> None:
     """Return when PACS exchanges are allowed: at once when the window is open (or there is
     none), after waiting for it when ``outside="wait"`` and it opens within
     ``max_wait_hours``; ``OutsideWindow`` otherwise."""

@@ -186,7 +186,8 @@ def _dicom_operation(route: str) -> str:
 def transport_error(call: Call, exc: httpx.RequestError, base_url: str) -> OrthancUnavailable:
     """Build the error for a request that got no HTTP answer at all."""
     if isinstance(exc, httpx.TimeoutException):
-        reason = "timed out" + (" while connecting" if isinstance(exc, httpx.ConnectTimeout) else "")
+        connecting = isinstance(exc, httpx.ConnectTimeout)
+        reason = "timed out" + (" while connecting" if connecting else "")
     elif isinstance(exc, httpx.ConnectError):
         reason = "connection refused or host unreachable"
     else:

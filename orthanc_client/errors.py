@@ -80,7 +80,7 @@ class OrthancError(SafeMessageError):
         return self.message
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.__dict__ == self.__dict__  # type: ignore[union-attr]
+        return type(other) is type(self) and other.__dict__ == self.__dict__
 
     __hash__ = Exception.__hash__
 

@@ -140,7 +140,8 @@ class Resource(_Model):
         level = Level(payload["Type"])
         parent_key = {"Study": "ParentPatient", "Series": "ParentStudy",
                       "Instance": "ParentSeries"}.get(level.value)
-        child_key = {"Patient": "Studies", "Study": "Series", "Series": "Instances"}.get(level.value)
+        child_key = {"Patient": "Studies", "Study": "Series",
+                     "Series": "Instances"}.get(level.value)
         return cls.model_validate({
             **payload,
             "parent_id": payload.get(parent_key) if parent_key else None,
@@ -174,7 +175,8 @@ class JobState(str, enum.Enum):
 
 
 class JobInfo(_Model):
-    """``GET /jobs/{id}``. ``content`` is job-specific (e.g. the new resource of an anonymization)."""
+    """``GET /jobs/{id}``. ``content`` is job-specific (e.g. the new resource of an
+    anonymization)."""
 
     id: str = Field(alias="ID")
     type: str = Field(alias="Type")
@@ -241,7 +243,8 @@ class Change(_Model):
 
 
 class ChangesPage(_Model):
-    """``GET /changes``: a page of changes, the cursor to continue from, and whether it is the end."""
+    """``GET /changes``: a page of changes, the cursor to continue from, and whether it is the
+    end."""
 
     changes: tuple[Change, ...] = Field(alias="Changes")
     last: int = Field(alias="Last")

@@ -13,7 +13,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import quote
 
 from prefect_orthanc.orthanc_client import core
@@ -56,10 +56,30 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 LABELS_SINCE = "1.12.0"
 _UNKNOWN_RESOURCE = 17  # Orthanc's error code for a missing resource (vs a missing item in it)
 _OVERWRITE_ATTEMPTS = 5
+
+
+class _Composable(Protocol[P, R_co]):
+    """What an operation bound to any client has: its step generator, for composing."""
+
+    @property
+    def steps(self) -> Callable[P, Steps[R_co]]: ...
+
+
+class _Bound(_Composable[P, R_co], Protocol[P, R_co]):
+    """An operation bound to ``Orthanc``: a blocking method."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+
+class _AsyncBound(_Composable[P, R_co], Protocol[P, R_co]):
+    """An operation bound to ``AsyncOrthanc``: a coroutine method."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
 
 
 class operation(Generic[P, R]):
@@ -73,9 +93,11 @@ class operation(Generic[P, R]):
     @overload
     def __get__(self, obj: None, owner: type) -> operation[P, R]: ...
     @overload
-    def __get__(self, obj: Orthanc, owner: type) -> Callable[P, R]: ...
+    def __get__(self, obj: Orthanc, owner: type) -> _Bound[P, R]: ...
     @overload
-    def __get__(self, obj: AsyncOrthanc, owner: type) -> Callable[P, Awaitable[R]]: ...
+    def __get__(self, obj: AsyncOrthanc, owner: type) -> _AsyncBound[P, R]: ...
+    @overload
+    def __get__(self, obj: Operations, owner: type) -> _Composable[P, R]: ...
     def __get__(self, obj: Any, owner: type) -> Any:
         if obj is None:
             return self
@@ -567,7 +589,8 @@ class Operations:
     def modified_resource(job: JobInfo) -> ModifyResult:
         """The resource an anonymize/modify job created (its ``Content.ID``)."""
         if job.state is not JobState.SUCCESS or "ID" not in job.content:
-            raise OrthancUsageError(f"job {job.id} has no result resource (state {job.state.value})")
+            raise OrthancUsageError(
+                f"job {job.id} has no result resource (state {job.state.value})")
         return ModifyResult.model_validate({**job.content, "job_id": job.id})
 
     # ------------------------------------------------------------ archives

@@ -24,6 +24,7 @@ and a reason code, never DICOM values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -202,10 +203,8 @@ def _series_detail(ops: Any, modality: str, study_uid: str, *, instances: bool =
 
 
 def _forget(ops: Any, query_id: str) -> Steps[None]:
-    try:
+    with contextlib.suppress(OrthancError):  # only housekeeping: Orthanc forgets old queries
         yield from ops.delete_query.steps(query_id)
-    except OrthancError:  # only housekeeping: Orthanc forgets old queries by itself
-        pass
 
 
 # ------------------------------------------------------------------ what is here

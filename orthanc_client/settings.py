@@ -50,8 +50,10 @@ class OrthancSettings(BaseSettings):
     )
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
     ca_bundle: Path | None = Field(None, description="CA bundle to verify TLS with.")
-    retries: int = Field(3, ge=0, le=10, description="Retries of safe requests on transient errors.")
-    backoff: float = Field(0.5, ge=0, description="First retry delay in seconds (doubles, jittered).")
+    retries: int = Field(3, ge=0, le=10,
+                         description="Retries of safe requests on transient errors.")
+    backoff: float = Field(0.5, ge=0,
+                           description="First retry delay in seconds (doubles, jittered).")
 
     @field_validator("url")
     @classmethod

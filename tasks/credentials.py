@@ -50,11 +50,12 @@ class OrthancCredentials(Block):
     long_timeout: float = Field(
         600.0, gt=0, description="Seconds for slow calls: moves, uploads, archives, job waits."
     )
-    retries: int = Field(3, ge=0, le=10, description="Retries of safe requests on transient errors.")
+    retries: int = Field(3, ge=0, le=10,
+                         description="Retries of safe requests on transient errors.")
 
     @classmethod
     def from_settings(cls, settings: OrthancSettings) -> OrthancCredentials:
-        """Build the block from client settings (e.g. ``OrthancSettings()`` from the environment)."""
+        """Build the block from client settings (e.g. ``OrthancSettings()``, the environment)."""
         return cls(url=settings.url, username=settings.username, password=settings.password,
                    verify_tls=settings.verify_tls, ca_bundle=settings.ca_bundle,
                    read_timeout=settings.read_timeout, long_timeout=settings.long_timeout,

@@ -14,8 +14,9 @@ def wait_for_job(credentials: OrthancCredentials, job_id: str, *,
                  timeout: float | None = None) -> JobInfo:
     """Wait for an Orthanc job within ``timeout`` seconds (default: the long timeout).
 
-    Returns the finished job (content reduced to counts and IDs); raises ``OrthancJobFailed`` (not retried), ``OrthancJobTimeout``
-    (the job keeps running in Orthanc) or ``OrthancJobLost``.
+    Returns the finished job (content reduced to counts and IDs); raises ``OrthancJobFailed``
+    (not retried), ``OrthancJobTimeout`` (the job keeps running in Orthanc) or
+    ``OrthancJobLost``.
 
     Args:
         credentials: The Orthanc server to use (``OrthancCredentials`` block).

@@ -8,8 +8,9 @@ new studies into a project on purpose).
 
 Storage, chosen from ``/system`` (``SystemInfo.supports_labels``):
 
-- Orthanc >= 1.12 whose database has labels (``HasLabels``): Orthanc's own labels (``PUT /{level}/{id}/labels/{label}``, atomic per
-  label) and ``/tools/find`` with ``Labels`` to select, one request per page.
+- Orthanc >= 1.12 whose database has labels (``HasLabels``): Orthanc's own labels
+  (``PUT /{level}/{id}/labels/{label}``, atomic per label) and ``/tools/find`` with
+  ``Labels`` to select, one request per page.
 - otherwise: the set, sorted and comma-separated, in one metadata entry,
   ``PrefectOrthancLabels`` (declare it in Orthanc's ``UserMetadata``). Adding labels is a
   read-modify-write made safe against concurrent writers by a compare-and-set: the write

@@ -83,8 +83,8 @@ def modality_slot(modality: str, *, timeout: float | None = None) -> Iterator[No
     The slot is a short Prefect lease renewed while held, published in this process's holder
     record, and reclaimed by waiters once this process is dead (``tasks.slots``;
     docs/concurrency.md gives the bounds). ``timeout`` bounds the wait for a slot (default
-    ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS``, 1 h): then ``SlotWaitExceeded`` naming the limit and the wait. ``ModalityLimitMissing`` when the limit
-    does not exist.
+    ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS``, 1 h): then ``SlotWaitExceeded`` naming the limit and
+    the wait. ``ModalityLimitMissing`` when the limit does not exist.
 
     Talks to the Prefect API with its synchronous client directly: Prefect 3.8's
     ``concurrency()`` context manager takes ~2 s per acquisition when several tasks acquire at

@@ -130,7 +130,7 @@ def mark_retrieved(orthanc: Orthanc, study_ids: Iterable[str], modality: str) ->
 
 
 def _in_flight(study_uid: str, now: dt.datetime) -> bool:
-    record = Variable.get(retrieval_variable(study_uid), default=None)
+    record = Variable.get(retrieval_variable(study_uid))
     if not isinstance(record, Mapping):
         return False
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
@@ -28,7 +28,8 @@ from prefect_orthanc.orthanc_client.retrieval import uid_key
 
 __all__ = ["TaskFailure", "is_transient", "orthanc_task", "short_id", "uid_key"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class TaskFailure(RuntimeError):
@@ -65,44 +66,45 @@ def short_id(orthanc_id: str) -> str:
     return str(orthanc_id)[:8]
 
 
-def _sanitized(fn: F, name: str) -> F:
+def _sanitized(fn: Callable[P, R], name: str) -> Callable[P, R]:
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
-        async def run_async(*args: Any, **kwargs: Any) -> Any:
+        async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
             try:
                 return await fn(*args, **kwargs)
             except _PASS_THROUGH:
                 raise
             except Exception as error:
                 raise TaskFailure(name, type(error).__name__) from None
-        return run_async  # type: ignore[return-value]
+        return cast("Callable[P, R]", run_async)  # R is the coroutine run_async returns
 
     @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except _PASS_THROUGH:
             raise
         except Exception as error:
             raise TaskFailure(name, type(error).__name__) from None
-    return run  # type: ignore[return-value]
+    return run
 
 
 def orthanc_task(*, name: str, run_name: Callable[[dict[str, Any]], str] | None = None,
-                 retries: int = 3, retry_delay: float = 2.0, **options: Any) -> Callable[[F], F]:
+                 retries: int = 3, retry_delay: float = 2.0,
+                 **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
     """Decorate an Orthanc task with this project's retry, naming and PHI policy.
 
     ``run_name`` receives the call's parameters and must build a name from Orthanc IDs or
-    hashes only (see ``short_id`` and ``uid_key``).
+    hashes only (see ``short_id`` and ``uid_key``). The result is Prefect's ``Task[P, R]``: calls,
+    ``.submit`` and ``.map`` are typed with the function's own parameters and result.
     """
 
-    def decorate(fn: F) -> F:
+    def decorate(fn: Callable[P, R]) -> Task[P, R]:
         task_run_name: Any = None
         if run_name is not None:
             def task_run_name(parameters: dict[str, Any]) -> str:
                 return run_name(parameters)
-        return task(  # type: ignore[return-value]
-            _sanitized(fn, name),
+        return task(
             name=name,
             task_run_name=task_run_name,
             retries=retries,
@@ -113,6 +115,6 @@ def orthanc_task(*, name: str, run_name: Callable[[dict[str, Any]], str] | None 
             persist_result=False,
             log_prints=False,
             **options,
-        )
+        )(_sanitized(fn, name))
 
     return decorate

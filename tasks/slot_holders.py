@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 __all__ = [
     "HOLDER_PREFIX",
@@ -69,16 +70,16 @@ class LeaseRecord:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> LeaseRecord:
-        names = [str(n) for n in data.get("limits") or []]  # type: ignore[union-attr]
+    def from_json(cls, data: Mapping[str, Any]) -> LeaseRecord:
+        names = [str(n) for n in data.get("limits") or []]
         bits = int(str(data.get("stripes") or "0"), 16)
         names += [f"{STUDY_LOCK_PREFIX}{i:04d}" for i in range(bits.bit_length())
                   if bits >> i & 1]
         return cls(lease_id=str(data["id"]), limits=tuple(names),
-                   slots=int(data.get("slots", 1)),  # type: ignore[arg-type]
+                   slots=int(data.get("slots", 1)),
                    flow_run=str(data["flow_run"]) if data.get("flow_run") else None,
                    lost=bool(data.get("lost")),
-                   renewed_ago=float(data.get("r", 0.0)))  # type: ignore[arg-type]
+                   renewed_ago=float(data.get("r", 0.0)))
 
 
 def _size(value: object) -> int:

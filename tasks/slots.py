@@ -512,6 +512,7 @@ def reclaim(client: Any, names: Sequence[str], settings: SlotSettings, *,
     if not mutex.acquire():
         return {}
     freed: dict[str, int] = {}
+    bounds: dict[str, Any]  # seconds and a flag, passed on as keywords
     bounds = dict(stale_seconds=settings.stale_seconds, lease_seconds=settings.lease_seconds,
                   repossessor_seconds=settings.repossessor_seconds,
                   margin_seconds=settings.margin_seconds, trust_staleness=trust_staleness)
@@ -605,7 +606,8 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
             if waited >= wait:
                 raise SlotWaitExceeded(_label(names), waited,
                                        "PREFECT_ORTHANC_SLOT_WAIT_SECONDS") from None
-            if (status == 423 and now - blocked_since >= settings.check_seconds
+            if (status == 423 and blocked_since is not None
+                    and now - blocked_since >= settings.check_seconds
                     and (last_check is None or now - last_check >= settings.check_seconds)):
                 if last_check is None:  # once per wait: a run that waits says so
                     _run_log().warning(
@@ -614,8 +616,8 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
                 last_check = now
                 # live holders publish within renew_seconds of the server answering: only
                 # then does a stale heartbeat mean death, not a server that was down
-                trust = (now - contact_since  # type: ignore[operator]
-                         >= settings.renew_seconds + poll)
+                trust = (contact_since is not None
+                         and now - contact_since >= settings.renew_seconds + poll)
                 try:
                     if reclaim(client, names, settings, trust_staleness=trust):
                         continue

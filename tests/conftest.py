@@ -11,8 +11,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # imported inside the fixtures: the unit tests need neither
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.synthetic import Cohort
 
 TESTS = Path(__file__).resolve().parent
 INTEGRATION = TESTS / "integration"
@@ -41,7 +46,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def lab() -> Iterator[OrthancLab]:  # noqa: F821 - imported lazily
+def lab() -> Iterator[OrthancLab]:
     """Two Orthanc 1.10.1 servers ("pacs" and "research") and DCMTK's dcmqrscp ("dcmqr") for
     the whole session.
 
@@ -69,7 +74,7 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cohort(cohort_dir: Path) -> Cohort:  # noqa: F821
+def cohort(cohort_dir: Path) -> Cohort:
     """3 patients x 2 studies x 2 series x 3 instances (6 studies, 36 instances), seed 0."""
     from prefect_orthanc.deployments.lab.synthetic import make_cohort
 

@@ -1,5 +1,6 @@
-"""``python -m prefect_orthanc.deployments.lab up [--root DIR] [--stable-age N]``: run the two-server Orthanc
-lab in the foreground until Ctrl-C (or SIGTERM), for the demo and for manual exploration."""
+"""``python -m prefect_orthanc.deployments.lab up [--root DIR] [--stable-age N]``: run the
+two-server Orthanc lab in the foreground until Ctrl-C (or SIGTERM), for the demo and for manual
+exploration."""
 
 from __future__ import annotations
 

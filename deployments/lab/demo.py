@@ -22,7 +22,8 @@
    20 s for the demo) to complete, checks the Prefect server's log for tracebacks from its
    services, and prints a summary.
 
-    scripts/demo            # or: .venv/bin/python -m prefect_orthanc.deployments.lab.demo --keep  (UI stays up)
+    scripts/demo   # or (the UI stays up):
+    .venv/bin/python -m prefect_orthanc.deployments.lab.demo --keep
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +48,8 @@ def _banner(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.demo",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output",
                         help="where the cohort, reports and lab data go (default: demo-output)")
@@ -102,7 +105,8 @@ def _with_prefect(args: argparse.Namespace, out: Path, started: float, ui_url: s
 
         os.environ.setdefault(SECRET_ENV, secrets.token_hex(24))  # a throwaway demo secret
 
-        _banner("setup: work pool, PACS concurrency limit, blocks (python -m prefect_orthanc.deployments setup)")
+        _banner("setup: work pool, PACS concurrency limit, blocks "
+                "(python -m prefect_orthanc.deployments setup)")
         from prefect_orthanc.deployments.setup import setup
 
         for what, outcome in setup().items():
@@ -169,11 +173,14 @@ SHARING_PARAMETERS = _deployment_parameters("ad-hoc")
 
 def _run(name: str, parameters: dict):
     """Run a served deployment (parameters: a partial override) and wait for its end."""
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    run = run_deployment(name, parameters=parameters, timeout=300, poll_interval=1,
-                         as_subflow=False)
-    print(f"{run.name}: {run.state.type.value} — {run.state.message}")
+    run = cast(FlowRun, run_deployment(name, parameters=parameters, timeout=300,
+                                       poll_interval=1, as_subflow=False))  # synchronous
+    state = run.state
+    print(f"{run.name}: {state.type.value if state else 'no state'} — "
+          f"{state.message if state else ''}")
     return run
 
 
@@ -314,7 +321,8 @@ def _demo(args: argparse.Namespace, out: Path, started: float, ui_url: str, lab,
     print(f"total {time.monotonic() - started:.1f} s")
     ok = (first.state.is_completed() and again.state.is_completed() and moved_again == 0
           and sharing.state.is_completed() and delivered == len(wanted)
-          and bool(routed) and routed["state"]["type"] == "COMPLETED" and routed["count"] == 1
+          and routed is not None and routed["state"]["type"] == "COMPLETED"
+          and routed["count"] == 1
           and scheduled is not None and tracebacks == 0)
     if args.keep:
         print(f"\neverything is still running: open {ui_url} ; Ctrl-C to stop", flush=True)

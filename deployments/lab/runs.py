@@ -44,8 +44,8 @@ def wait_until_served(names: Sequence[str], process: subprocess.Popen[bytes], lo
                 raise RuntimeError(f"`python -m prefect_orthanc.deployments serve` exited:\n"
                                    f"{_tail(log)}")
             try:
-                if all(client.read_deployment_by_name(n).status.value == "READY"
-                       for n in names):
+                statuses = [client.read_deployment_by_name(n).status for n in names]
+                if all(status is not None and status.value == "READY" for status in statuses):
                     return
             except ObjectNotFound:
                 pass

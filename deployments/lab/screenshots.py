@@ -3,11 +3,13 @@
 Run the demo with ``--keep`` first, then point this at the UI it printed::
 
     .venv/bin/python -m prefect_orthanc.deployments.lab.demo --keep &
-    .venv/bin/python -m prefect_orthanc.deployments.lab.screenshots http://127.0.0.1:PORT docs/screenshots
+    .venv/bin/python -m prefect_orthanc.deployments.lab.screenshots http://127.0.0.1:PORT \
+        docs/screenshots
 
 It captures the deployments page, the sharing deployment's custom-run form, the collection
-run's report artifact and the new-study run. Chromium comes from Debian (``apt-get install chromium``); the flags keep it headless,
-sandbox-free (containers run as root) and off the network except for the given UI.
+run's report artifact and the new-study run. Chromium comes from Debian (``apt-get install
+chromium``); the flags keep it headless, sandbox-free (containers run as root) and off the
+network except for the given UI.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def shoot(chromium: str, url: str, out: Path, size: str = "1440,900") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.screenshots", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments.lab.screenshots",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ui", help="the Prefect UI URL the demo printed")
     parser.add_argument("out", type=Path, nargs="?", default=Path("docs/screenshots"))

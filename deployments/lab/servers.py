@@ -18,6 +18,7 @@ context manager, and, as a last resort, by an ``atexit`` guard.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import os
@@ -154,15 +155,11 @@ _guard_lock = threading.Lock()
 def _stop_everything() -> None:
     """atexit guard: no Orthanc process and no temporary lab directory outlives Python."""
     for lab in list(_live_labs):
-        try:
+        with contextlib.suppress(Exception):
             lab.stop()
-        except Exception:
-            pass
     for server in list(_live_servers):
-        try:
+        with contextlib.suppress(Exception):
             server.stop()
-        except Exception:
-            pass
 
 
 atexit.register(_stop_everything)
@@ -314,10 +311,8 @@ class OrthancServer(ChildProcess):
         """Send SIGTERM without waiting (Orthanc needs ~3 s to shut down; ``stop()`` waits)."""
         process = self._process
         if process is not None and process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def _is_own(self, system: object) -> bool:
         return (isinstance(system, dict)
@@ -407,8 +402,8 @@ class OrthancLab:
         self.attempts = max(1, attempts)
         self.address = address
         self.research_password = self._password()
-        self.pacs: OrthancServer | None = None  # type: ignore[assignment]
-        self.research: OrthancServer | None = None  # type: ignore[assignment]
+        self._pacs: OrthancServer | None = None  # both set by boot()
+        self._research: OrthancServer | None = None
         self.with_dcmqrscp = dcmqrscp
         self.dcmqrscp_options = dict(dcmqrscp_options or {})
         self.dcmqr: Any = None  # a started deployments.lab.dcmqrscp.Dcmqrscp when asked for
@@ -489,8 +484,9 @@ class OrthancLab:
             for config, overrides in ((pacs_config, self.pacs_overrides),
                                       (research_config, self.research_overrides)):
                 config["RemoteAccessAllowed"] = overrides.get("RemoteAccessAllowed", True)
-        common = {"executable": self.executable, "startup_timeout": self.startup_timeout,
-                  "address": self.address}
+        common: dict[str, Any] = {"executable": self.executable,
+                                  "startup_timeout": self.startup_timeout,
+                                  "address": self.address}
         pacs = OrthancServer("pacs", self.PACS_AET, pacs_http, pacs_dicom, pacs_dir,
                              pacs_config, **common)
         research = OrthancServer("research", self.RESEARCH_AET, research_http, research_dicom,
@@ -505,7 +501,7 @@ class OrthancLab:
         last_error: Exception | None = None
         for _attempt in range(self.attempts):
             ports = self._ports() if _attempt == 0 else free_ports(5)
-            self.pacs, self.research = self._servers_for(ports)
+            self._pacs, self._research = self._servers_for(ports)
             try:
                 self.pacs.start()
                 self.research.start()
@@ -532,9 +528,20 @@ class OrthancLab:
     # -- use
 
     @property
+    def pacs(self) -> OrthancServer:
+        """The "pacs" server (``RuntimeError`` before the lab is started)."""
+        return self.servers[0]
+
+    @property
+    def research(self) -> OrthancServer:
+        """The "research" server (``RuntimeError`` before the lab is started)."""
+        return self.servers[1]
+
+    @property
     def servers(self) -> tuple[OrthancServer, OrthancServer]:
-        assert self.pacs is not None and self.research is not None, "lab not started"
-        return (self.pacs, self.research)
+        if self._pacs is None or self._research is None:
+            raise RuntimeError("the Orthanc lab is not started")
+        return (self._pacs, self._research)
 
     def connection_info(self) -> dict[str, Any]:
         """What a client needs to reach both servers (includes the throwaway password)."""
@@ -559,7 +566,7 @@ class OrthancLab:
         """Stop both servers (in parallel); remove the root directory if the lab created it."""
         if self.dcmqr is not None:
             self.dcmqr.stop()
-        servers = [server for server in (self.research, self.pacs) if server is not None]
+        servers = [server for server in (self._research, self._pacs) if server is not None]
         for server in servers:
             server.terminate()
         for server in servers:
@@ -571,7 +578,7 @@ class OrthancLab:
             _live_labs.discard(self)
 
     def __enter__(self) -> OrthancLab:
-        if self.pacs is None:
+        if self._pacs is None:
             self.boot()
         return self
 
@@ -579,5 +586,5 @@ class OrthancLab:
         self.stop()
 
     def __repr__(self) -> str:
-        return (f"OrthancLab(root={str(self.root)!r}, pacs={self.pacs!r}, "
-                f"research={self.research!r})")
+        return (f"OrthancLab(root={str(self.root)!r}, pacs={self._pacs!r}, "
+                f"research={self._research!r})")

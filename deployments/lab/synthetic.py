@@ -40,6 +40,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
@@ -413,9 +414,9 @@ class _SeriesWriter:
         self._meta = FileMetaDataset()
         self._meta.FileMetaInformationVersion = b"\x00\x01"
         self._meta.MediaStorageSOPClassUID = shared.SOPClassUID
-        self._meta.MediaStorageSOPInstanceUID = ""
+        self._meta.MediaStorageSOPInstanceUID = UID("")
         self._meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        self._meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        self._meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         self._meta.ImplementationVersionName = IMPLEMENTATION_VERSION
 
     def write(self, path: Path, sop_uid: str, *, instance_number: int, position: int,
@@ -428,14 +429,14 @@ class _SeriesWriter:
             DataElement(_PER_INSTANCE_TAGS[4], "DS", position),
             DataElement(_PER_INSTANCE_TAGS[5], "OW", pixels),
         )
-        self._meta.MediaStorageSOPInstanceUID = sop_uid
+        self._meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         self._meta.FileMetaInformationGroupLength = 0  # recomputed by pydicom
         head = DicomBytesIO()
         head.is_little_endian = True
         head.is_implicit_VR = False
         write_file_meta_info(head, self._meta, enforce_standard=True)
         parts = [b"\x00" * 128, b"DICM", head.getvalue()]
-        for chunk, element in zip(self._chunks, values):
+        for chunk, element in zip(self._chunks[:-1], values, strict=True):
             single = Dataset()
             single.add(element)
             parts += [chunk, _encode(single)]

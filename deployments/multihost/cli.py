@@ -1,4 +1,5 @@
-"""``python -m prefect_orthanc.deployments stack up | down | status``: the production-shaped stack, locally.
+"""``python -m prefect_orthanc.deployments stack up | down | status``: the production-shaped
+stack, locally.
 
     python -m prefect_orthanc.deployments stack up [--root DIR] [--workers 2] [--limit 2] [--netns]
                                    [--orthanc-index sqlite|postgresql] [--dcmqrscp]
@@ -73,7 +74,8 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     root.mkdir(parents=True, exist_ok=True)
     log = root / "supervisor.log"
-    command = [sys.executable, "-m", "prefect_orthanc.deployments.multihost.cli", "supervise", "--root", str(root),
+    command = [sys.executable, "-m", "prefect_orthanc.deployments.multihost.cli", "supervise",
+               "--root", str(root),
                "--workers", str(args.workers), "--limit", str(args.limit),
                "--orthanc-index", args.orthanc_index,
                *(["--netns"] if args.netns else []), *(["--dcmqrscp"] if args.dcmqrscp else [])]
@@ -126,7 +128,8 @@ def _status(args: argparse.Namespace) -> int:
         return 3
     rows = [("supervisor", state["supervisor_pid"], None),
             ("postgres", state["postgres"]["pid"], None),
-            ("prefect server", state["prefect_server"]["pid"], state["prefect_api_url"] + "/health"),
+            ("prefect server", state["prefect_server"]["pid"],
+             state["prefect_api_url"] + "/health"),
             *((f"orthanc {n}", o["pid"], None) for n, o in state["orthanc"].items()),
             *([("dcmqrscp", state["dcmqrscp"]["pid"], None)] if state.get("dcmqrscp") else []),
             *((n, w["pid"], None) for n, w in state["workers"].items())]
@@ -198,7 +201,8 @@ def _supervise(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments stack", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments stack",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the stack in the background")

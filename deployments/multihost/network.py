@@ -102,12 +102,13 @@ class HostNetwork:
     def add_host(self, name: str) -> Host:
         """A new namespace on the bridge, with the next free address."""
         number = len(self.hosts) + 2
-        host = Host(name, f"{SUBNET_PREFIX}.{self.subnet}.{number}", f"po-{self.tag}-{name}")
+        netns = f"po-{self.tag}-{name}"
+        host = Host(name, f"{SUBNET_PREFIX}.{self.subnet}.{number}", netns)
         veth = f"pov-{self.tag}-{number}"
         try:
-            _ip("netns", "add", host.netns)
+            _ip("netns", "add", netns)
             self.hosts[name] = host
-            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
             _ip("link", "set", veth, "master", self.bridge, "up")
             _ip("link", "set", "lo", "up", netns=host.netns)
             for key in ("all", "eth0"):
@@ -124,7 +125,8 @@ class HostNetwork:
     def delete(self) -> None:
         """Remove the namespaces (their veths go with them) and the bridge (its route too)."""
         for host in self.hosts.values():
-            _ip("netns", "delete", host.netns, check=False)
+            if host.netns:  # every added host has one
+                _ip("netns", "delete", host.netns, check=False)
         self.hosts.clear()
         _ip("link", "delete", self.bridge, check=False)
 

@@ -305,8 +305,10 @@ class ProductionStack:
         return done.stdout
 
     def run_setup(self) -> str:
-        """``python -m prefect_orthanc.deployments setup`` against the stack (work pool, limits, blocks)."""
-        return self._run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], "deployments setup")
+        """``python -m prefect_orthanc.deployments setup`` against the stack (work pool, limits,
+        blocks)."""
+        return self._run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                         "deployments setup")
 
     def deploy(self) -> str:
         """``prefect deploy --all`` of the shipped prefect.yaml, to the stack's work pool."""

@@ -10,6 +10,7 @@ leave against the identifiers of the SOURCE files. Pure logic: no Prefect, no HT
 
 import pydicom.config as _pydicom_config
 
+from prefect_orthanc.flows.deid.dates import shift_da, shift_dt, shift_value, typed_forms
 from prefect_orthanc.flows.deid.profile import (
     DEFAULT_EXCLUDED_MODALITIES,
     DEFAULT_EXCLUDED_SOP_CLASSES,
@@ -26,13 +27,6 @@ from prefect_orthanc.flows.deid.profile import (
     pseudonym,
     shift_date,
 )
-
-# pydicom's reading/writing validation logs the offending VALUE ("Invalid value for VR UI:
-# '1.2...'"): source values must never reach a log, so values are taken as they are, silently.
-_pydicom_config.settings.reading_validation_mode = _pydicom_config.IGNORE
-_pydicom_config.settings.writing_validation_mode = _pydicom_config.IGNORE
-
-from prefect_orthanc.flows.deid.dates import shift_da, shift_dt, shift_value, typed_forms
 from prefect_orthanc.flows.deid.rewrite import Rewriter
 from prefect_orthanc.flows.deid.risk import risk_reason
 from prefect_orthanc.flows.deid.scan import (
@@ -43,6 +37,11 @@ from prefect_orthanc.flows.deid.scan import (
     scan_dataset,
     scan_zip,
 )
+
+# pydicom's reading/writing validation logs the offending VALUE ("Invalid value for VR UI:
+# '1.2...'"): source values must never reach a log, so values are taken as they are, silently.
+_pydicom_config.settings.reading_validation_mode = _pydicom_config.IGNORE
+_pydicom_config.settings.writing_validation_mode = _pydicom_config.IGNORE
 
 __all__ = [
     "DEFAULT_EXCLUDED_MODALITIES",

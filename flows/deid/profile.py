@@ -30,7 +30,7 @@ import hmac
 import re
 import unicodedata
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydicom.uid import RE_VALID_UID
@@ -81,7 +81,10 @@ def _storage_sop_classes() -> dict[str, str]:
 STORAGE_SOP_CLASSES: dict[str, str] = _storage_sop_classes()
 _SOP_KEYWORDS = {uid: keyword for keyword, uid in STORAGE_SOP_CLASSES.items()}
 #: a storage SOP class, named by its DICOM keyword (the UI shows a list of names)
-SopClass = Literal[tuple(sorted(STORAGE_SOP_CLASSES))]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # built at run time from pydicom's dictionary: a keyword string to mypy
+    SopClass = str
+else:
+    SopClass = Literal[tuple(sorted(STORAGE_SOP_CLASSES))]
 
 DEFAULT_EXCLUDED_SOP_CLASSES: tuple[str, ...] = (
     # Secondary capture (screenshots, scanned paper)
@@ -326,9 +329,10 @@ class DeidProfile(BaseModel):
 
         Always 113100 (Basic Profile: Orthanc applies PS3.15 Table E.1-1). Plus 113107 when
         dates are shifted: ``rewrite.Rewriter`` moves every DA and DT at every depth by the
-        patient's offset (or removes it), which is what the option requires; 113105 when descriptions
-        are kept (their "cleaning" here is the output scan against the source identifiers,
-        which blocks delivery on any hit: it cannot catch an identifier it was not given), and
+        patient's offset (or removes it), which is what the option requires; 113105 when
+        descriptions are kept (their "cleaning" here is the output scan against the source
+        identifiers, which blocks delivery on any hit: it cannot catch an identifier it was not
+        given), and
         113111 when private tags are allowlisted (the user vouches that they are safe).
         UIDs, device, institution and patient characteristics are not retained, pixels not
         cleaned: no code for those.
@@ -348,8 +352,8 @@ class DeidProfile(BaseModel):
         values = [f"prefect-orthanc profile {self.name} v{self.version}",
                   f"PS3.15-{DICOM_VERSION} Basic Profile (Orthanc)",
                   "keyed pseudonyms and UIDs at every depth"]
-        values.append("every date shifted per patient (date shift), times kept" if self.dates == "shift"
-                      else "dates blanked, times removed")
+        values.append("every date shifted per patient (date shift), times kept"
+                      if self.dates == "shift" else "dates blanked, times removed")
         if self.descriptions == "keep_if_clean":
             values.append("descriptions kept, scanned")
         if self.private_tags == "allowlist" and self.private_allowlist:

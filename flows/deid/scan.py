@@ -26,6 +26,7 @@ never the value, so reports and logs can be kept and shown.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -282,10 +283,8 @@ def _values(value: Any) -> list[Any]:
 def _decodings(raw: bytes) -> list[str]:
     """The bytes of a value as UTF-8 (when valid) and as Latin-1."""
     texts = []
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         texts.append(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        pass
     texts.append(raw.decode("latin-1"))
     return texts
 
@@ -376,7 +375,7 @@ class _Collector:
                 value = value.get("Value")
                 match = _TAG_KEY.match(keyword)
             tag = int(match[1] + match[2], 16) if match else tag_for_keyword(keyword)
-            if match:
+            if match and tag is not None:  # a numeric key: name it
                 keyword = keyword_for_tag(tag) or keyword
             if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
                 for item in value:

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 
@@ -84,7 +85,7 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                               force=True) for i in instance_ids}  # headers only in memory
         identifiers = identifiers_from(list(sources.values()))
         body, linkage = build_request(profile, secret, sources[instance_ids[0]])
-        base = {"source_id": source_id, "content_version": version,
+        base: dict[str, Any] = {"source_id": source_id, "content_version": version,
                 "instances_in": len(instance_ids), "pseudo_patient": linkage.patient_id,
                 "pseudo_study": linkage.study_id, "pseudonym_from": linkage.patient_key_from}
         patients = {build_request(profile, secret, ds)[1].patient_id for ds in sources.values()}

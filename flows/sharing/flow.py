@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
-from prefect.states import Completed, State
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefect_orthanc.flows.deid import DeidProfile
@@ -117,7 +117,7 @@ def _remove_leftovers(credentials: OrthancCredentials, request: SharingOptions,
 
 
 def _select(credentials: OrthancCredentials, request: SharingRequest) -> list[str]:
-    if request.study_ids:
+    if not request.project:  # the request holds exactly one of project and study_ids
         return list(request.study_ids)
     with credentials.get_client() as orthanc:
         return project_studies(orthanc, request.project)
@@ -149,8 +149,9 @@ def _checked_request(values: dict[str, object]) -> SharingRequest:
 
 
 @flow(name="share-deidentified", flow_run_name="share-{package}",
-      task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True,
-      persist_result=False)
+      # Prefect #16938: mypy sees ThreadPoolTaskRunner as no TaskRunner[PrefectFuture[Any]]
+      task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+      validate_parameters=True, persist_result=False)
 @described_by(SharingRequest, credentials_block="Name of the OrthancCredentials block of the "
               "research Orthanc (empty: the ORTHANC_* environment variables).")
 def share_studies(

@@ -7,6 +7,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from prefect_orthanc.flows.deid import DeidProfile
 from prefect_orthanc.flows.sharing.files import fsync_dir
@@ -26,7 +27,7 @@ def update_manifest(directory: Path, profile: DeidProfile, study: SharedStudy) -
     manifest.update({"profile": profile.name, "profile_version": profile.version,
                      "deidentification_method": list(profile.method_values()),
                      "method_codes": [c.value for c in profile.method_codes()]})
-    entry = {"study": study.pseudo_study, "patient": study.pseudo_patient,
+    entry: dict[str, Any] = {"study": study.pseudo_study, "patient": study.pseudo_patient,
              "pseudonym_from": study.pseudonym_from, "file": Path(study.file).name,
              "version": study.version, "supersedes": list(study.supersedes),
              "instances": study.instances_out, "bytes": study.size, "sha256": study.sha256}

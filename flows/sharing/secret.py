@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import cast
 
 __all__ = ["MIN_SECRET_LENGTH", "SECRET_ENV", "project_secret"]
 
@@ -18,7 +19,7 @@ def project_secret(block: str | None) -> bytes:
     if block:
         from prefect.blocks.system import Secret
 
-        value = Secret.load(block).get()
+        value = cast("Secret[str]", Secret.load(block)).get()  # synchronous: the block
     else:
         value = os.environ.get(SECRET_ENV, "")
     if len(value) < MIN_SECRET_LENGTH:

@@ -104,16 +104,16 @@ def prefect_server(tmp_path_factory):
 
     server = LocalPrefectServer.start(tmp_path_factory.mktemp("prefect-server"), ui=False)
     try:
+        # Threads the tests start do not inherit the context variable temporary_settings
+        # sets: make these settings the process-global ones too, as prefect_test_harness
+        # does, or a flow run in a thread would start an ephemeral server of its own.
         with temporary_settings(updates={
                 PREFECT_API_URL: server.api_url,
-                PREFECT_SERVER_DATABASE_CONNECTION_URL: server.database_url}):
-            # Threads the tests start do not inherit the context variable temporary_settings
-            # sets: make these settings the process-global ones too, as prefect_test_harness
-            # does, or a flow run in a thread would start an ephemeral server of its own.
-            with prefect.context._temporary_global_settings_context(
+                PREFECT_SERVER_DATABASE_CONNECTION_URL: server.database_url}), \
+                prefect.context._temporary_global_settings_context(
                     prefect.context.get_settings_context()):
-                asyncio.run(ensure_limits({"pacs": 2, "dcmqr": 2}))
-                yield server
+            asyncio.run(ensure_limits({"pacs": 2, "dcmqr": 2}))
+            yield server
         problems = server_log_problems(server.log_path)
     finally:
         server.stop()

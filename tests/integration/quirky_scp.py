@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -38,6 +39,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from prefect_orthanc.deployments.lab.servers import free_ports
 
@@ -89,10 +91,10 @@ class QuirkySCP:
         self.rejected = 0
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self.instances = [pydicom.dcmread(path) for path in files]
+        self.instances: list[Dataset] = [pydicom.dcmread(path) for path in files]
         self.port = free_ports(1)[0]
         self._ae = self._make_ae()
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.aet)
@@ -109,9 +111,9 @@ class QuirkySCP:
     # -- lifecycle
 
     def start(self) -> QuirkySCP:
-        handlers = [(evt.EVT_C_ECHO, lambda event: 0x0000),
-                    (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
-                    (evt.EVT_REQUESTED, self._on_requested)]
+        handlers: list[Any] = [(evt.EVT_C_ECHO, lambda event: 0x0000),
+                               (evt.EVT_C_FIND, self._on_find), (evt.EVT_C_MOVE, self._on_move),
+                               (evt.EVT_REQUESTED, self._on_requested)]
         self._server = self._ae.start_server(("127.0.0.1", self.port), block=False,
                                              evt_handlers=handlers)
         return self
@@ -137,8 +139,10 @@ class QuirkySCP:
     # -- handlers
 
     def _on_requested(self, event: evt.Event) -> None:
+        primitive = event.assoc.requestor.primitive  # the A-ASSOCIATE request, when requested
+        assert primitive is not None
         proposed = {str(cx.abstract_syntax) for cx in
-                    event.assoc.requestor.primitive.presentation_context_definition_list}
+                    primitive.presentation_context_definition_list}
         with self._lock:
             reject = self.reject_moves > 0 and bool(proposed & _MOVE_SYNTAXES)
             if reject:

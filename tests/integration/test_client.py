@@ -17,6 +17,7 @@ from prefect_orthanc.orthanc_client import (
     AsyncOrthanc,
     JobState,
     Level,
+    ModifyResult,
     Orthanc,
     OrthancDimseError,
     OrthancError,
@@ -128,6 +129,7 @@ def test_anonymize_as_job_and_synchronously(research: Orthanc, loaded_pacs, coho
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
 
     job_id = research.anonymize("Study", study_id, replace={"PatientName": "PSEUDO^ONE"})
+    assert isinstance(job_id, str)  # asynchronous: a job
     job = research.wait_for_job(job_id, timeout=60)
     new = research.modified_resource(job)
     assert new.id != study_id and new.level is Level.STUDY
@@ -138,6 +140,7 @@ def test_anonymize_as_job_and_synchronously(research: Orthanc, loaded_pacs, coho
     assert study.patient_id not in str(tags)
 
     sync = research.anonymize("Study", study_id, asynchronous=False)
+    assert isinstance(sync, ModifyResult)
     assert sync.id not in (study_id, new.id)
     assert research.count_instances("Study", sync.id) == len(study.files)
     research.delete_many([new.id, sync.id])
@@ -147,8 +150,9 @@ def test_modify_keeps_source(research: Orthanc, loaded_pacs, cohort):
     study = _study(cohort, 0)
     research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
-    job = research.wait_for_job(research.modify("Study", study_id,
-                                                replace={"InstitutionName": "RESEARCH SITE"}))
+    job_id = research.modify("Study", study_id, replace={"InstitutionName": "RESEARCH SITE"})
+    assert isinstance(job_id, str)  # asynchronous: a job
+    job = research.wait_for_job(job_id)
     new = research.modified_resource(job)
     assert research.tags("Study", new.id, shared=True)["InstitutionName"] == "RESEARCH SITE"
     assert research.exists("Study", study_id)
@@ -219,6 +223,7 @@ def test_bounded_wait_raises_then_reports_failure(research: Orthanc, loaded_pacs
             research.retrieve_study("pacs", study.study_uid)
             (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
             job_id = research.store("blackhole", [study_id])
+            assert job_id is not None  # asynchronous: a job
             started = time.monotonic()
             with pytest.raises(OrthancJobTimeout) as caught:
                 research.wait_for_job(job_id, timeout=0.5)
@@ -280,6 +285,7 @@ def test_store_to_modality_as_job(research: Orthanc, pacs: Orthanc, loaded_pacs,
     research.retrieve_study("pacs", study.study_uid)
     (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
     job_id = research.store("pacs", [study_id])
+    assert job_id is not None  # asynchronous: a job
     info = research.wait_for_job(job_id, timeout=60)
     assert info.state is JobState.SUCCESS and info.type == "DicomModalityStore"
 
@@ -320,9 +326,9 @@ def test_labels_unsupported_on_1_10(research: Orthanc, loaded_pacs):
 
 
 def test_wrong_password_is_unauthorized(lab):
-    with Orthanc(url=lab.research.url, username="research", password="wrong") as client:
-        with pytest.raises(OrthancUnauthorized) as caught:
-            client.system()
+    with Orthanc(url=lab.research.url, username="research", password="wrong") as client, \
+            pytest.raises(OrthancUnauthorized) as caught:
+        client.system()
     error = caught.value
     assert error.status_code == 401 and "wrong" not in str(error)
     assert pickle.loads(pickle.dumps(error)) == error

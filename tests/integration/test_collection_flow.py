@@ -47,7 +47,8 @@ def _move_jobs(research: Orthanc) -> set[str]:
 
 def _copy_with_same_accession(peer, study) -> None:
     """Another patient's study carrying the same accession number: a classic ambiguity."""
-    study_uid, series, copies = generate_uid(), {}, []
+    series: dict[str, str] = {}  # source series UID -> the copy's
+    study_uid, copies = generate_uid(), []
     for path in study.files:
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = study_uid
@@ -77,12 +78,13 @@ def test_accession_cohort_with_unknown_ambiguous_and_present_rows(
         "already_present", "ambiguous", "not_found", "collected", "collected", "duplicate"]
     assert report.studies_found == 3 and report.studies_complete == 3
     assert report.studies_moved == 2
-    for row, study in zip(report.rows[3:5], wanted):
+    for row, study in zip(report.rows[3:5], wanted, strict=True):
         assert row.expected_instances == row.received_instances == len(study.files)
         (study_id,) = row.study_ids
         assert "lung-test" in labels_of(research, "Study", study_id)
 
-    written = list(csv.DictReader(Path(report.report_path).open()))
+    with Path(report.report_path).open() as handle:
+        written = list(csv.DictReader(handle))
     assert Path(report.report_path) == tmp_path / "cohort.report.csv"
     assert [r["result_status"] for r in written] == [r.status for r in report.rows]
     assert written[0]["note"] == "a" and written[3]["accession_number"] == wanted[0].accession
@@ -295,7 +297,7 @@ def test_interrupted_run_resumes_without_moving_twice(research_env, research, lo
     jobs_before = _move_jobs(research)
     report = collect_cohort(cohort_file=str(path), project="resume")
     assert report.studies_complete == len(studies)
-    by_uid = {s.study_uid: row for s, row in zip(studies, report.rows)}
+    by_uid = {s.study_uid: row for s, row in zip(studies, report.rows, strict=True)}
     for uid in collected:
         assert by_uid[uid].status == "already_present" and by_uid[uid].moved == 0
     moved_again = {answer.get("StudyInstanceUID")

@@ -106,7 +106,8 @@ def test_started_outside_the_window_nothing_reaches_the_pacs(research_env, resea
     assert "outside the transfer window" in state.message and "nothing sent" in state.message
     report = report_of(state)
     assert report.deferred == 4 and [r.status for r in report.rows] == ["deferred"] * 4
-    written = list(csv.DictReader(Path(report.report_path).open()))
+    with Path(report.report_path).open() as handle:
+        written = list(csv.DictReader(handle))
     assert [r["result_status"] for r in written] == ["deferred"] * 4
 
     with _recording(research_log, peer_log):  # the control: inside the window, it counts

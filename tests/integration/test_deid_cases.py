@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from prefect_orthanc.flows.deid import DeidProfile, shift_da, shift_dt
 from prefect_orthanc.flows.sharing import Destination, SharingOptions, deidentify_study
@@ -38,7 +38,7 @@ def _instance(n: int, *, patient_id="CASE-0001", issuer="", study=ROOT + "1", se
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = extra.get("SOPClassUID", CT)
-    ds.file_meta.MediaStorageSOPInstanceUID = f"{ROOT}{patient_id[-1]}{issuer[-1:]}.3.{n}"
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{ROOT}{patient_id[-1]}{issuer[-1:]}.3.{n}")
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = CT
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID

@@ -47,8 +47,7 @@ def corpus_files() -> list[Path]:
 
 def _walk(ds, path=""):
     """(path, tag, VR, raw value) of every element at every depth, file meta included."""
-    for elem in ds.iterall():
-        yield elem
+    yield from ds.iterall()
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         yield from meta
@@ -83,7 +82,8 @@ def source_secrets(datasets) -> tuple[set[str], set[str], set[str]]:
                 text = text.strip(" \x00")
                 if not text:
                     continue
-                if (vr == "UI" and text not in UID_dictionary and elem.tag.group != 2) or (vr == "UI" and keyword == "MediaStorageSOPInstanceUID"):
+                if vr == "UI" and ((text not in UID_dictionary and elem.tag.group != 2)
+                                   or keyword == "MediaStorageSOPInstanceUID"):
                     uids.add(text)
                 elif vr == "PN":
                     for group in text.split("="):

@@ -74,16 +74,16 @@ def served(events_lab, api_url: str, tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, "PREFECT_API_URL": api_url, "ORTHANC_URL": events_lab.research.url,
            "ORTHANC_USERNAME": events_lab.research.username,
            "ORTHANC_PASSWORD": events_lab.research.password, "PYTHONPATH": str(REPO)}
-    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     assert "block orthanc-credentials/research: saved" in setup.stdout
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only", "on-stable-study",
-             "--only", "research-changes"], cwd=REPO, env=env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", "prefect_orthanc.deployments", "serve",
+             "--only", "on-stable-study", "--only", "research-changes"], cwd=REPO, env=env,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         try:
             wait_until_served([ROUTE, WATCH], process, log, timeout=90)

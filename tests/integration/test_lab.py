@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -28,8 +29,8 @@ from prefect_orthanc.deployments.lab.synthetic import (
 COUNT_KEYS = ("CountPatients", "CountStudies", "CountSeries", "CountInstances")
 #: a cohort of its own (other seed, other patients) so counts are exact whatever else the
 #: session stored; removed from both servers at the end of the module
-SHAPE = {"patients": 2, "studies_per_patient": 2, "series_per_study": 2,
-         "instances_per_series": 2, "seed": 11}
+SHAPE: dict[str, Any] = {"patients": 2, "studies_per_patient": 2, "series_per_study": 2,
+                         "instances_per_series": 2, "seed": 11}
 
 
 def _client(server: OrthancServer) -> httpx.Client:
@@ -153,7 +154,7 @@ def test_research_requires_the_lab_password(lab: OrthancLab):
     assert httpx.get(url, auth=("research", "not-the-password")).status_code == 401
     assert httpx.get(url, auth=lab.research.auth).status_code == 200
     assert httpx.get(lab.pacs.url + "/system").status_code == 200  # the pacs has no auth
-    assert lab.research.password not in repr(lab)  # no secret in reprs
+    assert lab.research.password and lab.research.password not in repr(lab)  # no secret in reprs
 
 
 def test_echo_both_ways(pacs: httpx.Client, research: httpx.Client):
@@ -239,14 +240,15 @@ def test_start_failure_is_a_clear_error(tmp_path: Path):
 
 
 def test_same_seed_gives_identical_files(tmp_path: Path):
-    shape = {"patients": 2, "studies_per_patient": 2, "series_per_study": 1,
-             "instances_per_series": 2}
+    shape: dict[str, Any] = {"patients": 2, "studies_per_patient": 2, "series_per_study": 1,
+                             "instances_per_series": 2}
     first = make_cohort(tmp_path / "a", seed=3, **shape)
     second = make_cohort(tmp_path / "b", seed=3, **shape)
     other = make_cohort(tmp_path / "c", seed=4, **shape)
     assert [p.relative_to(tmp_path / "a") for p in first.files] == \
            [p.relative_to(tmp_path / "b") for p in second.files]
-    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first.files, second.files))
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first.files, second.files,
+                                                                   strict=True))
     assert first.phi_values() == second.phi_values()
     assert not {s.study_uid for s in first.studies} & {s.study_uid for s in other.studies}
     assert first.phi_values() != other.phi_values()

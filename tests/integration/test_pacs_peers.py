@@ -172,7 +172,8 @@ def test_flow_row_says_why_and_counts_studies_moved(research_env, research, pacs
     code = {"orthanc": "move_refused", "dcmqrscp": "move_destination_unknown"}[pacs_peer.kind]
     assert row.note.startswith(code) and "register research's AET" in row.note
     assert "0 moved" in state.message
-    written = list(csv.DictReader(Path(report.report_path).open()))
+    with Path(report.report_path).open() as handle:
+        written = list(csv.DictReader(handle))
     assert written[0]["result_note"].startswith(code)
 
 

@@ -4,7 +4,6 @@ dcmqrscp's late-freed association limit: the collection flow must complete on ea
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,7 @@ from prefect_orthanc.flows.cohort import Criteria
 from prefect_orthanc.flows.collection import collect_cohort
 from prefect_orthanc.flows.states import report_of
 from prefect_orthanc.orthanc_client import Orthanc, RetrieveOutcome
-
-sys.path.insert(0, str(Path(__file__).parent))
-from quirky_scp import QuirkySCP
+from tests.integration.quirky_scp import QuirkySCP
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

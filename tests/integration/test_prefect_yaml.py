@@ -25,8 +25,8 @@ def deployed(lab):
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
            "ORTHANC_PASSWORD": lab.research.password}
-    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     prefect = Path(sys.executable).with_name("prefect")
     deploy = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
@@ -115,8 +115,9 @@ def test_serve_refuses_to_take_over_worker_deployments(deployed):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    served = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only", "nightly"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    served = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "serve",
+                             "--only", "nightly"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
     assert served.returncode != 0
     assert "made by `prefect deploy` for a worker" in served.stderr
     assert "collect-research-cohort/nightly (work pool orthanc-process)" in served.stderr

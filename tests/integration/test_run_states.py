@@ -141,8 +141,8 @@ def test_an_unknown_modality_is_reported_as_unknown(research_env, research, rese
             task_call()
 
     monkeypatch.setenv(SECRET_ENV, DEID_SECRET)
-    shared = share_studies(study_ids=["-".join(["0" * 8] * 5)], destination=Destination(kind="modality",
-                                                                        target="pcas"),
+    shared = share_studies(study_ids=["-".join(["0" * 8] * 5)],
+                           destination=Destination(kind="modality", target="pcas"),
                            linkage_path=str(tmp_path / "private" / "linkage.csv"),
                            staging_dir=str(tmp_path / "staging"),
                            ledger_path=str(tmp_path / "ledger.jsonl"), return_state=True)

@@ -6,6 +6,7 @@ step and parameters) run at the same time there, and the code that ran is that i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import os
@@ -69,11 +70,8 @@ def remote_worker(lab, built_wheel, tmp_path_factory) -> Iterator[tuple[Path, Pa
     data, elsewhere = tmp / "site-data", tmp / "worker-cwd"
     (data / "cohorts").mkdir(parents=True)
     elsewhere.mkdir()
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-        except ObjectAlreadyExists:
-            pass
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
     api = str(PREFECT_API_URL.value())
     prefect = str(Path(sys.executable).with_name("prefect"))
     deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
@@ -139,7 +137,7 @@ def test_two_cohorts_run_at_once_on_a_worker_elsewhere(remote_worker, research, 
     # deployment's limit let both run; a limit of 1 queued the second behind the first)
     assert first.start_time < second.end_time and second.start_time < first.end_time, (
         first.start_time, first.end_time, second.start_time, second.end_time)
-    for name, studies in cohorts.items():
+    for name in cohorts:
         with (data / "cohorts" / f"{name}.report.csv").open() as handle:
             assert [r["result_status"] for r in csv.DictReader(handle)] == ["collected"] * 2
 

@@ -1,9 +1,9 @@
 """Scheduled deployments run, on a real Prefect server with its own services.
 
 The server's scheduler (not the test) creates the runs of a cron and an interval schedule a
-few seconds ahead; ``python -m prefect_orthanc.deployments serve`` and a process worker (``prefect deploy`` +
-``prefect worker start``) each pick them up and complete them. A run started through the API
-with one parameter overridden keeps the deployment's other defaults.
+few seconds ahead; ``python -m prefect_orthanc.deployments serve`` and a process worker
+(``prefect deploy`` + ``prefect worker start``) each pick them up and complete them. A run
+started through the API with one parameter overridden keeps the deployment's other defaults.
 
 The deployments are the shipped changes watcher of prefect.yaml, renamed, with its schedule
 brought forward and short runs (a derived prefect.yaml in a temporary directory); everything
@@ -77,8 +77,8 @@ def _env(lab) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def set_up(lab) -> dict[str, str]:
     env = _env(lab)
-    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     return env
 
@@ -115,8 +115,8 @@ def served(set_up, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], 
     tmp = tmp_path_factory.mktemp("served")
     spec = _derived_yaml(tmp, "served")
     log = tmp / "serve.log"
-    process = _start([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--file", str(spec)],
-                     set_up, log)
+    process = _start([sys.executable, "-m", "prefect_orthanc.deployments", "serve",
+                      "--file", str(spec)], set_up, log)
     names = [*(f"{WATCHER}/served-{kind}" for kind in ("cron", "interval", "adhoc")),
              "collect-research-cohort/served-nightly"]
     try:
@@ -176,7 +176,6 @@ def test_cron_schedule_fires_at_its_seconds(served):
 def test_an_ad_hoc_run_with_one_parameter_keeps_the_other_defaults(served):
     from prefect.deployments import run_deployment
 
-    process, log = served
     run = run_deployment(f"{WATCHER}/served-adhoc", parameters={"run_for": 0.5},
                          timeout=90)
     assert run.state is not None and run.state.is_completed(), run.state
@@ -195,7 +194,7 @@ def test_a_purposeful_failure_is_logged_in_one_line_without_a_traceback(served):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.deployments import run_deployment
 
-    process, log = served
+    _, log = served
     before = log.read_text(errors="replace").count("Traceback")
     run = run_deployment("collect-research-cohort/served-nightly", timeout=90,
                          parameters={"cohort_file": "cohorts/no-such-cohort.csv"})

@@ -1,6 +1,6 @@
 """One runner per deployment, whichever comes first: ``prefect deploy`` of a deployment that
-``python -m prefect_orthanc.deployments serve`` is serving makes ``serve`` stop, naming it, so the worker is
-its only runner (the other order, serve after deploy, is refused at serve's start:
+``python -m prefect_orthanc.deployments serve`` is serving makes ``serve`` stop, naming it, so the
+worker is its only runner (the other order, serve after deploy, is refused at serve's start:
 test_prefect_yaml.py)."""
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ def test_deploy_while_serving_stops_serve(lab, tmp_path):
            "PREFECT_ORTHANC_OWNERSHIP_CHECK_SECONDS": "1", "ORTHANC_URL": lab.research.url,
            "ORTHANC_USERNAME": lab.research.username,
            "ORTHANC_PASSWORD": lab.research.password, "PYTHONPATH": str(REPO)}
-    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
+    setup = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr[-2000:]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        served = subprocess.Popen([sys.executable, "-m", "prefect_orthanc.deployments", "serve", "--only",
-                                   "ad-hoc"], cwd=REPO, env=env, stdout=out,
+        served = subprocess.Popen([sys.executable, "-m", "prefect_orthanc.deployments", "serve",
+                                   "--only", "ad-hoc"], cwd=REPO, env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_served([SHARING], served, log, timeout=90)

@@ -1,5 +1,5 @@
-"""``python -m prefect_orthanc.deployments setup`` checks what it saves: a wrong Orthanc password, a secret
-sharing would refuse, or a silent change of the saved secret is one clear line, exit 1, and
+"""``python -m prefect_orthanc.deployments setup`` checks what it saves: a wrong Orthanc password,
+a secret sharing would refuse, or a silent change of the saved secret is one clear line, exit 1, and
 nothing already saved is replaced."""
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def _setup(lab, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
             "PREFECT_ORTHANC_SECRET_BLOCK": SECRET_BLOCK,
             "PREFECT_ORTHANC_CREDENTIALS_BLOCK": CREDENTIALS_BLOCK}
     base.pop("PREFECT_ORTHANC_DEID_SECRET", None)
-    return subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup", *args], cwd=REPO,
-                          env={**base, **env}, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup", *args],
+                          cwd=REPO, env={**base, **env}, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_setup_checks_credentials_and_guards_the_secret(lab):

@@ -6,12 +6,13 @@ in research). Real DICOM from pydicom's test files (CT, MR, enhanced CT), 3-4 st
 The run to kill is a separate process (``_CRASH_RUN``); it is killed either from outside,
 once the test sees ``k`` deliveries in the destination (a directory, or the lab's "pacs"
 Orthanc used as a C-STORE modality), or by itself with SIGKILL right after a chosen step
-(``publish``, ``Ledger.record``, the C-STORE job: ``send_to_modality``) or in the middle of writing a package.
-The re-run is an ordinary flow run in this process."""
+(``publish``, ``Ledger.record``, the C-STORE job: ``send_to_modality``) or in the middle of
+writing a package. The re-run is an ordinary flow run in this process."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -86,9 +87,11 @@ def _study(name: str, count: int, patient: str) -> list[pydicom.Dataset]:
     """``count`` instances of a new study made from a pydicom test file (a real header):
     new study, series and SOP instance UIDs and PatientID, the rest as its authors wrote."""
     study, series = generate_uid(), generate_uid()
-    copies = []
+    copies: list[pydicom.Dataset] = []
+    path = get_testdata_file(name)
+    assert isinstance(path, str), name
     for index in range(count):
-        ds = pydicom.dcmread(get_testdata_file(name))
+        ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber, ds.PatientID = index + 1, patient
@@ -102,6 +105,7 @@ def _upload(research: Orthanc, datasets) -> str:
         ds.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
     (study,) = {r.parent_study for ds in datasets for r in research.upload(raw(ds))}
+    assert study is not None
     return study
 
 
@@ -177,8 +181,8 @@ def _rerun_after_crash(tmp_path, params, ids, research, before, modality=None) -
 @pytest.fixture(autouse=True)
 def short_reclaim(monkeypatch):
     """Bounds of slot reclaim short enough for a test (the lease itself stays 60 s)."""
-    for key, value in {"RENEW_SECONDS": 1, "STALE_SECONDS": 5, "CHECK_SECONDS": 2, "SETTLE_SECONDS": 1,
-                       "POLL_SECONDS": 0.5, "WAIT_SECONDS": 90}.items():
+    for key, value in {"RENEW_SECONDS": 1, "STALE_SECONDS": 5, "CHECK_SECONDS": 2,
+                       "SETTLE_SECONDS": 1, "POLL_SECONDS": 0.5, "WAIT_SECONDS": 90}.items():
         monkeypatch.setenv(f"PREFECT_ORTHANC_SLOT_{key}", str(value))
 
 
@@ -273,10 +277,10 @@ def test_modality_delivery_killed_then_rerun_delivers_each_study_once(
     ids, before = sources
     if modality == "pacs":
         pacs_before = set(pacs.find("Study"))
-        on_destination = lambda: _on_pacs(pacs, pacs_before)  # noqa: E731
+        on_destination = functools.partial(_on_pacs, pacs, pacs_before)
     else:
         dcmqr_before = set(_on_dcmqr(lab, set()))
-        on_destination = lambda: _on_dcmqr(lab, dcmqr_before)  # noqa: E731
+        on_destination = functools.partial(_on_dcmqr, lab, dcmqr_before)
     expected = sorted(n for _, n in STUDIES)
     params = _params(tmp_path, ids, Destination(kind="modality", target=modality))
     try:

@@ -43,6 +43,7 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
 def _upload(research: Orthanc, datasets) -> str:
     studies = {r.parent_study for ds in datasets for r in research.upload(_bytes(ds))}
     (study,) = studies
+    assert study is not None
     return study
 
 
@@ -50,9 +51,11 @@ def _ct_copies(n: int) -> list[pydicom.Dataset]:
     """``n`` instances of one new study made from pydicom's CT_small.dcm (a real CT header):
     new study, series and SOP instance UIDs, the rest as written by its authors."""
     study, series = generate_uid(), generate_uid()
-    copies = []
+    copies: list[pydicom.Dataset] = []
+    path = get_testdata_file("CT_small.dcm")
+    assert isinstance(path, str)
     for index in range(n):
-        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = index + 1

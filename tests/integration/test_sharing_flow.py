@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from datetime import datetime
+from datetime import date
 from pathlib import Path
 
 import pydicom
@@ -85,7 +85,7 @@ def test_share_to_directory_consistent_pseudonyms_and_dates(
             {s.study_uid for s in patient.studies})
 
     def interval(dates):
-        a, b = sorted(datetime.strptime(d, "%Y%m%d") for d in dates)
+        a, b = sorted(date.fromisoformat(d) for d in dates)  # DICOM DA: YYYYMMDD
         return (b - a).days
 
     shared_dates = [group[0].StudyDate for group in datasets]
@@ -135,7 +135,7 @@ def test_leaky_profile_is_quarantined(research_env, secret_env, research, loaded
 
 def test_share_to_pacs_modality_once(research_env, secret_env, research, pacs, loaded_pacs,
                                      cohort, tmp_path):
-    patient, ids = _patient_studies(research, cohort, 2)
+    _, ids = _patient_studies(research, cohort, 2)
     request = _request(tmp_path, ids[:1], Destination(kind="modality", target="pacs"))
     (outcome,) = share_studies(**request)
     assert outcome.delivered == "modality:pacs"

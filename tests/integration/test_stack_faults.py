@@ -26,8 +26,9 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -82,7 +83,7 @@ class Api:
     def __init__(self, url: str) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
 
-    def call(self, method: str, path: str, **kwargs) -> object:
+    def call(self, method: str, path: str, **kwargs) -> Any:
         for attempt in range(60):  # the server may be restarting
             try:
                 response = self.http.request(method, path, **kwargs)
@@ -270,8 +271,9 @@ def _moved_studies(jobs: list[dict]) -> Counter:
 
 
 def _stamp(value: str) -> float:
+    # Orthanc's job times, only compared with each other: the zone is the same for all
     return datetime.strptime(value if "." in value else value + ".0",
-                             "%Y%m%dT%H%M%S.%f").timestamp()
+                             "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC).timestamp()
 
 
 def _max_overlap(jobs: list[dict]) -> int:

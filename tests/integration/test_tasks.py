@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import zipfile
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 from prefect import flow
@@ -191,7 +192,7 @@ def test_moves_in_flight_never_exceed_the_limit(research_creds, research, loaded
     studies = cohort.studies[:4]
     for study in studies:
         research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
-    started = datetime.utcnow().strftime("%Y%m%dT%H%M%S")
+    started = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
 
     @flow
     def pull_one(index: int):  # flow parameters are shown in the UI: an index, never a UID
@@ -216,7 +217,7 @@ def test_moves_in_flight_never_exceed_the_limit(research_creds, research, loaded
     assert len(jobs) == 4
     spans = sorted((j.creation_time, j.completion_time) for j in jobs)
     assert all(start >= started for start, _ in spans)
-    for (_, end), (next_start, _) in zip(spans, spans[1:]):
+    for (_, end), (next_start, _) in itertools.pairwise(spans):
         assert end <= next_start, f"two C-MOVE jobs overlapped: {spans}"
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from _mocks import BASE
 
 from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc
+from tests.unit._mocks import BASE
 
 
 @pytest.fixture(autouse=True)

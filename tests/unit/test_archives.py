@@ -7,7 +7,6 @@ import json
 
 import httpx
 import pytest
-from _mocks import ChunkStream, leftovers
 
 from prefect_orthanc.orthanc_client import (
     ArchiveResult,
@@ -15,6 +14,7 @@ from prefect_orthanc.orthanc_client import (
     OrthancNotFound,
     OrthancUnavailable,
 )
+from tests.unit._mocks import ChunkStream, leftovers
 
 ZIP = b"PK\x03\x04" + bytes(range(256)) * 4000  # ~1 MB, several chunks
 CHUNKS = [ZIP[i:i + 65536] for i in range(0, len(ZIP), 65536)]

@@ -11,7 +11,6 @@ import time
 import httpx
 import pytest
 import respx
-from _mocks import BASE, SYSTEM_1_10, ChunkStream, leftovers, run
 
 from prefect_orthanc.orthanc_client import (
     AsyncOrthanc,
@@ -24,6 +23,7 @@ from prefect_orthanc.orthanc_client import (
     OrthancUnavailable,
     SystemInfo,
 )
+from tests.unit._mocks import BASE, SYSTEM_1_10, ChunkStream, leftovers, run
 
 TOTAL = 2345
 IDS = [f"id-{i}" for i in range(TOTAL)]

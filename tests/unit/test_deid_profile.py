@@ -63,7 +63,7 @@ def test_pseudonym_fits_every_vr(prefix):
     assert not set("\\^=") & set(value)  # no DICOM delimiters, no PN component separators
 
 
-def test_pseudonym_refuses_weak_input():
+def test_pseudonym_refuses_weak_input() -> None:
     with pytest.raises(DeidError):
         pseudonym(b"short", "PatientID", "PX1")
     with pytest.raises(TypeError):
@@ -295,7 +295,7 @@ def test_deidentification_method_fits_lo():
 # ------------------------------------------------------------------ the profile itself
 
 
-def test_profile_is_frozen_and_validated():
+def test_profile_is_frozen_and_validated() -> None:
     profile = DeidProfile()
     with pytest.raises(ValidationError):
         profile.dates = "blank"  # type: ignore[misc]

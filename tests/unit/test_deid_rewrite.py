@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from prefect_orthanc.flows.deid import (
     DeidProfile,
@@ -32,7 +32,7 @@ def get_testdata_file(name: str) -> str:
     """A file shipped in the pydicom wheel (never downloaded)."""
     (path,) = [p for p in DATA.rglob(name)]
     return str(path)
-CT = "1.2.840.10008.5.1.4.1.1.2"
+CT = UID("1.2.840.10008.5.1.4.1.1.2")
 
 
 # ------------------------------------------------------------------ dates
@@ -109,7 +109,7 @@ def _source() -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = CT
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.3.6.1.4.1.99999.1.3"
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.3.6.1.4.1.99999.1.3")
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = CT
     ds.SOPInstanceUID = "1.3.6.1.4.1.99999.1.3"
@@ -145,8 +145,8 @@ def _source() -> Dataset:
     return ds
 
 
-def _rewrite(source: Dataset, anonymized: Dataset | None = None, **profile):
-    profile = DeidProfile(**profile)
+def _rewrite(source: Dataset, anonymized: Dataset | None = None, **options):
+    profile = DeidProfile(**options)
     _, linkage = build_request(profile, SECRET, source)
     out = copy.deepcopy(source if anonymized is None else anonymized)
     return Rewriter(profile, SECRET, linkage).rewrite(out, source), linkage
@@ -230,7 +230,8 @@ def test_the_rewritten_instance_is_clean_for_the_scanner():
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "waveform_ecg.dcm",
                                   "rtplan.dcm", "liver_1frame.dcm", "SC_rgb_rle.dcm",
-                                  "chrH31.dcm", "chrJapMulti.dcm", "chrKoreanMulti.dcm", "chrX2.dcm"])
+                                  "chrH31.dcm", "chrJapMulti.dcm", "chrKoreanMulti.dcm",
+                                  "chrX2.dcm"])
 def test_real_files_rewrite_and_scan_clean(name):
     """What the rewrite owns (names, IDs, UIDs, dates) is clean on files written by others;
     what is left (institutions, descriptions) is for Orthanc's Basic Profile to remove."""
@@ -294,7 +295,8 @@ def test_scanner_reads_waveform_labels_and_other_charsets():
     ({"ImageType": ["ORIGINAL", "PRIMARY", "LABEL", "NONE"],
       "SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.6"}, "label or overview image"),
     ({"ImageType": ["DERIVED", "PRIMARY", "OVERVIEW"]}, "label or overview image"),
-    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.1.1"}, "SOP class Video Endoscopic Image Storage"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.1.1"},
+     "SOP class Video Endoscopic Image Storage"),
     ({"BurnedInAnnotation": "NO"}, None),
 ])
 def test_risk_reasons(attributes, reason):

@@ -7,7 +7,6 @@ import pickle
 
 import httpx
 import pytest
-from _mocks import BASE, orthanc_error
 
 from prefect_orthanc.orthanc_client import (
     OrthancArchiveError,
@@ -34,6 +33,7 @@ from prefect_orthanc.orthanc_client.errors import (
     pacs_error,
     redact,
 )
+from tests.unit._mocks import BASE, orthanc_error
 
 STUDY = "6b9e19d9-62094390-5f9ddb01-4a191ae7-9766b715"
 
@@ -360,7 +360,8 @@ def test_translated_errors_pickle_with_their_fields(router, orthanc):
         with pytest.raises(OrthancError) as info:
             call()
         caught.append(info.value)
-    assert [type(e) for e in caught] == [MoveDestinationUnknown, OrthancNotFound, OrthancUnavailable]
+    assert [type(e) for e in caught] == [MoveDestinationUnknown, OrthancNotFound,
+                                         OrthancUnavailable]
     for error in caught:
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and again == error
@@ -386,7 +387,8 @@ def test_call_repr_shows_no_values():
 
 # ------------------------------------------------------------------ what the PACS said
 # Details as Orthanc 1.10.1 wrote them (measured against dcmqrscp 3.6.7 and an Orthanc PACS).
-_DOWN = "DicomAssociation - connecting to AET \"PACS\": TCP Initialization Error: Connection refused"
+_DOWN = ("DicomAssociation - connecting to AET \"PACS\": TCP Initialization Error: "
+         "Connection refused")
 _REJECTED = "DicomAssociation - connecting to AET \"NOPE\": DUL Association Rejected"
 
 

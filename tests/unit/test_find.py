@@ -6,9 +6,9 @@ import json
 
 import httpx
 import pytest
-from _mocks import SYSTEM_1_10, SYSTEM_1_12
 
 from prefect_orthanc.orthanc_client import Level, OrthancUnsupported, Resource
+from tests.unit._mocks import SYSTEM_1_10, SYSTEM_1_12
 
 TOTAL = 2345
 CAP = 100
@@ -42,7 +42,7 @@ def test_find_returns_every_id_once_in_order(router, orthanc):
     assert found == IDS
     assert len(set(found)) == TOTAL
     # Since advances by what was actually returned (100), never by the page size asked (1000)
-    assert [b["Since"] for b in server.bodies] == list(range(0, TOTAL, CAP)) + [TOTAL]
+    assert [b["Since"] for b in server.bodies] == [*range(0, TOTAL, CAP), TOTAL]
     assert all(b["Limit"] == 1000 for b in server.bodies)
     first = server.bodies[0]
     assert first["Level"] == "Study"
@@ -139,9 +139,9 @@ def test_unknown_level_is_value_error(text):
         Level(text)
 
 
-def test_unknown_level_non_string():
+def test_unknown_level_non_string() -> None:
     with pytest.raises(ValueError):
-        Level(3)  # type: ignore[arg-type]
+        Level(3)
 
 
 def test_level_navigation():

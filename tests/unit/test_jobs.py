@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-from _mocks import orthanc_error
 
 from prefect_orthanc.orthanc_client import (
     JobInfo,
@@ -21,6 +20,7 @@ from prefect_orthanc.orthanc_client import (
     OrthancJobTimeout,
     OrthancUsageError,
 )
+from tests.unit._mocks import orthanc_error
 
 JOB = "0f8b4cd9-job"
 

@@ -11,13 +11,6 @@ import json
 
 import httpx
 import pytest
-from _orthanc_shapes import (
-    CONFLICT_1_10_1,
-    SYSTEM_1_10_1,
-    SYSTEM_1_12_11,
-    SYSTEM_1_12_NO_LABELS,
-    bulk_study_1_10_1,
-)
 
 from prefect_orthanc.orthanc_client import OrthancConflict, OrthancUsageError
 from prefect_orthanc.tasks.labels import (
@@ -27,6 +20,13 @@ from prefect_orthanc.tasks.labels import (
     find_labelled,
     labels_of,
     project_studies,
+)
+from tests.unit._orthanc_shapes import (
+    CONFLICT_1_10_1,
+    SYSTEM_1_10_1,
+    SYSTEM_1_12_11,
+    SYSTEM_1_12_NO_LABELS,
+    bulk_study_1_10_1,
 )
 
 STUDY = "8a8cf898-ca27c490-d0c7058c-929d0581-2bbf104d"

@@ -6,7 +6,6 @@ import json
 
 import httpx
 import pytest
-from _mocks import SYSTEM_1_10, SYSTEM_1_12, orthanc_error
 
 from prefect_orthanc.orthanc_client import (
     ChangesPage,
@@ -18,6 +17,7 @@ from prefect_orthanc.orthanc_client import (
     QueryResult,
     SystemInfo,
 )
+from tests.unit._mocks import SYSTEM_1_10, SYSTEM_1_12, orthanc_error
 
 ANSWERS = [
     {"PatientName": "DOE^JANE", "PatientID": "PID-1", "StudyInstanceUID": "1.2.3.1",

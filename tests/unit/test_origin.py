@@ -5,6 +5,7 @@ real Variables are exercised on the lab: tests/integration/test_membership.py)."
 from __future__ import annotations
 
 import datetime as dt
+from typing import ClassVar
 
 import pytest
 
@@ -15,7 +16,7 @@ UID = "1.2.826.0.1.3680043.8.498.1"
 
 
 class _Variables:
-    store: dict[str, object] = {}
+    store: ClassVar[dict[str, object]] = {}
 
     @classmethod
     def get(cls, name, default=None):

@@ -4,9 +4,11 @@ others), ordered by what a user decides first, described, and checked before any
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from prefect_orthanc.deployments.spec import PREFECT_YAML
 from prefect_orthanc.flows.cohort import CollectionRequest, Criteria, TimeWindow
@@ -15,7 +17,8 @@ from prefect_orthanc.flows.deid import DeidProfile
 from prefect_orthanc.flows.parameters import request_from, request_model
 from prefect_orthanc.flows.sharing import SharingRequest, share_studies
 
-FLOWS = [(collect_cohort, CollectionRequest), (share_studies, SharingRequest)]
+FLOWS: list[tuple[Any, type[BaseModel]]] = [(collect_cohort, CollectionRequest),
+                                            (share_studies, SharingRequest)]
 
 
 def _deployment(name: str) -> dict:

@@ -71,8 +71,9 @@ class FakePacs:
             self.series_queries += 1
             for study in STUDIES:
                 if study[0] == query["StudyInstanceUID"]:
-                    answers += [{"StudyInstanceUID": study[0], "SeriesInstanceUID": f"{study[0]}.{i}",
-                                 "Modality": m} for i, m in enumerate(study[5])]
+                    answers += [{"StudyInstanceUID": study[0],
+                                 "SeriesInstanceUID": f"{study[0]}.{i}", "Modality": m}
+                                for i, m in enumerate(study[5])]
         if self.silent_cap is not None:
             answers = answers[:self.silent_cap]
         return QueryResult(query_id="q", modality=modality, level=Level(level),

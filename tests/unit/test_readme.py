@@ -23,7 +23,7 @@ def test_the_readme_has_python_examples():
 
 
 def _defined_and_used(tree: ast.AST) -> tuple[set[str], set[str]]:
-    defined, used = set(dir(builtins)), set()
+    defined, used = set(dir(builtins)), set[str]()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
             (used if isinstance(node.ctx, ast.Load) else defined).add(node.id)

@@ -6,10 +6,10 @@ import random
 
 import httpx
 import pytest
-from _mocks import BASE, orthanc_error
 
 from prefect_orthanc.orthanc_client import OrthancBadRequest, OrthancHTTPError, OrthancNotFound
 from prefect_orthanc.orthanc_client.core import Call, RetryPolicy, Send, Sleep, request
+from tests.unit._mocks import BASE, orthanc_error
 
 OK_STATS = {"CountStudies": 1}
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from _mocks import SYSTEM_1_10
 
 from prefect_orthanc.orthanc_client import CountSource, RetrieveOutcome, Settle
+from tests.unit._mocks import SYSTEM_1_10
 
 STUDY = "1.2.3"
 SERIES = {"1.2.3.1": ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"],
@@ -213,7 +213,7 @@ def test_a_move_that_moved_nothing_is_retried(orthanc, pacs, details):
         fake.job_failures = []
         sends = iter([[], []])
         original = fake._send
-        fake._send = lambda items: original(next(sends, items))  # type: ignore[method-assign]
+        fake._send = lambda items: original(next(sends, items))
     result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, backoff=0.01)
     assert result.outcome is RetrieveOutcome.COMPLETE and result.move_attempts == 3
 

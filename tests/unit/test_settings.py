@@ -7,10 +7,10 @@ import pickle
 
 import httpx
 import pytest
-from _mocks import BASE, SYSTEM_1_10, run
 from pydantic import SecretStr, ValidationError
 
 from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
+from tests.unit._mocks import BASE, SYSTEM_1_10, run
 
 
 def test_defaults_without_environment():
@@ -139,7 +139,7 @@ def test_from_env_overrides(monkeypatch):
         assert client.settings.retries == 0
 
 
-def test_settings_are_frozen_and_picklable():
+def test_settings_are_frozen_and_picklable() -> None:
     settings = OrthancSettings(url=BASE, password="pw")
     with pytest.raises(ValidationError):
         settings.url = "http://other"  # type: ignore[misc]

@@ -61,7 +61,7 @@ def test_relative_data_directory_is_refused(clean_env):
 def test_paths_escaping_into_the_checkout_are_refused(clean_env, tmp_path):
     clean_env.setenv("PREFECT_ORTHANC_DATA_DIR", str(tmp_path))
     site = SiteSettings.load()
-    with pytest.raises(SiteError, match="parameter linkage_path .* is inside the code checkout"):
+    with pytest.raises(SiteError, match=r"parameter linkage_path .* is inside the code checkout"):
         site.path(CODE_DIR / "linkage" / "linkage.csv", "linkage_path")
     escape = os.path.relpath(CODE_DIR / "reports", tmp_path)  # ../../…/checkout/reports
     with pytest.raises(SiteError, match="parameter report_dir"):
@@ -79,8 +79,8 @@ def test_setup_refuses_a_data_directory_in_the_checkout_before_touching_prefect(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_ORTHANC_")}
     env.update({"PREFECT_ORTHANC_DATA_DIR": str(CODE_DIR / "linkage"),
                 "PREFECT_API_URL": "http://127.0.0.1:9/api"})  # nothing listens there
-    done = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"], cwd=CODE_DIR, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "prefect_orthanc.deployments", "setup"],
+                          cwd=CODE_DIR, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith("setup: PREFECT_ORTHANC_DATA_DIR (")
     assert "is inside the code checkout" in done.stderr

@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import logging
+import re
 import sys
 import threading
 
 import pytest
-from _mocks import BASE, SYSTEM_1_10
 
 import prefect_orthanc.flows  # noqa: F401 - installs the log filter
 from prefect_orthanc.flows.cohort import TimeWindow
@@ -20,6 +20,7 @@ from prefect_orthanc.flows.states import PurposefulFailureFilter
 from prefect_orthanc.flows.window import OutsideWindow, admit, is_open, window_gate
 from prefect_orthanc.orthanc_client import AsyncOrthanc, Level, dicom_gate
 from prefect_orthanc.tasks.network import UnknownModality, require_modality
+from tests.unit._mocks import BASE, SYSTEM_1_10
 
 
 def _window(open_now: bool, outside: str = "stop", max_wait_hours: float = 16) -> TimeWindow:
@@ -72,7 +73,7 @@ def test_outside_the_window_no_dicom_exchange_reaches_orthanc(orthanc, dicom_rou
         # what is not a DICOM exchange is not gated: the modality list, answers, forgetting
         assert orthanc.modalities() == ["pacs", "dcmqr"]
         orthanc.delete_query("q1")
-    assert all(not call.request.method == "POST" for call in dicom_routes.calls)
+    assert all(call.request.method != "POST" for call in dicom_routes.calls)
 
 
 def test_inside_the_window_and_without_one_every_exchange_goes_through(orthanc, dicom_routes):
@@ -126,7 +127,7 @@ def test_a_gate_that_opens_lets_the_next_exchange_through(orthanc, dicom_routes)
     with dicom_gate(check):
         orthanc.echo("pacs")
         state["open"] = False
-        with pytest.raises(OutsideWindow, match="/modalities/{name}/query"):
+        with pytest.raises(OutsideWindow, match=re.escape("/modalities/{name}/query")):
             orthanc.query("pacs", Level.STUDY, {})
         state["open"] = True
         orthanc.echo("pacs")
