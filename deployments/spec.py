@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
 
@@ -30,7 +32,7 @@ _SCHEDULE_KEYS = {"cron", "interval", "rrule", "timezone", "anchor_date", "activ
 _STRATEGIES = {"ENQUEUE", "CANCEL_NEW"}
 
 
-class SpecError(ValueError):
+class SpecError(SafeMessageError, ValueError):
     """prefect.yaml is not what it should be; the message lists every problem."""
 
 

@@ -31,6 +31,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
+
 __all__ = [
     "ROUTE_DEPLOYMENT",
     "SetupError",
@@ -119,7 +121,7 @@ async def _ensure_work_pool(name: str) -> str:
             return "created (type process)"
 
 
-class SetupError(ValueError):
+class SetupError(SafeMessageError, ValueError):
     """``setup`` refused its settings; the message says which and what to fix (no value)."""
 
 

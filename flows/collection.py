@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -62,6 +62,7 @@ from prefect_orthanc.tasks import (
 )
 from prefect_orthanc.tasks.labels import attach_labels
 from prefect_orthanc.tasks.origin import end_retrievals_left_behind
+from prefect_orthanc.tasks.policy import orthanc_flow
 
 __all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"]
 
@@ -237,7 +238,7 @@ def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, list[Co
     return request.model_copy(update=updates), rows
 
 
-@flow(name="collect-research-cohort", flow_run_name="collect-{project}",
+@orthanc_flow(name="collect-research-cohort", flow_run_name="collect-{project}",
       task_runner=ThreadPoolTaskRunner(max_workers=32), validate_parameters=True)
 @described_by(CollectionRequest, credentials_block="Name of the OrthancCredentials block of "
               "the research Orthanc (empty: the ORTHANC_* environment variables).")

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -26,7 +26,7 @@ from prefect_orthanc.orthanc_client import Level, OrthancNotFound
 from prefect_orthanc.tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
 from prefect_orthanc.tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
 from prefect_orthanc.tasks.origin import Origin, study_origin
-from prefect_orthanc.tasks.policy import short_id
+from prefect_orthanc.tasks.policy import orthanc_flow, short_id
 
 __all__ = [
     "LABELS_METADATA",
@@ -182,7 +182,8 @@ def _apply(rule: RouteRule, credentials: OrthancCredentials, credentials_block: 
     return True
 
 
-@flow(name="route-new-study", flow_run_name="new-study-{study_id}", validate_parameters=True)
+@orthanc_flow(name="route-new-study", flow_run_name="new-study-{study_id}",
+              validate_parameters=True)
 def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server: str = "research",
                     credentials_block: str | None = None, include_retrieved: bool = False,
                     include_copies: bool = False) -> State[RouteReport]:
@@ -298,7 +299,7 @@ def _failed_routes(lookback_hours: float) -> dict[str, dict]:
             if run.state and run.state.type.value in ("FAILED", "CRASHED")}
 
 
-@flow(name="sweep-failed-routes", flow_run_name="sweep-routes", validate_parameters=True)
+@orthanc_flow(name="sweep-failed-routes", flow_run_name="sweep-routes", validate_parameters=True)
 def sweep_failed_routes(lookback_hours: float = 24.0) -> State[SweepReport]:
     """Route again every study whose latest ``route-new-study`` run (within ``lookback_hours``)
     failed, with that run's own parameters (same rules), one subflow each. Run it on a schedule

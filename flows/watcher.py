@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,7 @@ from prefect_orthanc.flows.events import post_events, study_event
 from prefect_orthanc.flows.states import fail_run
 from prefect_orthanc.orthanc_client import Level, OrthancError
 from prefect_orthanc.tasks.changes import cursor_position, cursor_variable
+from prefect_orthanc.tasks.policy import orthanc_flow
 from prefect_orthanc.tasks.variables import put_variable
 
 __all__ = ["WatchReport", "watch_changes"]
@@ -46,7 +47,7 @@ class WatchReport(BaseModel):
     errors: int = 0
 
 
-@flow(name="watch-orthanc-changes", flow_run_name="watch-{server}", log_prints=False)
+@orthanc_flow(name="watch-orthanc-changes", flow_run_name="watch-{server}", log_prints=False)
 def watch_changes(server: str = "research", run_for: float = 600, poll_interval: float = 0.75,
                   start_at: Literal["end", "beginning"] = "end",
                   credentials_block: str | None = None) -> State[WatchReport]:

@@ -62,7 +62,9 @@ class OrthancError(SafeMessageError):
     """
 
     transient: bool = False
-    #: whether a later attempt (a Prefect task retry) is worth it when ``transient``
+    #: whether a later attempt (a Prefect task retry) is worth it when ``transient``: False
+    #: when the client already retried the request (one retry layer per failure, see
+    #: ``core.retried_here``) or when the request was sent without an answer
     retry_later: bool = True
     #: a short, stable name of what went wrong, for per-row reports
     reason_code: str = "orthanc_error"

@@ -29,7 +29,7 @@ from prefect_orthanc.tasks.network import (
                      store_to_modality,
                      store_to_peer,
 )
-from prefect_orthanc.tasks.policy import TaskFailure, is_transient, orthanc_task
+from prefect_orthanc.tasks.policy import TaskFailure, is_transient, orthanc_flow, orthanc_task
 from prefect_orthanc.tasks.resources import (
                      add_labels,
                      delete_resources,
@@ -56,6 +56,7 @@ __all__ = [
                      "limit_name",
                      "modality_slot",
                      "modify_resource",
+                     "orthanc_flow",
                      "orthanc_task",
                      "query_modality",
                      "read_changes",
