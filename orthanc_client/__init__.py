@@ -54,7 +54,7 @@ from prefect_orthanc.orthanc_client.retrieval import (
     ExpectedCount,
     Settle,
 )
-from prefect_orthanc.orthanc_client.settings import OrthancSettings
+from prefect_orthanc.orthanc_client.settings import OrthancConnection, OrthancSettings
 
 __all__ = [
     "ArchiveResult",
@@ -76,6 +76,7 @@ __all__ = [
     "OrthancArchiveError",
     "OrthancBadRequest",
     "OrthancConflict",
+    "OrthancConnection",
     "OrthancDimseError",
     "OrthancError",
     "OrthancHTTPError",
