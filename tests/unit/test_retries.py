@@ -197,3 +197,17 @@ def test_a_refused_connection_on_a_safe_request_is_the_clients(router, orthanc):
         orthanc.statistics()
     assert route.call_count == orthanc.settings.retries + 1
     assert not _task_would_retry(info.value)
+
+
+def test_an_aborted_association_is_retried_by_the_client_only(router, orthanc):
+    """The PACS is up and refused for a moment (Orthanc 1.10.1's words for an SCP's "rejected
+    transient", measured with tests/integration/quirky_scp.py): a quick repeat of the C-FIND."""
+    route = router.post("/modalities/pacs/query").mock(return_value=orthanc_error(
+        500, 9, "Error in the network protocol",
+        'DicomAssociation - connecting to AET "PACS": Peer aborted Association (or never '
+        "connected)"))
+    with pytest.raises(OrthancHTTPError) as info:
+        orthanc.query("pacs", "Study", {"PatientID": "*"})
+    assert info.value.reason_code == "pacs_unreachable"
+    assert route.call_count == orthanc.settings.retries + 1
+    assert not _task_would_retry(info.value)
