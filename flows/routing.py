@@ -26,7 +26,7 @@ from prefect_orthanc.orthanc_client import Level, OrthancNotFound
 from prefect_orthanc.tasks import OrthancCredentials, orthanc_task, store_to_modality, store_to_peer
 from prefect_orthanc.tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
 from prefect_orthanc.tasks.origin import Origin, study_origin
-from prefect_orthanc.tasks.policy import orthanc_flow, short_id
+from prefect_orthanc.tasks.policy import orthanc_flow, short_id, shown_error
 
 __all__ = [
     "LABELS_METADATA",
@@ -239,7 +239,8 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
         try:
             ok = _apply(rule, credentials, credentials_block, study_id)
         except Exception as exc:
-            logger.warning("rule %s failed (%s)", rule.name, type(exc).__name__)
+            shown = shown_error(f"rule {rule.name}", exc)  # a safe message, or the type only
+            logger.warning("rule %s failed: %s: %s", rule.name, type(shown).__name__, shown)
             ok = False
         (done if ok else failed).append(rule.name)
     report = RouteReport(study_id=study_id, matched=tuple(r.name for r in matched),

@@ -21,7 +21,7 @@ from prefect_orthanc.flows.events import post_events, study_event
 from prefect_orthanc.flows.states import fail_run
 from prefect_orthanc.orthanc_client import Level, OrthancError
 from prefect_orthanc.tasks.changes import cursor_position, cursor_variable
-from prefect_orthanc.tasks.policy import orthanc_flow
+from prefect_orthanc.tasks.policy import orthanc_flow, shown_error
 from prefect_orthanc.tasks.variables import put_variable
 
 __all__ = ["WatchReport", "watch_changes"]
@@ -101,17 +101,17 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
                     put_variable(name, since)
                     saved, saved_at = since, time.monotonic()
                 last_error = None
-            except (OrthancError, OSError) as exc:  # sanitized: type and route only
+            except (OrthancError, OSError) as exc:  # a safe message, or the type only
                 errors += 1
                 last_error = type(exc).__name__
                 logger.warning("poll %d failed (%s); retrying from change %d", polls,
-                               last_error, since)
+                               shown_error("poll", exc), since)
                 page = None
             except Exception as exc:  # the Prefect API refused the events
                 errors += 1
                 last_error = type(exc).__name__
                 logger.warning("posting events failed (%s); retrying from change %d",
-                               last_error, since)
+                               shown_error("posting events", exc), since)
                 page = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
