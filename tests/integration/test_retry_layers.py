@@ -7,8 +7,8 @@ failure (a PACS that does not answer). Never both: before this rule a 503 on a r
 sent 16 times (4 attempts of the request x 4 runs of the task).
 
 Requests are counted by a respx router scoped to the client's transport (Prefect's own API
-client is untouched), then by a loopback listener standing for a PACS behind the real
-research Orthanc.
+client is untouched), then on the real research Orthanc by a counting transport (C-FINDs) and
+a loopback listener standing for a PACS (associations).
 """
 
 from __future__ import annotations
@@ -128,24 +128,64 @@ class _Listener:
         self.sock.close()
 
 
-def test_real_orthanc_peer_failure_is_retried_once_per_task_run(research, research_creds,
-                                                                  modality_limit):
-    """On the real research Orthanc: a modality whose PACS drops every association. The
-    C-FIND's failure is retried by the task alone: as many associations as task runs."""
-    listener = _Listener()
-    name = "dropping-pacs"
-    try:
+class _CountingTransport(httpx.HTTPTransport):
+    """The real network, with a count of the C-FIND requests sent to Orthanc."""
+
+    queries = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/query"):
+            type(self).queries += 1
+        return super().handle_request(request)
+
+
+@pytest.fixture
+def dropping_pacs(research, modality_limit):
+    """Declare a modality on the real research Orthanc for ``port``; removed afterwards."""
+    declared = []
+
+    def declare(port: int) -> str:
+        name = f"pacs-{port}"
         research.request("PUT", f"/modalities/{name}", expect="none",
-                         json={"AET": "DROPPING", "Host": "127.0.0.1", "Port": listener.port})
+                         json={"AET": "NOWHERE", "Host": "127.0.0.1", "Port": port})
         asyncio.run(modality_limit(name, 1))
-        # one task retry is enough to see a multiplication (the block retries 1 request)
-        state, runs = _run_task(query_modality, research_creds, name, "Study",
-                                {"PatientID": "*"}, retries=1)
-        assert state.is_failed()
+        declared.append(name)
+        return name
+
+    yield declare
+    for name in declared:
+        research.request("DELETE", f"/modalities/{name}", expect="none")
+
+
+def test_real_orthanc_each_pacs_failure_is_retried_by_one_layer(lab, dropping_pacs):
+    """On the real research Orthanc (one task retry and one request retry, enough to see a
+    multiplication): a PACS port where nothing listens is retried by the task alone (one
+    C-FIND per task run); a PACS that accepts the connection and aborts the association is
+    retried by the request alone (one task run, two associations)."""
+    from prefect_orthanc.deployments.lab.servers import free_ports
+
+    RoutedCredentials.transport = _CountingTransport()
+    _CountingTransport.queries = 0
+    creds = RoutedCredentials(url=lab.research.url, username=lab.research.username,
+                              password=lab.research.password, retries=1, backoff=0.01)
+    try:
+        down = dropping_pacs(free_ports(1)[0])  # connection refused
+        state, runs = _run_task(query_modality, creds, down, "Study", {"PatientID": "*"},
+                                retries=1)
         with pytest.raises(PacsUnreachable):
             state.result()
-        assert runs == 2
-        assert listener.accepted == runs  # one association per task run, none multiplied
+        assert (runs, _CountingTransport.queries) == (2, 2)  # the task's: one C-FIND per run
+
+        listener = _Listener()
+        try:
+            aborting = dropping_pacs(listener.port)
+            _CountingTransport.queries = 0
+            state, runs = _run_task(query_modality, creds, aborting, "Study",
+                                    {"PatientID": "*"}, retries=1)
+            with pytest.raises(PacsUnreachable):
+                state.result()
+        finally:
+            listener.close()
+        assert (runs, _CountingTransport.queries, listener.accepted) == (1, 2, 2)  # the request's
     finally:
-        research.request("DELETE", f"/modalities/{name}", expect="none")
-        listener.close()
+        RoutedCredentials.transport = None
