@@ -17,6 +17,8 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
+
 __all__ = ["PREFECT_YAML", "STUDY_EVENTS_LUA", "TemplateExists", "copy_templates"]
 
 #: the shipped prefect.yaml (a ``pathlib.Path`` for any installed or editable package)
@@ -30,7 +32,7 @@ TEMPLATES: dict[str, Traversable] = {"prefect.yaml": PREFECT_YAML,
                                      "orthanc/study_events.lua": STUDY_EVENTS_LUA}
 
 
-class TemplateExists(FileExistsError):
+class TemplateExists(SafeMessageError, FileExistsError):
     """A template's destination exists already; nothing was written."""
 
 

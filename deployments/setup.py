@@ -18,6 +18,7 @@ import os
 from typing import cast
 
 from prefect_orthanc.deployments.settings import DeploymentSettings
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
 __all__ = ["SetupError", "setup"]
 
@@ -40,7 +41,7 @@ async def _ensure_work_pool(name: str) -> str:
             return "created (type process)"
 
 
-class SetupError(ValueError):
+class SetupError(SafeMessageError, ValueError):
     """``setup`` refused its settings; the message says which and what to fix (no value)."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from prefect_orthanc.deployments.files import PREFECT_YAML
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
 __all__ = ["PREFECT_YAML", "DeploymentSpec", "SpecError", "load", "runner_deployments"]
 
@@ -31,7 +32,7 @@ _SCHEDULE_KEYS = {"cron", "interval", "rrule", "timezone", "anchor_date", "activ
 _STRATEGIES = {"ENQUEUE", "CANCEL_NEW"}
 
 
-class SpecError(ValueError):
+class SpecError(SafeMessageError, ValueError):
     """prefect.yaml is not what it should be; the message lists every problem."""
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
-from prefect import State, flow, get_run_logger
+from prefect import State, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -59,6 +59,7 @@ from prefect_orthanc.tasks import (
 )
 from prefect_orthanc.tasks.labels import attach_labels
 from prefect_orthanc.tasks.origin import end_retrievals_left_behind
+from prefect_orthanc.tasks.policy import orthanc_flow
 
 __all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"]
 
@@ -270,9 +271,8 @@ def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, CohortF
     return request.model_copy(update=updates), cohort
 
 
-@flow(name="collect-research-cohort", flow_run_name="collect-{project}",
-      # Prefect #16938: mypy sees ThreadPoolTaskRunner as no TaskRunner[PrefectFuture[Any]]
-      task_runner=ThreadPoolTaskRunner(max_workers=32),  # type: ignore[arg-type]
+@orthanc_flow(name="collect-research-cohort", flow_run_name="collect-{project}",
+      task_runner=ThreadPoolTaskRunner(max_workers=32),
       validate_parameters=True)
 @described_by(CollectionRequest, credentials_block="Name of the OrthancCredentials block of "
               "the research Orthanc (empty: the ORTHANC_* environment variables).")

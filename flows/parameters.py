@@ -21,10 +21,17 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["brief_errors", "described_by", "request_from", "request_model"]
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
+
+__all__ = ["InvalidParameters", "brief_errors", "described_by", "request_from", "request_model"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MODEL_ATTRIBUTE = "__request_model__"
+
+
+class InvalidParameters(SafeMessageError, ValueError):
+    """A flow's parameters do not make a valid request: names each bad parameter and what is
+    wrong with it, never its value."""
 
 
 def described_by(model: type[BaseModel], **more: str) -> Callable[[F], F]:
@@ -66,10 +73,10 @@ def brief_errors(error: ValidationError) -> str:
 
 def request_from(model: type[BaseModel], values: Mapping[str, Any]) -> Any:
     """``model`` from the flow's parameters (those it has fields for; ``None`` means the
-    model's default); ``ValueError`` with a one-line message naming each bad parameter, never
-    its value."""
+    model's default); ``InvalidParameters`` (a ``ValueError``) with a one-line message naming
+    each bad parameter, never its value."""
     try:
         return model.model_validate({k: v for k, v in values.items()
                                      if k in model.model_fields and v is not None})
     except ValidationError as error:
-        raise ValueError(brief_errors(error)) from None
+        raise InvalidParameters(brief_errors(error)) from None

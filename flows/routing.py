@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from prefect import State, flow, get_run_logger
+from prefect import State, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -26,7 +26,7 @@ from prefect_orthanc.tasks import OrthancCredentials, orthanc_task, store_to_mod
 from prefect_orthanc.tasks.credentials import load_credentials
 from prefect_orthanc.tasks.labels import LABEL_PATTERN, LABELS_METADATA, attach_labels
 from prefect_orthanc.tasks.origin import Origin, study_origin
-from prefect_orthanc.tasks.policy import short_id
+from prefect_orthanc.tasks.policy import orthanc_flow, short_id, shown_error
 
 __all__ = [
     "LABELS_METADATA",
@@ -207,7 +207,8 @@ def _apply(rule: RouteRule, credentials: OrthancCredentials, credentials_block: 
     return True
 
 
-@flow(name="route-new-study", flow_run_name="new-study-{study_id}", validate_parameters=True)
+@orthanc_flow(name="route-new-study", flow_run_name="new-study-{study_id}",
+              validate_parameters=True)
 def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server: str = "research",
                     credentials_block: str | None = None, include_retrieved: bool = False,
                     include_copies: bool = False) -> State[RouteReport]:
@@ -274,7 +275,8 @@ def route_new_study(study_id: str, rules: list[RouteRule] | None = None, server:
         try:
             ok = _apply(rule, credentials, credentials_block, study_id)
         except Exception as exc:
-            logger.warning("rule %s failed (%s)", rule.name, type(exc).__name__)
+            shown = shown_error(f"rule {rule.name}", exc)  # a safe message, or the type only
+            logger.warning("rule %s failed: %s: %s", rule.name, type(shown).__name__, shown)
             ok = False
         (done if ok else failed).append(rule.name)
     report = RouteReport(study_id=study_id, matched=tuple(r.name for r in matched),
@@ -335,7 +337,7 @@ def _failed_routes(lookback_hours: float) -> dict[str, dict[str, Any]]:
             if run.state and run.state.type.value in ("FAILED", "CRASHED")}
 
 
-@flow(name="sweep-failed-routes", flow_run_name="sweep-routes", validate_parameters=True)
+@orthanc_flow(name="sweep-failed-routes", flow_run_name="sweep-routes", validate_parameters=True)
 def sweep_failed_routes(lookback_hours: float = 24.0) -> State[SweepReport]:
     """Route again every study whose latest ``route-new-study`` run (within ``lookback_hours``)
     failed, with that run's own parameters (same rules), one subflow each. Run it on a schedule

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from prefect import State, flow, get_run_logger
+from prefect import State, get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,7 @@ from prefect_orthanc.flows.states import fail_run
 from prefect_orthanc.orthanc_client import Level, OrthancError
 from prefect_orthanc.tasks.changes import cursor_position, cursor_variable
 from prefect_orthanc.tasks.credentials import load_credentials
+from prefect_orthanc.tasks.policy import orthanc_flow, shown_error
 from prefect_orthanc.tasks.variables import put_variable
 
 __all__ = ["WatchReport", "watch_changes"]
@@ -46,7 +47,7 @@ class WatchReport(BaseModel):
     errors: int = 0
 
 
-@flow(name="watch-orthanc-changes", flow_run_name="watch-{server}", log_prints=False)
+@orthanc_flow(name="watch-orthanc-changes", flow_run_name="watch-{server}", log_prints=False)
 def watch_changes(server: str = "research", run_for: float = 600, poll_interval: float = 0.75,
                   start_at: Literal["end", "beginning"] = "end",
                   credentials_block: str | None = None) -> State[WatchReport]:
@@ -110,17 +111,17 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
                     put_variable(name, since)
                     saved, saved_at = since, time.monotonic()
                 last_error = None
-            except (OrthancError, OSError) as exc:  # sanitized: type and route only
+            except (OrthancError, OSError) as exc:  # a safe message, or the type only
                 errors += 1
                 last_error = type(exc).__name__
                 logger.warning("poll %d failed (%s); retrying from change %d", polls,
-                               last_error, since)
+                               shown_error("poll", exc), since)
                 page = None
             except Exception as exc:  # the Prefect API refused the events
                 errors += 1
                 last_error = type(exc).__name__
                 logger.warning("posting events failed (%s); retrying from change %d",
-                               last_error, since)
+                               shown_error("posting events", exc), since)
                 page = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:

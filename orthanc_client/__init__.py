@@ -57,7 +57,7 @@ from prefect_orthanc.orthanc_client.retrieval import (
     RetrieveResult,
     Settle,
 )
-from prefect_orthanc.orthanc_client.settings import OrthancSettings
+from prefect_orthanc.orthanc_client.settings import OrthancConnection, OrthancSettings
 
 try:
     __version__: str = _distribution_version("prefect-orthanc")
@@ -83,6 +83,7 @@ __all__ = [
     "OrthancArchiveError",
     "OrthancBadRequest",
     "OrthancConflict",
+    "OrthancConnection",
     "OrthancDimseError",
     "OrthancError",
     "OrthancHTTPError",

@@ -20,7 +20,7 @@ import httpx
 from prefect_orthanc.orthanc_client.core import Call, Download, Send, Sleep, Step, Steps, run_sync
 from prefect_orthanc.orthanc_client.models import Change
 from prefect_orthanc.orthanc_client.operations import Operations
-from prefect_orthanc.orthanc_client.settings import OrthancSettings
+from prefect_orthanc.orthanc_client.settings import OrthancConnection, OrthancSettings
 
 __all__ = ["AsyncOrthanc", "Orthanc"]
 
@@ -28,7 +28,8 @@ R = TypeVar("R")
 _CHUNK = 1 << 20
 
 
-def _settings(settings: OrthancSettings | None, overrides: dict[str, Any]) -> OrthancSettings:
+def _settings(settings: OrthancConnection | None, overrides: dict[str, Any]
+              ) -> OrthancConnection:
     given = {key: value for key, value in overrides.items() if value is not None}
     if settings is None:
         return OrthancSettings(**given)
@@ -37,7 +38,7 @@ def _settings(settings: OrthancSettings | None, overrides: dict[str, Any]) -> Or
     return type(settings).model_validate({**dict(settings), **given}) if given else settings
 
 
-def _client_options(settings: OrthancSettings, transport: Any) -> dict[str, Any]:
+def _client_options(settings: OrthancConnection, transport: Any) -> dict[str, Any]:
     options: dict[str, Any] = dict(base_url=settings.url, auth=settings.auth(),
                                    timeout=settings.timeout(), verify=settings.verify(),
                                    headers={"Accept": "application/json"},
@@ -51,7 +52,7 @@ def _client_options(settings: OrthancSettings, transport: Any) -> dict[str, Any]
     return options
 
 
-def _request_options(call: Call, settings: OrthancSettings) -> dict[str, Any]:
+def _request_options(call: Call, settings: OrthancConnection) -> dict[str, Any]:
     return dict(method=call.method, url=call.path, params=call.params, json=call.json,
                 content=call.content, headers=call.headers,
                 timeout=settings.timeout(long=call.long))
@@ -63,7 +64,7 @@ class _Client(Operations):
 
     _http_class: type[httpx.Client] | type[httpx.AsyncClient]
 
-    def __init__(self, settings: OrthancSettings | None = None, *, url: str | None = None,
+    def __init__(self, settings: OrthancConnection | None = None, *, url: str | None = None,
                  username: str | None = None, password: str | None = None,
                  transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
                  **options: Any) -> None:

@@ -227,17 +227,49 @@ def decode(call: Call, response: httpx.Response) -> Any:
 # ---------------------------------------------------------------- the request path
 
 
+def retried_here(call: Call, error: OrthancError) -> bool:
+    """Whether the request layer retries ``error`` (and no other layer does).
+
+    One layer retries each failure, never two multiplied. This one repeats a *safe* request
+    (``Call.safe``: a read, or a write whose repeat is harmless) after a blip of the exchange
+    with Orthanc itself: no answer (``OrthancUnavailable``), HTTP 429/502/503/504, or an error
+    marked for an immediate repeat (``retry_later`` False: a rejected association). A remote
+    peer's or a job's transient failure (``PacsUnreachable``, ``PacsBusy``, a C-STORE job that
+    could not reach its destination) is Orthanc's considered answer about something that
+    takes longer to come back: it is left to the operation's caller, a Prefect task retry with
+    longer delays (``tasks.policy``). A request that is not safe is never repeated here.
+    """
+    if not (call.safe and error.transient):
+        return False
+    return (isinstance(error, OrthancUnavailable) or not error.retry_later
+            or getattr(error, "status_code", None) in _TRANSIENT_STATUS)
+
+
+def _give_up(error: OrthancError, retried: bool) -> OrthancError:
+    """``error`` as raised: marked ``retry_later = False`` when this layer owned its retries
+    (a task retry would multiply them) or when repeating the request is unsafe (sent, no
+    answer: it may have been executed)."""
+    if retried or getattr(error, "outcome_unknown", False):
+        error.retry_later = False
+    return error
+
+
 def request(call: Call, policy: RetryPolicy, base_url: str) -> Steps[Any]:
-    """Send ``call``; retry safe calls on transient failures; translate errors; decode."""
-    delays = policy.delays() if call.safe else iter(())
+    """Send ``call``; retry it on the failures ``retried_here`` owns; translate errors; decode.
+
+    Errors raised after this layer's retries carry ``retry_later = False``, so a Prefect task
+    retry does not repeat them (see ``tasks.policy.is_transient``).
+    """
+    delays = policy.delays()
     while True:
         outcome = yield Send(call)
         error = _failure(call, outcome, base_url)
         if error is None:
             return decode(call, outcome)
-        delay = next(delays, None) if error.transient else None
+        owned = retried_here(call, error)
+        delay = next(delays, None) if owned else None
         if delay is None:
-            raise error
+            raise _give_up(error, owned)
         yield Sleep(delay)
 
 
@@ -269,9 +301,10 @@ def download(call: Call, dest: Path, policy: RetryPolicy, base_url: str) -> Step
         error = _failure(call, outcome, base_url)
         if error is None:  # a 2xx answer with no body streamed cannot happen; be explicit
             raise OrthancArchiveError(f"{call.method} {call.route}: download ended without data")
-        delay = next(delays, None) if error.transient else None
+        owned = retried_here(call, error)
+        delay = next(delays, None) if owned else None
         if delay is None:
-            raise error
+            raise _give_up(error, owned)
         yield Sleep(delay)
 
 

@@ -62,7 +62,9 @@ class OrthancError(SafeMessageError):
     """
 
     transient: bool = False
-    #: whether a later attempt (a Prefect task retry) is worth it when ``transient``
+    #: whether a later attempt (a Prefect task retry) is worth it when ``transient``: False
+    #: when the client already retried the request (one retry layer per failure, see
+    #: ``core.retried_here``) or when the request was sent without an answer
     retry_later: bool = True
     #: a short, stable name of what went wrong, for per-row reports
     reason_code: str = "orthanc_error"
@@ -162,7 +164,10 @@ class OrthancDimseError(OrthancHTTPError):
 
 class PacsUnreachable(OrthancDimseError):
     """The PACS did not answer at the host and port configured for it (down, wrong port,
-    firewall, timeout). Transient: it may be back soon."""
+    firewall, timeout). Transient: it may be back soon, which takes a while, so a Prefect task
+    retry repeats the operation, not the request. When the connection was made and the
+    association aborted ("Peer aborted": the PACS is up and refused for a moment),
+    ``retry_later`` is False: the request repeats itself, as for ``AssociationRejected``."""
 
     transient = True
     reason_code = "pacs_unreachable"
@@ -218,6 +223,9 @@ _UNREACHABLE = re.compile(r"(?i)TCP Initialization Error|connection refused|time
                           r"no route to host|network is unreachable|host is unreachable|"
                           r"cannot connect|Peer aborted|Network timeout")
 _REJECTED = re.compile(r"(?i)association rejected")
+# The TCP connection was made but the association did not complete: the PACS is up and refused
+# for a moment (Orthanc 1.10.1 reports an SCP's "rejected transient" this way).
+_ABORTED = re.compile(r"(?i)Peer aborted")
 
 
 def pacs_error(raw_details: str | None, *, operation: str, modality_hint: str = "the PACS",
@@ -270,7 +278,10 @@ def pacs_error(raw_details: str | None, *, operation: str, modality_hint: str = 
     fields = {"method": None, "route": None, "status_code": None, "orthanc_status": None,
               "orthanc_error": None, "details": redact(raw_details), **fields,
               "dimse_status": status}
-    return cls(f"{operation}: {why}", **fields)
+    error = cls(f"{operation}: {why}", **fields)
+    if cls is PacsUnreachable and _ABORTED.search(text):
+        error.retry_later = False  # a moment's refusal: the request's to retry, not the task's
+    return error
 
 
 class OrthancJobError(OrthancError):

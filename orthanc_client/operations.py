@@ -49,7 +49,7 @@ from prefect_orthanc.orthanc_client.retrieval import (
     expected_instances,
     retrieve_study,
 )
-from prefect_orthanc.orthanc_client.settings import OrthancSettings
+from prefect_orthanc.orthanc_client.settings import OrthancConnection
 
 if TYPE_CHECKING:
     from prefect_orthanc.orthanc_client.client import AsyncOrthanc, Orthanc
@@ -143,7 +143,7 @@ def _seg(value: str) -> str:
 class Operations:
     """The operations shared by both clients. Not used directly: see ``Orthanc``."""
 
-    settings: OrthancSettings
+    settings: OrthancConnection
     _system: SystemInfo | None = None
 
     # ------------------------------------------------------------ plumbing

@@ -13,10 +13,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["OrthancSettings"]
+__all__ = ["OrthancConnection", "OrthancSettings"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -28,20 +28,20 @@ def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-class OrthancSettings(BaseSettings):
-    """Where an Orthanc server is and how to talk to it.
+class OrthancConnection(BaseModel):
+    """Where an Orthanc server is and how to talk to it: the one definition of these fields,
+    their defaults, limits and descriptions.
 
-    Environment variables: ``ORTHANC_URL``, ``ORTHANC_USERNAME``, ``ORTHANC_PASSWORD``,
-    ``ORTHANC_CONNECT_TIMEOUT``, ``ORTHANC_READ_TIMEOUT``, ``ORTHANC_LONG_TIMEOUT``,
-    ``ORTHANC_VERIFY_TLS``, ``ORTHANC_CA_BUNDLE``, ``ORTHANC_RETRIES``, ``ORTHANC_BACKOFF``.
+    ``OrthancSettings`` reads them from ``ORTHANC_*`` environment variables; the Prefect block
+    ``OrthancCredentials`` stores them on the Prefect server. The clients take either, and
+    use exactly the values they hold (a block's client reads no environment variable).
     """
 
     # hide_input_in_errors: a rejected URL may carry a password; never echo it in the error.
-    model_config = SettingsConfigDict(env_prefix="ORTHANC_", extra="ignore", frozen=True,
-                                      hide_input_in_errors=True)
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     url: str = Field("http://127.0.0.1:8042", description="Base URL of Orthanc's REST API.")
-    username: str | None = Field(None, description="HTTP basic-auth user, if Orthanc requires one.")
+    username: str | None = Field(None, description="HTTP basic-auth user, if Orthanc needs one.")
     password: SecretStr | None = Field(None, description="HTTP basic-auth password.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to wait for a TCP connection.")
     read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for an ordinary answer.")
@@ -50,20 +50,27 @@ class OrthancSettings(BaseSettings):
     )
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
     ca_bundle: Path | None = Field(None, description="CA bundle to verify TLS with.")
-    retries: int = Field(3, ge=0, le=10,
-                         description="Retries of safe requests on transient errors.")
-    backoff: float = Field(0.5, ge=0,
-                           description="First retry delay in seconds (doubles, jittered).")
+    retries: int = Field(3, ge=0, le=10, description=(
+        "Retries of safe requests after a blip of Orthanc (no answer, HTTP 429/502-504); the "
+        "only layer that retries them."))
+    backoff: float = Field(
+        0.5, ge=0, description="First retry delay in seconds (doubles, jittered).")
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("ORTHANC_URL must look like http(s)://host[:port][/prefix]")
+            raise ValueError("the URL (ORTHANC_URL) must look like http(s)://host[:port][/prefix]")
         if parts.username or parts.password:
-            raise ValueError("put credentials in ORTHANC_USERNAME/ORTHANC_PASSWORD, not the URL")
+            raise ValueError("put credentials in the username and password "
+                             "(ORTHANC_USERNAME/ORTHANC_PASSWORD), not the URL")
         return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    def connection(self) -> OrthancConnection:
+        """Just the connection fields, as a plain (frozen) ``OrthancConnection``."""
+        values = {name: getattr(self, name) for name in OrthancConnection.model_fields}
+        return _FrozenConnection.model_validate(values)
 
     @property
     def safe_url(self) -> str:
@@ -86,3 +93,19 @@ class OrthancSettings(BaseSettings):
         if not self.verify_tls:
             return False
         return _tls_context(str(self.ca_bundle) if self.ca_bundle else None)
+
+
+class _FrozenConnection(OrthancConnection):
+    model_config = ConfigDict(frozen=True)
+
+
+class OrthancSettings(BaseSettings, OrthancConnection):
+    """``OrthancConnection`` read from the environment (explicit arguments win).
+
+    Environment variables: ``ORTHANC_URL``, ``ORTHANC_USERNAME``, ``ORTHANC_PASSWORD``,
+    ``ORTHANC_CONNECT_TIMEOUT``, ``ORTHANC_READ_TIMEOUT``, ``ORTHANC_LONG_TIMEOUT``,
+    ``ORTHANC_VERIFY_TLS``, ``ORTHANC_CA_BUNDLE``, ``ORTHANC_RETRIES``, ``ORTHANC_BACKOFF``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ORTHANC_", extra="ignore", frozen=True,
+                                      hide_input_in_errors=True)

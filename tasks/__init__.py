@@ -30,7 +30,7 @@ from prefect_orthanc.tasks.network import (
                      store_to_modality,
                      store_to_peer,
 )
-from prefect_orthanc.tasks.policy import TaskFailure, is_transient, orthanc_task
+from prefect_orthanc.tasks.policy import TaskFailure, is_transient, orthanc_flow, orthanc_task
 from prefect_orthanc.tasks.resources import (
                      add_labels,
                      delete_resources,
@@ -58,6 +58,7 @@ __all__ = [
                      "load_credentials",
                      "modality_slot",
                      "modify_resource",
+                     "orthanc_flow",
                      "orthanc_task",
                      "query_modality",
                      "read_changes",

@@ -1,37 +1,49 @@
 """``OrthancCredentials``: the Prefect block that says how to reach one Orthanc server.
 
 Create one in the UI (Blocks → Orthanc Credentials), from the CLI after
-``prefect block register -m tasks``, or in Python:
+``prefect block register -m prefect_orthanc.tasks``, or in Python:
 
 >>> OrthancCredentials(url="https://orthanc.example.org", username="svc",
 ...                    password="...").save("research")
 >>> creds = OrthancCredentials.load("research")
 
 Without a Prefect server, ``OrthancCredentials.from_env()`` reads ``ORTHANC_*`` variables.
+
+Its fields are ``OrthancConnection``'s (one definition, shared with ``OrthancSettings``): a
+field added there is a field of the block, with the same default, limits and description.
+A block document saved before a field existed still loads, with the field's default; its
+client uses the block's values only, never the worker's ``ORTHANC_*`` environment.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import cast
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
 
-from prefect_orthanc.orthanc_client import AsyncOrthanc, Orthanc, OrthancSettings
+from prefect_orthanc.orthanc_client import (
+    AsyncOrthanc,
+    Orthanc,
+    OrthancConnection,
+    OrthancSettings,
+)
 
 __all__ = ["OrthancCredentials", "load_credentials"]
 
 
-class OrthancCredentials(Block):
+class OrthancCredentials(Block, OrthancConnection):
     """Connection details of one Orthanc server; hands out configured clients.
+
+    Fields (``OrthancConnection``'s): ``url``, ``username``, ``password`` (secret),
+    ``connect_timeout``, ``read_timeout``, ``long_timeout`` (seconds), ``verify_tls``,
+    ``ca_bundle``, ``retries`` (of safe requests, by the client), ``backoff`` (seconds).
 
     Example:
         ```python
         from prefect_orthanc.tasks import OrthancCredentials
 
-        creds = OrthancCredentials.load("research")
-        with creds.get_client() as orthanc:
+        orthanc_credentials_block = OrthancCredentials.load("BLOCK_NAME")
+        with orthanc_credentials_block.get_client() as orthanc:
             print(orthanc.system().version)
         ```
     """
@@ -39,38 +51,23 @@ class OrthancCredentials(Block):
     _block_type_name = "Orthanc Credentials"
     _block_type_slug = "orthanc-credentials"
     _description = "How to reach an Orthanc DICOM server's REST API (URL, basic auth, TLS)."
+    # Orthanc's own logo, as the Orthanc project publishes it
+    _logo_url = "https://www.orthanc-server.com/img/Carousel/1-Logo.png"  # type: ignore[assignment]
     _documentation_url = "https://orthanc.uclouvain.be/book/users/rest.html"  # type: ignore[assignment]
 
-    url: str = Field("http://127.0.0.1:8042", description="Base URL of Orthanc's REST API.")
-    username: str | None = Field(None, description="HTTP basic-auth user, if required.")
-    password: SecretStr | None = Field(None, description="HTTP basic-auth password.")
-    verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
-    ca_bundle: Path | None = Field(None, description="CA bundle file used to verify TLS.")
-    read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for ordinary answers.")
-    long_timeout: float = Field(
-        600.0, gt=0, description="Seconds for slow calls: moves, uploads, archives, job waits."
-    )
-    retries: int = Field(3, ge=0, le=10,
-                         description="Retries of safe requests on transient errors.")
-
     @classmethod
-    def from_settings(cls, settings: OrthancSettings) -> OrthancCredentials:
-        """Build the block from client settings (e.g. ``OrthancSettings()``, the environment)."""
-        return cls(url=settings.url, username=settings.username, password=settings.password,
-                   verify_tls=settings.verify_tls, ca_bundle=settings.ca_bundle,
-                   read_timeout=settings.read_timeout, long_timeout=settings.long_timeout,
-                   retries=settings.retries)
+    def from_settings(cls, settings: OrthancConnection) -> OrthancCredentials:
+        """The block holding ``settings``' values (e.g. ``OrthancSettings()``: the environment)."""
+        return cls.model_validate(settings.connection().model_dump())
 
     @classmethod
     def from_env(cls) -> OrthancCredentials:
         """Read ``ORTHANC_*`` environment variables: works without any Prefect server."""
         return cls.from_settings(OrthancSettings())
 
-    def settings(self) -> OrthancSettings:
-        return OrthancSettings(url=self.url, username=self.username, password=self.password,
-                               verify_tls=self.verify_tls, ca_bundle=self.ca_bundle,
-                               read_timeout=self.read_timeout, long_timeout=self.long_timeout,
-                               retries=self.retries)
+    def settings(self) -> OrthancConnection:
+        """This block's values as the clients take them; no environment variable is read."""
+        return self.connection()
 
     def get_client(self) -> Orthanc:
         """A blocking client; use it as a context manager so its connections are closed."""

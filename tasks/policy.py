@@ -1,15 +1,24 @@
-"""What every Orthanc task shares: retries, run names and patient-data safety.
+"""What every Orthanc task and flow shares: retries, run names and patient-data safety.
 
 ``orthanc_task`` is ``prefect.task`` with this project's defaults:
 
-* retries with exponential backoff and jitter, **only** for errors the client marks transient
-  (unreachable server or PACS, 502-504); a refused move or a failed job is not retried;
+* retries with exponential backoff and jitter, **only** for failures that no lower layer
+  already retried (``is_transient``): a remote peer's or a job's transient failure (a PACS
+  that does not answer, a C-STORE job that could not reach its destination). A blip of
+  Orthanc itself on a safe request is the client's to retry (``OrthancSettings.retries``),
+  and what it retried comes back with ``retry_later = False``: one layer per failure, never
+  both multiplied. A refused move, a failed query or an unknown outcome is not retried;
 * run names built from Orthanc IDs or hashes of UIDs, never from DICOM values;
 * no result caching or persistence (results may hold tags; inputs may hold UIDs);
-* any exception that is not a ``SafeMessageError`` (the client's errors, ``DeidError``,
-  ``CohortError``, ``CohortTooBroad``, ``SiteError``, ``ModalityLimitMissing``...: messages
-  built without patient data) is replaced by one that names only its type, because Prefect
-  pickles a failed task's exception into its storage and shows its message in the UI.
+* errors are shown by ``shown_error``: a ``SafeMessageError`` (the client's errors,
+  ``DeidError``, ``CohortError``, ``CohortTooBroad``, ``SiteError``, ``ModalityLimitMissing``...:
+  messages built without patient data) keeps its message, also when pydantic wrapped it in a
+  ``ValidationError``, but loses its chained causes (they may hold anything); every other
+  exception is replaced by a ``TaskFailure`` that names only its type, because Prefect
+  pickles a failed run's exception into its storage and shows its message in the UI.
+
+``orthanc_flow`` is ``prefect.flow`` with the same error policy, for the code a flow runs
+outside its tasks.
 """
 
 from __future__ import annotations
@@ -19,21 +28,33 @@ import inspect
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
-from prefect import Task, task
+from prefect import Flow, Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from prefect.utilities.hashing import file_hash
+from pydantic import ValidationError
 
 from prefect_orthanc.orthanc_client import SafeMessageError
 from prefect_orthanc.orthanc_client.retrieval import uid_key
 
-__all__ = ["TaskFailure", "is_transient", "orthanc_task", "short_id", "uid_key"]
+__all__ = [
+    "TaskFailure",
+    "is_transient",
+    "orthanc_flow",
+    "orthanc_task",
+    "short_id",
+    "shown_error",
+    "uid_key",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class TaskFailure(RuntimeError):
-    """An unexpected error inside a task, stripped of its message (it may hold patient data)."""
+class TaskFailure(SafeMessageError, RuntimeError):
+    """An unexpected error inside a task or flow run, stripped of its message (it may hold
+    patient data): only the run's name and the error's type are kept. Its own message is
+    PHI-free, so an enclosing flow shows it as is."""
 
     def __init__(self, task_name: str, error_type: str) -> None:
         super().__init__(f"{task_name} failed with {error_type}; details withheld (may hold PHI)")
@@ -46,6 +67,39 @@ class TaskFailure(RuntimeError):
 # Errors whose messages are built by this project from IDs and counts only (one base class;
 # TimeoutError: the waits' own messages).
 _PASS_THROUGH = (SafeMessageError, TimeoutError)
+
+
+def _safe(error: BaseException) -> BaseException | None:
+    if isinstance(error, _PASS_THROUGH):
+        return error
+    if isinstance(error, ValidationError):
+        # a SafeMessageError raised in a validator arrives wrapped; the wrapper's own text
+        # holds the input values, so only the wrapped messages are kept (never ``loc``:
+        # a dict's keys may be identifiers)
+        inner = [item.get("ctx", {}).get("error") for item in error.errors()]
+        if inner and all(isinstance(e, SafeMessageError) for e in inner):
+            if len(inner) == 1:
+                return inner[0]
+            return SafeMessageError("; ".join(dict.fromkeys(str(e) for e in inner)))
+    return None
+
+
+def shown_error(name: str, error: BaseException) -> BaseException:
+    """The exception a run named ``name`` raises in place of ``error``: a ``SafeMessageError``
+    (also one pydantic wrapped in a ``ValidationError``) with its message but without the
+    causes chained to it (``raise Safe(...)`` inside an ``except`` chains the original, and
+    Prefect logs the whole chain with the traceback); anything else as a ``TaskFailure``
+    naming only its type.
+
+    >>> str(shown_error("find", KeyError("PAT-0042")))
+    'find failed with KeyError; details withheld (may hold PHI)'
+    """
+    safe = _safe(error)
+    if safe is None:
+        return TaskFailure(name, type(error).__name__)
+    safe.__cause__ = safe.__context__ = None
+    safe.__suppress_context__ = True
+    return safe
 
 
 def is_transient(task: Task[..., Any], task_run: Any, state: Any) -> bool:
@@ -72,20 +126,16 @@ def _sanitized(fn: Callable[P, R], name: str) -> Callable[P, R]:
         async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
             try:
                 return await fn(*args, **kwargs)
-            except _PASS_THROUGH:
-                raise
             except Exception as error:
-                raise TaskFailure(name, type(error).__name__) from None
+                raise shown_error(name, error) from None
         return cast("Callable[P, R]", run_async)  # R is the coroutine run_async returns
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except _PASS_THROUGH:
-            raise
         except Exception as error:
-            raise TaskFailure(name, type(error).__name__) from None
+            raise shown_error(name, error) from None
     return run
 
 
@@ -116,5 +166,31 @@ def orthanc_task(*, name: str, run_name: Callable[[dict[str, Any]], str] | None 
             log_prints=False,
             **options,
         )(_sanitized(fn, name))
+
+    return decorate
+
+
+def orthanc_flow(*, name: str, **options: Any) -> Callable[[Callable[P, R]], Flow[P, R]]:
+    """``prefect.flow`` with this project's error policy (``shown_error``) on the code the flow
+    runs itself: a failed flow run shows a ``SafeMessageError``'s message, or only the type
+    of any other exception. ``options`` are ``prefect.flow``'s.
+
+    Example:
+        ```python
+        @orthanc_flow(name="pull-study", flow_run_name="pull-{study_key}")
+        def pull_study(study_key: str) -> None:
+            ...
+        ```
+    """
+
+    def decorate(fn: Callable[P, R]) -> Flow[P, R]:
+        run = _sanitized(fn, name)
+        # Prefect resolves string annotations (``from __future__ import annotations``) in the
+        # module of the function it is given, here this one: hand it the flow's own, resolved
+        run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+        source = inspect.getsourcefile(fn)
+        if source and "version" not in options:  # Prefect's default: a hash of the flow's file
+            options["version"] = file_hash(source)
+        return Flow(run, name=name, **options)
 
     return decorate

@@ -237,21 +237,21 @@ class DeidProfile(BaseModel):
     @classmethod
     def _check_name(cls, value: str) -> str:
         if not _NAME.match(value):
-            raise ValueError("name: 1-24 letters, digits, '_', '.', '-'")
+            raise DeidError("name: 1-24 letters, digits, '_', '.', '-'")
         return value
 
     @field_validator("version")
     @classmethod
     def _check_version(cls, value: str) -> str:
         if not _VERSION.match(value):
-            raise ValueError("version: 1-8 letters, digits, '_', '.', '-'")
+            raise DeidError("version: 1-8 letters, digits, '_', '.', '-'")
         return value
 
     @field_validator("pseudonym_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
         if not _PREFIX.match(value):
-            raise ValueError("pseudonym_prefix: 0-8 uppercase letters or digits")
+            raise DeidError("pseudonym_prefix: 0-8 uppercase letters or digits")
         return value
 
     @field_validator("private_allowlist")
@@ -261,10 +261,10 @@ class DeidProfile(BaseModel):
         for tag in value:
             match = _PRIVATE_TAG.match(tag.strip())
             if not match:
-                raise ValueError(f"private_allowlist: {tag!r} is not 'gggg,eeee'")
+                raise DeidError(f"private_allowlist: {tag!r} is not 'gggg,eeee'")
             group, element = int(match[1], 16), int(match[2], 16)
             if group % 2 == 0 or group <= 0x0007 or element < 0x1000:
-                raise ValueError(f"private_allowlist: {tag!r} is not a private data element "
+                raise DeidError(f"private_allowlist: {tag!r} is not a private data element "
                                  "(odd group > 0007, element >= 1000)")
             tags.append(f"{group:04x},{element:04x}")
         return tuple(dict.fromkeys(tags))
@@ -284,7 +284,7 @@ class DeidProfile(BaseModel):
             elif item in _SOP_KEYWORDS:
                 named.append(_SOP_KEYWORDS[item])
             else:
-                raise ValueError(f"exclude_sop_classes: {item!r} is not a storage SOP class "
+                raise DeidError(f"exclude_sop_classes: {item!r} is not a storage SOP class "
                                  "keyword or UID pydicom knows (for private classes use "
                                  "exclude_sop_class_roots)")
         return tuple(dict.fromkeys(named))
@@ -307,10 +307,10 @@ class DeidProfile(BaseModel):
         for keyword in value:
             tag = tag_for_keyword(keyword)
             if tag is None:
-                raise ValueError(f"description_tags: {keyword!r} is not a DICOM keyword")
+                raise DeidError(f"description_tags: {keyword!r} is not a DICOM keyword")
             if not (_DESCRIPTOR_KEYWORD.match(keyword)
                     and dictionary_VR(tag) in _DESCRIPTOR_VRS):
-                raise ValueError(f"description_tags: {keyword!r} is not a descriptor (only "
+                raise DeidError(f"description_tags: {keyword!r} is not a descriptor (only "
                                  "free-text descriptions such as StudyDescription, "
                                  "SeriesDescription, ProtocolName may be kept)")
         return value
@@ -318,7 +318,7 @@ class DeidProfile(BaseModel):
     @model_validator(mode="after")
     def _allowlist_needs_mode(self) -> DeidProfile:
         if self.private_allowlist and self.private_tags != "allowlist":
-            raise ValueError("private_allowlist is set but private_tags is 'drop'")
+            raise DeidError("private_allowlist is set but private_tags is 'drop'")
         return self
 
     # ------------------------------------------------------------ provenance

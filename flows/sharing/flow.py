@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from prefect import State, flow, get_run_logger
+from prefect import State, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.states import Completed
@@ -40,7 +40,7 @@ from prefect_orthanc.tasks import (
 )
 from prefect_orthanc.tasks.credentials import load_credentials
 from prefect_orthanc.tasks.labels import project_studies
-from prefect_orthanc.tasks.policy import short_id
+from prefect_orthanc.tasks.policy import orthanc_flow, short_id
 
 __all__ = ["share_studies", "share_study"]
 
@@ -148,9 +148,8 @@ def _checked_request(values: dict[str, object]) -> SharingRequest:
     return request.model_copy(update=updates)
 
 
-@flow(name="share-deidentified", flow_run_name="share-{package}",
-      # Prefect #16938: mypy sees ThreadPoolTaskRunner as no TaskRunner[PrefectFuture[Any]]
-      task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+@orthanc_flow(name="share-deidentified", flow_run_name="share-{package}",
+      task_runner=ThreadPoolTaskRunner(max_workers=4),
       validate_parameters=True, persist_result=False)
 @described_by(SharingRequest, credentials_block="Name of the OrthancCredentials block of the "
               "research Orthanc (empty: the ORTHANC_* environment variables).")

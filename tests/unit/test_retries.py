@@ -7,7 +7,12 @@ import random
 import httpx
 import pytest
 
-from prefect_orthanc.orthanc_client import OrthancBadRequest, OrthancHTTPError, OrthancNotFound
+from prefect_orthanc.orthanc_client import (
+    OrthancBadRequest,
+    OrthancHTTPError,
+    OrthancNotFound,
+    OrthancUnavailable,
+)
 from prefect_orthanc.orthanc_client.core import Call, RetryPolicy, Send, Sleep, request
 from tests.unit._mocks import BASE, orthanc_error
 
@@ -126,3 +131,83 @@ def test_idempotent_writes_are_retried(router, orthanc):
     orthanc.set_metadata("Study", "s1", "Tag", "v")
     assert delete.call_count == 2 and put.call_count == 2
     assert put.calls.last.request.content == b"v"
+
+
+# ------------------------------------------------------------------ one layer per failure
+# The client repeats a safe request after a blip of Orthanc itself; the Prefect task
+# (``tasks.policy.is_transient``) repeats the operation after a peer's or a job's transient
+# failure. Each failure is retried by one of them, never both (16 requests before: 4 x 4).
+# The same counts through Prefect's engine: tests/integration/test_retry_layers.py.
+
+
+class _Failed:
+    """What ``is_transient`` reads of a failed task run's state."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.data = error
+
+
+def _task_would_retry(error: BaseException) -> bool:
+    from prefect_orthanc.tasks.policy import is_transient
+
+    return is_transient(None, None, _Failed(error))  # type: ignore[arg-type]
+
+
+def test_a_blip_on_a_safe_request_is_retried_by_the_client_only(router, orthanc):
+    route = router.post("/tools/find").mock(return_value=httpx.Response(503))
+    with pytest.raises(OrthancHTTPError) as info:
+        orthanc.find("Study", {"PatientID": "*"})
+    assert route.call_count == orthanc.settings.retries + 1
+    assert info.value.transient and not info.value.retry_later
+    assert not _task_would_retry(info.value)
+
+
+def test_an_unreachable_pacs_is_retried_by_the_task_only(router, orthanc):
+    route = router.post("/modalities/pacs/query").mock(return_value=orthanc_error(
+        500, 9, "Error in the network protocol",
+        'DicomAssociation - connecting to AET "PACS": TCP Initialization Error: '
+        "Connection refused"))
+    with pytest.raises(OrthancHTTPError) as info:
+        orthanc.query("pacs", "Study", {"PatientID": "*"})
+    assert route.call_count == 1
+    assert _task_would_retry(info.value)
+
+
+def test_an_unsafe_request_is_never_repeated_by_the_client(router, orthanc):
+    """A C-STORE answered 503 (not executed): the task may run the operation again."""
+    route = router.post("/modalities/x/store").mock(return_value=httpx.Response(503))
+    with pytest.raises(OrthancHTTPError) as info:
+        orthanc.store("x", ["abc"])
+    assert route.call_count == 1 and _task_would_retry(info.value)
+
+
+def test_an_unsafe_request_with_an_unknown_outcome_is_repeated_by_no_layer(router, orthanc):
+    """Sent, no answer: it may have been executed, so neither the client nor the task
+    repeats it."""
+    route = router.post("/modalities/x/store").mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(OrthancUnavailable) as info:
+        orthanc.store("x", ["abc"])
+    assert route.call_count == 1
+    assert info.value.outcome_unknown and not _task_would_retry(info.value)
+
+
+def test_a_refused_connection_on_a_safe_request_is_the_clients(router, orthanc):
+    route = router.get("/statistics").mock(side_effect=httpx.ConnectError("refused"))
+    with pytest.raises(OrthancUnavailable) as info:
+        orthanc.statistics()
+    assert route.call_count == orthanc.settings.retries + 1
+    assert not _task_would_retry(info.value)
+
+
+def test_an_aborted_association_is_retried_by_the_client_only(router, orthanc):
+    """The PACS is up and refused for a moment (Orthanc 1.10.1's words for an SCP's "rejected
+    transient", measured with tests/integration/quirky_scp.py): a quick repeat of the C-FIND."""
+    route = router.post("/modalities/pacs/query").mock(return_value=orthanc_error(
+        500, 9, "Error in the network protocol",
+        'DicomAssociation - connecting to AET "PACS": Peer aborted Association (or never '
+        "connected)"))
+    with pytest.raises(OrthancHTTPError) as info:
+        orthanc.query("pacs", "Study", {"PatientID": "*"})
+    assert info.value.reason_code == "pacs_unreachable"
+    assert route.call_count == orthanc.settings.retries + 1
+    assert not _task_would_retry(info.value)
