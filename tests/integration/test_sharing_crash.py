@@ -175,7 +175,20 @@ def _rerun_after_crash(tmp_path, params, ids, research, before, modality=None) -
     _rerun_and_check(tmp_path, params, ids, research, before)
     print(f"re-run after the crash, its wait for the dead run's locks included: "
           f"{time.monotonic() - started:.1f} s")
-    assert not any((after := _held(ids, modality)).values()), after
+    # The re-run took every study lock, so it reclaimed what the dead run held of them. A
+    # slot of the modality's limit that the dead run had just taken (its lease granted, its
+    # holder record not yet published) is freed by the server when that lease expires: the
+    # documented bound (docs/concurrency.md), waited for here, never freed by the test.
+    from prefect_orthanc.tasks.slots import SlotSettings
+
+    locks = {name: n for name, n in _held(ids).items() if n}
+    assert not locks, f"study locks still held after the re-run: {locks}"
+
+    bound = SlotSettings()
+    deadline = time.monotonic() + bound.lease_seconds + bound.repossessor_seconds + 10
+    while any((after := _held(ids, modality)).values()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not any(after.values()), {name: n for name, n in after.items() if n}
 
 
 @pytest.fixture(autouse=True)
