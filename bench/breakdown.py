@@ -273,6 +273,17 @@ def print_summary(label: str, raw: float, s: dict[str, Any]) -> None:
                   f"{r['not_2xx']} | {r['5xx']} |")
 
 
+def empty_flow() -> None:
+    """Prefect's floor for a flow run: a flow doing nothing (run creation, states, teardown)."""
+    from prefect import flow
+
+    @flow(name="nothing")
+    def nothing() -> None:
+        return None
+
+    nothing()
+
+
 def collection(sizes: list[int], instances: int, concurrency: int, rounds: int
                ) -> list[dict[str, Any]]:
     from prefect_orthanc.deployments.lab.servers import OrthancLab
@@ -299,8 +310,11 @@ def collection(sizes: list[int], instances: int, concurrency: int, rounds: int
                                "ORTHANC_PASSWORD": auth[1]})
             from bench.collection_flow import raw_collect
 
-            raws, flows, summaries = [], [], []
+            raws, flows, summaries, floors = [], [], [], []
             for _ in range(rounds):
+                started = time.perf_counter()
+                empty_flow()
+                floors.append(time.perf_counter() - started)
                 _raw.clear(lab.research.url, auth)
                 raws.append(raw_collect(lab.research.url, auth, accessions, concurrency))
                 _raw.clear(lab.research.url, auth)
@@ -311,12 +325,14 @@ def collection(sizes: list[int], instances: int, concurrency: int, rounds: int
                 assert report.studies_complete == size, report
                 flows.append(wall)
                 summaries.append(summarize(RECORDER.calls, RECORDER.spans, wall, size))
+                _dump(f"collection-{size}")
         median = sorted(range(rounds), key=lambda i: flows[i])[rounds // 2]
         raw = statistics.median(raws)
         print_summary(f"collection flow (median of {rounds}; raw "
                       f"{', '.join(f'{r:.2f}' for r in raws)}; flow "
-                      f"{', '.join(f'{f:.2f}' for f in flows)})", raw, summaries[median])
-        out.append({"what": "collection", "raw_s": raws, "flow_s": flows,
+                      f"{', '.join(f'{f:.2f}' for f in flows)}; a flow doing nothing "
+                      f"{', '.join(f'{f:.2f}' for f in floors)})", raw, summaries[median])
+        out.append({"what": "collection", "raw_s": raws, "flow_s": flows, "floor_s": floors,
                     "median": summaries[median]})
     return out
 

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from prefect_orthanc.tasks import (
 )
 from prefect_orthanc.tasks.labels import attach_labels
 from prefect_orthanc.tasks.origin import end_retrievals_left_behind
+from prefect_orthanc.tasks.slots import release_idle
 
 __all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"]
 
@@ -390,6 +392,13 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
     return Completed(message=summary, data=report)
 
 
+#: at most one progress update per this many seconds (each is a write to the Prefect API)
+PROGRESS_SECONDS = 2.0
+#: complete studies marked per ``mark_collected`` task run (one task run per study was one
+#: more run and its state writes per study on the Prefect server)
+MARK_BATCH = 25
+
+
 def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
                   studies: list[Any], deferred: set[str]) -> dict[str, CollectResult]:
     results: dict[str, CollectResult] = {}
@@ -400,41 +409,57 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
     pending = list(studies)
     in_flight: dict[PrefectFuture[CollectResult], Any] = {}
     marks: list[PrefectFuture[str]] = []
-    done = 0
+    to_mark: list[str] = []
+    done = shown = 0
+    shown_at = time.monotonic()
     window_open = True
-    while pending or in_flight:
-        while pending and len(in_flight) < request.concurrency and window_open:
-            try:
-                admit(request.time_window, log=get_run_logger())  # may wait for the window
-            except OutsideWindow:
-                window_open = False
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < request.concurrency and window_open:
+                try:
+                    admit(request.time_window, log=get_run_logger())  # may wait for the window
+                except OutsideWindow:
+                    window_open = False
+                    break
+                study = pending.pop(0)
+                future = retrieve_study.submit(credentials, request.source_modality, study.uid,
+                                               job_timeout=request.job_timeout)
+                in_flight[future] = study
+            if not window_open:
+                deferred.update(s.key for s in pending)
+                pending.clear()
+            # the next moves are under way: now the bookkeeping, off their path
+            if len(to_mark) >= MARK_BATCH:
+                marks.append(mark_collected.submit(credentials, to_mark, request.project))
+                to_mark = []
+            if done > shown and time.monotonic() - shown_at >= PROGRESS_SECONDS:
+                update_progress_artifact(progress, 100.0 * done / len(studies))
+                shown, shown_at = done, time.monotonic()
+            if not in_flight:
                 break
-            study = pending.pop(0)
-            future = retrieve_study.submit(credentials, request.source_modality, study.uid,
-                                           job_timeout=request.job_timeout)
-            in_flight[future] = study
-        if not window_open:
-            deferred.update(s.key for s in pending)
-            pending.clear()
-        if not in_flight:
-            break
-        finished = next(as_completed(list(in_flight)))
-        study = in_flight.pop(finished)
-        key = study.key
-        try:
-            result = finished.result()
-        except OutsideWindow:  # the window closed before one of its exchanges: not a failure
-            pending.insert(0, study)  # the next admit() waits for the window, or defers it
-            continue
-        except Exception as error:  # retries exhausted: record it, let the other studies finish
-            result = CollectResult(key=key, outcome=CollectOutcome.FAILED,
-                                   expected_instances=None, received_instances=0,
-                                   reason=getattr(error, "reason_code", type(error).__name__),
-                                   failure=f"{type(error).__name__}: {error}"[:300])
-        results[key] = result = _one_patient(result)
-        if result.complete:  # marked in the background: the next move starts right away
-            marks.append(mark_collected.submit(credentials, result.study_ids, request.project))
-        done += 1
+            finished = next(as_completed(list(in_flight)))
+            study = in_flight.pop(finished)
+            key = study.key
+            try:
+                result = finished.result()
+            except OutsideWindow:  # the window closed before one of its exchanges: not a failure
+                pending.insert(0, study)  # the next admit() waits for the window, or defers it
+                continue
+            except Exception as error:  # retries exhausted: record it, let the others finish
+                result = CollectResult(key=key, outcome=CollectOutcome.FAILED,
+                                       expected_instances=None, received_instances=0,
+                                       reason=getattr(error, "reason_code",
+                                                      type(error).__name__),
+                                       failure=f"{type(error).__name__}: {error}"[:300])
+            results[key] = result = _one_patient(result)
+            if result.complete:  # marked in batches in the background
+                to_mark += result.study_ids
+            done += 1
+    finally:
+        release_idle()  # this run's PACS slots go back now, not after their linger
+    if to_mark:
+        marks.append(mark_collected.submit(credentials, to_mark, request.project))
+    if done > shown:
         update_progress_artifact(progress, 100.0 * done / len(studies))
     for mark in marks:  # a crash before this point is harmless: a re-run marks what's present
         mark.result()

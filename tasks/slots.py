@@ -722,6 +722,8 @@ class _Pool:
         self.idle: list[tuple[str, float]] = []  # (lease ID, monotonic time given back)
         self.asking = False
         self._reaper: threading.Thread | None = None
+        #: the linger asked by the latest holder (``SlotSettings.linger_seconds``)
+        self.linger = registry.settings.linger_seconds
 
     def _pop(self, lost: list[str]) -> str | None:
         """The most recently given back live lease (under ``cond``); lost ones go to
@@ -796,7 +798,7 @@ class _Pool:
                 if not self.idle:
                     self._reaper = None
                     return
-                linger = self.registry.settings.linger_seconds
+                linger = self.linger
                 now = time.monotonic()
                 expired = [lease for lease, since in self.idle if now - since >= linger]
                 if not expired:
@@ -876,6 +878,7 @@ def hold_shared(name: str, *, wait: float | None = None, poll: float | None = No
     """
     settings = settings or SlotSettings()
     pool = _pool(name, settings)
+    pool.linger = settings.linger_seconds
     lease_id = pool.take(settings, settings.wait_seconds if wait is None else wait,
                          min(poll or settings.poll_seconds, settings.poll_seconds))
     try:
