@@ -176,6 +176,43 @@ def _timed(fn: Callable[..., Any], kind: str) -> Callable[..., Any]:
     return run
 
 
+def cpu_seconds() -> tuple[float, float, float]:
+    """CPU seconds (user + system) used so far by this process, by its other live children
+    (the embedded Prefect server) and by its Orthanc children, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(stat: str) -> float:
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    me = used(Path("/proc/self/stat").read_text())
+    children = orthancs = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                if "(Orthanc)" in stat:
+                    orthancs += used(stat)
+                else:
+                    children += used(stat)
+    return me, children, orthancs
+
+
+@contextlib.contextmanager
+def cpu_used(into: list[tuple[float, ...]]) -> Iterator[None]:
+    before = cpu_seconds()
+    yield
+    into.append(tuple(a - b for a, b in zip(cpu_seconds(), before, strict=True)))
+
+
+def _cpu(values: list[tuple[float, ...]]) -> str:
+    """``this process + the Prefect server + the Orthancs`` CPU seconds, per round."""
+    return ", ".join("+".join(f"{v:.1f}" for v in value) for value in values)
+
+
 def _dump(label: str) -> None:
     """With BREAKDOWN_TIMELINE set: every call and span of the last run, in time order."""
     if not os.environ.get("BREAKDOWN_TIMELINE"):
@@ -311,14 +348,17 @@ def collection(sizes: list[int], instances: int, concurrency: int, rounds: int
             from bench.collection_flow import raw_collect
 
             raws, flows, summaries, floors = [], [], [], []
+            raw_cpu: list[tuple[float, ...]] = []
+            flow_cpu: list[tuple[float, ...]] = []
             for _ in range(rounds):
                 started = time.perf_counter()
                 empty_flow()
                 floors.append(time.perf_counter() - started)
                 _raw.clear(lab.research.url, auth)
-                raws.append(raw_collect(lab.research.url, auth, accessions, concurrency))
+                with cpu_used(raw_cpu):
+                    raws.append(raw_collect(lab.research.url, auth, accessions, concurrency))
                 _raw.clear(lab.research.url, auth)
-                with RECORDER.recording():
+                with RECORDER.recording(), cpu_used(flow_cpu):
                     started = time.perf_counter()
                     report = collect_cohort(cohort_file=str(path), concurrency=concurrency)
                     wall = time.perf_counter() - started
@@ -331,7 +371,10 @@ def collection(sizes: list[int], instances: int, concurrency: int, rounds: int
         print_summary(f"collection flow (median of {rounds}; raw "
                       f"{', '.join(f'{r:.2f}' for r in raws)}; flow "
                       f"{', '.join(f'{f:.2f}' for f in flows)}; a flow doing nothing "
-                      f"{', '.join(f'{f:.2f}' for f in floors)})", raw, summaries[median])
+                      f"{', '.join(f'{f:.2f}' for f in floors)}; CPU s of this process + the "
+                      f"embedded server + the Orthancs: raw {_cpu(raw_cpu)}, flow "
+                      f"{_cpu(flow_cpu)})", raw,
+                      summaries[median])
         out.append({"what": "collection", "raw_s": raws, "flow_s": flows, "floor_s": floors,
                     "median": summaries[median]})
     return out
@@ -384,15 +427,17 @@ def tasks(sizes: list[int], instances: int, concurrency: int, rounds: int
 
             floor()  # warm-up: starts the embedded server
             raws, flows, floors, summaries, raw_moves = [], [], [], [], []
+            raw_cpu: list[tuple[float, ...]] = []
+            flow_cpu: list[tuple[float, ...]] = []
             for _ in range(rounds):
                 _raw.clear(lab.research.url, auth)
-                with RECORDER.recording():
+                with RECORDER.recording(), cpu_used(raw_cpu):
                     raws.append(_raw.retrieve_all(lab.research.url, auth, "pacs", "RESEARCH",
                                                   uids, concurrency))
                 raw_moves.append(summarize(RECORDER.calls, [], raws[-1], size)
                                  ["move_and_poll_s_mean"])
                 _raw.clear(lab.research.url, auth)
-                with RECORDER.recording():
+                with RECORDER.recording(), cpu_used(flow_cpu):
                     started = time.perf_counter()
                     assert pull_all() == cohort.instance_count
                     wall = time.perf_counter() - started
@@ -408,8 +453,10 @@ def tasks(sizes: list[int], instances: int, concurrency: int, rounds: int
                       f"{', '.join(f'{r:.2f}' for r in raws)}; tasks "
                       f"{', '.join(f'{f:.2f}' for f in flows)}; no-op @task floor "
                       f"{', '.join(f'{f:.2f}' for f in floors)}; raw C-MOVE request to the "
-                      f"poll that saw it end {statistics.mean(raw_moves):.3f} s)", raw,
-                      summaries[median])
+                      f"poll that saw it end {statistics.mean(raw_moves):.3f} s; CPU s of "
+                      f"this process + the embedded server + the Orthancs: raw "
+                      f"{_cpu(raw_cpu)}, tasks "
+                      f"{_cpu(flow_cpu)})", raw, summaries[median])
         out.append({"what": "tasks", "raw_s": raws, "flow_s": flows, "floor_s": floors,
                     "median": summaries[median]})
     return out

@@ -13,6 +13,11 @@ ends. Bounds (``SlotSettings``, from ``PREFECT_ORTHANC_SLOT_*``):
   when two observations ``settle_seconds`` apart agree;
 - nobody waits more than ``wait_seconds`` (3600): then ``SlotWaitExceeded``.
 
+``hold_shared(name)`` holds one slot the same way but shares the process's slots: a slot given
+back stays leased to the process for ``linger_seconds`` (2) and the next holder in the
+process takes it without asking the server; one thread at a time asks the server for more.
+The PACS slots (``tasks.limits.modality_slot``) are held this way.
+
 docs/concurrency.md gives the argument and the measured recovery times.
 """
 
