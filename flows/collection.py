@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import time
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from prefect_orthanc.orthanc_client import (
     CollectResult,
     Level,
     Orthanc,
+    OrthancError,
     SafeMessageError,
 )
 from prefect_orthanc.tasks import (
@@ -394,9 +396,6 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
 
 #: at most one progress update per this many seconds (each is a write to the Prefect API)
 PROGRESS_SECONDS = 2.0
-#: complete studies marked per ``mark_collected`` task run (one task run per study was one
-#: more run and its state writes per study on the Prefect server)
-MARK_BATCH = 25
 
 
 def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
@@ -408,12 +407,14 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
                                         description="Studies of this run retrieved so far.")
     pending = list(studies)
     in_flight: dict[PrefectFuture[CollectResult], Any] = {}
-    marks: list[PrefectFuture[str]] = []
-    to_mark: list[str] = []
+    unmarked: list[str] = []  # complete, to mark in this thread once the next moves are sent
+    to_mark: list[str] = []  # their marking failed here: the mark_collected task retries
     done = shown = 0
     shown_at = time.monotonic()
     window_open = True
-    try:
+    with contextlib.ExitStack() as stack:
+        orthanc = stack.enter_context(credentials.get_client())
+        stack.callback(release_idle)  # this run's PACS slots go back now, not after the linger
         while pending or in_flight:
             while pending and len(in_flight) < request.concurrency and window_open:
                 try:
@@ -428,10 +429,12 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
             if not window_open:
                 deferred.update(s.key for s in pending)
                 pending.clear()
-            # the next moves are under way: now the bookkeeping, off their path
-            if len(to_mark) >= MARK_BATCH:
-                marks.append(mark_collected.submit(credentials, to_mark, request.project))
-                to_mark = []
+            # the next moves are under way: now the bookkeeping, off their path. Marks are
+            # made here as each study completes (a few ms of Orthanc calls; a task run per
+            # study was a run and its state writes on the Prefect server per study)
+            if unmarked:
+                to_mark += _mark_here(orthanc, unmarked, request.project)
+                unmarked = []
             if done > shown and time.monotonic() - shown_at >= PROGRESS_SECONDS:
                 update_progress_artifact(progress, 100.0 * done / len(studies))
                 shown, shown_at = done, time.monotonic()
@@ -452,18 +455,28 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
                                                       type(error).__name__),
                                        failure=f"{type(error).__name__}: {error}"[:300])
             results[key] = result = _one_patient(result)
-            if result.complete:  # marked in batches in the background
-                to_mark += result.study_ids
+            if result.complete:
+                unmarked += result.study_ids
             done += 1
-    finally:
-        release_idle()  # this run's PACS slots go back now, not after their linger
-    if to_mark:
-        marks.append(mark_collected.submit(credentials, to_mark, request.project))
+        to_mark += _mark_here(orthanc, unmarked, request.project)
+    if to_mark:  # a crash before this point is harmless: a re-run marks what's present
+        mark_collected(credentials, to_mark, request.project)
     if done > shown:
         update_progress_artifact(progress, 100.0 * done / len(studies))
-    for mark in marks:  # a crash before this point is harmless: a re-run marks what's present
-        mark.result()
     return results
+
+
+def _mark_here(orthanc: Orthanc, study_ids: Sequence[str], project: str) -> list[str]:
+    """Mark complete studies for the project in the flow's thread; returns those that could
+    not be marked (left to the ``mark_collected`` task and its retries)."""
+    for index, study_id in enumerate(study_ids):
+        try:
+            _mark(orthanc, study_id, project)
+        except OrthancError as error:
+            get_run_logger().warning("marking a study for the project failed (%s): retried "
+                                     "by mark_collected", type(error).__name__)
+            return list(study_ids[index:])
+    return []
 
 
 def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,
