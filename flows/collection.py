@@ -16,7 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +46,7 @@ from prefect_orthanc.flows.window import OutsideWindow, admit, window_gate
 from prefect_orthanc.orthanc_client import (
     Level,
     Orthanc,
+    OrthancError,
     RetrieveOutcome,
     RetrieveResult,
     SafeMessageError,
@@ -60,6 +63,7 @@ from prefect_orthanc.tasks import (
 from prefect_orthanc.tasks.labels import attach_labels
 from prefect_orthanc.tasks.origin import end_retrievals_left_behind
 from prefect_orthanc.tasks.policy import orthanc_flow
+from prefect_orthanc.tasks.slots import release_idle
 
 __all__ = ["CollectionReport", "collect_cohort", "mark_collected", "plan_cohort"]
 
@@ -443,6 +447,10 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
     return Completed(message=summary, data=report)
 
 
+#: at most one progress update per this many seconds (each is a write to the Prefect API)
+PROGRESS_SECONDS = 2.0
+
+
 def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
                   studies: list[Any], deferred: set[str]) -> dict[str, RetrieveResult]:
     results: dict[str, RetrieveResult] = {}
@@ -453,46 +461,76 @@ def _retrieve_all(credentials: OrthancCredentials, request: CollectionRequest,
         description="Studies of this run retrieved so far."))
     pending = list(studies)
     in_flight: dict[PrefectFuture[RetrieveResult], Any] = {}
-    marks: list[PrefectFuture[str]] = []
-    done = 0
+    unmarked: list[str] = []  # complete, to mark in this thread once the next moves are sent
+    to_mark: list[str] = []  # their marking failed here: the mark_collected task retries
+    done = shown = 0
+    shown_at = time.monotonic()
     window_open = True
-    while pending or in_flight:
-        while pending and len(in_flight) < request.concurrency and window_open:
-            try:
-                admit(request.time_window, log=get_run_logger())  # may wait for the window
-            except OutsideWindow:
-                window_open = False
+    with contextlib.ExitStack() as stack:
+        orthanc = stack.enter_context(credentials.get_client())
+        stack.callback(release_idle)  # this run's PACS slots go back now, not after the linger
+        while pending or in_flight:
+            while pending and len(in_flight) < request.concurrency and window_open:
+                try:
+                    admit(request.time_window, log=get_run_logger())  # may wait for the window
+                except OutsideWindow:
+                    window_open = False
+                    break
+                study = pending.pop(0)
+                future = retrieve_study.submit(credentials, request.source_modality, study.uid,
+                                               job_timeout=request.job_timeout)
+                in_flight[future] = study
+            if not window_open:
+                deferred.update(s.key for s in pending)
+                pending.clear()
+            # the next moves are under way: now the bookkeeping, off their path. Marks are
+            # made here as each study completes (a few ms of Orthanc calls; a task run per
+            # study was a run and its state writes on the Prefect server per study)
+            if unmarked:
+                to_mark += _mark_here(orthanc, unmarked, request.project)
+                unmarked = []
+            if done > shown and time.monotonic() - shown_at >= PROGRESS_SECONDS:
+                update_progress_artifact(progress, 100.0 * done / len(studies))
+                shown, shown_at = done, time.monotonic()
+            if not in_flight:
                 break
-            study = pending.pop(0)
-            future = retrieve_study.submit(credentials, request.source_modality, study.uid,
-                                           job_timeout=request.job_timeout)
-            in_flight[future] = study
-        if not window_open:
-            deferred.update(s.key for s in pending)
-            pending.clear()
-        if not in_flight:
-            break
-        finished = next(as_completed(list(in_flight)))
-        study = in_flight.pop(finished)
-        key = study.key
-        try:
-            result = finished.result()
-        except OutsideWindow:  # the window closed before one of its exchanges: not a failure
-            pending.insert(0, study)  # the next admit() waits for the window, or defers it
-            continue
-        except Exception as error:  # retries exhausted: record it, let the other studies finish
-            result = RetrieveResult(key=key, outcome=RetrieveOutcome.FAILED,
-                                   expected_instances=None, received_instances=0,
-                                   reason=getattr(error, "reason_code", type(error).__name__),
-                                   failure=f"{type(error).__name__}: {error}"[:300])
-        results[key] = result = _one_patient(result)
-        if result.complete:  # marked in the background: the next move starts right away
-            marks.append(mark_collected.submit(credentials, result.study_ids, request.project))
-        done += 1
+            finished = next(as_completed(list(in_flight)))
+            study = in_flight.pop(finished)
+            key = study.key
+            try:
+                result = finished.result()
+            except OutsideWindow:  # the window closed before one of its exchanges: not a failure
+                pending.insert(0, study)  # the next admit() waits for the window, or defers it
+                continue
+            except Exception as error:  # retries exhausted: record it, let the others finish
+                result = RetrieveResult(key=key, outcome=RetrieveOutcome.FAILED,
+                                       expected_instances=None, received_instances=0,
+                                       reason=getattr(error, "reason_code",
+                                                      type(error).__name__),
+                                       failure=f"{type(error).__name__}: {error}"[:300])
+            results[key] = result = _one_patient(result)
+            if result.complete:
+                unmarked += result.study_ids
+            done += 1
+        to_mark += _mark_here(orthanc, unmarked, request.project)
+    if to_mark:  # a crash before this point is harmless: a re-run marks what's present
+        mark_collected(credentials, to_mark, request.project)
+    if done > shown:
         update_progress_artifact(progress, 100.0 * done / len(studies))
-    for mark in marks:  # a crash before this point is harmless: a re-run marks what's present
-        mark.result()
     return results
+
+
+def _mark_here(orthanc: Orthanc, study_ids: Sequence[str], project: str) -> list[str]:
+    """Mark complete studies for the project in the flow's thread; returns those that could
+    not be marked (left to the ``mark_collected`` task and its retries)."""
+    for index, study_id in enumerate(study_ids):
+        try:
+            _mark(orthanc, study_id, project)
+        except OrthancError as error:
+            get_run_logger().warning("marking a study for the project failed (%s): retried "
+                                     "by mark_collected", type(error).__name__)
+            return list(study_ids[index:])
+    return []
 
 
 def _mark_present(credentials: OrthancCredentials, request: CollectionRequest,

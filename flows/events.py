@@ -13,6 +13,15 @@ Both build the same event::
               orthanc.server, orthanc.level = study
     payload   study_id, server, last_update, emitter ("lua" or "changes")
 
+A study this package retrieved itself (the collection flow's C-MOVEs mark it with the
+``PrefectOrthancSource`` metadata, ``tasks.origin``) is reported under another name,
+``orthanc.study.stable.retrieved`` (``RETRIEVED_EVENT``), same resource, ID and payload: it is
+not a new study, so the new-study trigger (which expects ``orthanc.study.stable``) does not
+start a run for it; a deployment that wants them (``include_retrieved``) expects both names,
+or ``orthanc.study.stable*``. A study marked only after it became stable (a retrieval slower
+than ``StableAge``) is still reported as ``orthanc.study.stable``; the new-study flow then
+skips it as before.
+
 No DICOM tag value is in it. Because the ID depends only on the study and its LastUpdate, the
 same stable study reported twice (by one emitter retrying, or by both) has one ID, and Prefect
 fires a trigger once for it (its server remembers event IDs for 30 minutes; the new-study flow
@@ -32,9 +41,15 @@ from uuid import UUID
 
 from prefect_orthanc.orthanc_client.models import is_orthanc_id
 
-__all__ = ["EVENT", "post_events", "study_event", "study_event_id", "study_resource_id"]
+__all__ = ["EVENT", "RETRIEVED_EVENT", "post_events", "retrieved_by_us", "study_event",
+           "study_event_id", "study_resource_id"]
 
 EVENT = "orthanc.study.stable"
+#: the same event for a study this package retrieved (not a new study)
+RETRIEVED_EVENT = "orthanc.study.stable.retrieved"
+#: what ``tasks.origin.mark_retrieved`` writes: the source modality's name ("copy:..." marks
+#: a copy, which stays an ``EVENT``: the new-study flow decides about copies)
+_RETRIEVED_FROM = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 _STAMP = re.compile(r"^\d{8}T\d{6}$")
 _SERVER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -75,13 +90,21 @@ def _occurred(last_update: str) -> str:
     return stamp.isoformat().replace("+00:00", "Z")
 
 
-def study_event(server: str, study_id: str, last_update: str, *, emitter: str) -> dict[str, Any]:
-    """One ``orthanc.study.stable`` event as the JSON Prefect's ``POST /events`` accepts."""
+def retrieved_by_us(source: str | None) -> bool:
+    """Whether a study's ``PrefectOrthancSource`` metadata value (None when unset) says this
+    package retrieved it from a modality (the Lua emitter applies the same rule)."""
+    return bool(source) and _RETRIEVED_FROM.match(str(source)) is not None
+
+
+def study_event(server: str, study_id: str, last_update: str, *, emitter: str,
+                retrieved: bool = False) -> dict[str, Any]:
+    """One ``orthanc.study.stable`` event (``orthanc.study.stable.retrieved`` when
+    ``retrieved``) as the JSON Prefect's ``POST /events`` accepts."""
     _check(server, study_id, last_update)
     return {
         "id": str(study_event_id(study_id, last_update)),
         "occurred": _occurred(last_update),
-        "event": EVENT,
+        "event": RETRIEVED_EVENT if retrieved else EVENT,
         "resource": {
             "prefect.resource.id": study_resource_id(server, study_id),
             "prefect.resource.name": f"study {study_id[:8]}",

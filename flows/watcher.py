@@ -16,11 +16,12 @@ from prefect import State, get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel, ConfigDict
 
-from prefect_orthanc.flows.events import post_events, study_event
+from prefect_orthanc.flows.events import post_events, retrieved_by_us, study_event
 from prefect_orthanc.flows.states import fail_run
-from prefect_orthanc.orthanc_client import Level, OrthancError
+from prefect_orthanc.orthanc_client import Level, Orthanc, OrthancError
 from prefect_orthanc.tasks.changes import cursor_position, cursor_variable
 from prefect_orthanc.tasks.credentials import load_credentials
+from prefect_orthanc.tasks.origin import RETRIEVED_METADATA
 from prefect_orthanc.tasks.policy import orthanc_flow, shown_error
 from prefect_orthanc.tasks.variables import put_variable
 
@@ -45,6 +46,16 @@ class WatchReport(BaseModel):
     polls: int = 0
     events: int = 0
     errors: int = 0
+
+
+def _retrieved(orthanc: Orthanc, study_id: str) -> bool:
+    """Whether this package retrieved the study (``flows.events.retrieved_by_us``); an
+    Orthanc that refuses the metadata name (not declared in its ``UserMetadata``) or lost the
+    study makes an ordinary event."""
+    try:
+        return retrieved_by_us(orthanc.metadata(Level.STUDY, study_id, RETRIEVED_METADATA))
+    except OrthancError:
+        return False
 
 
 @orthanc_flow(name="watch-orthanc-changes", flow_run_name="watch-{server}", log_prints=False)
@@ -104,7 +115,8 @@ def watch_changes(server: str = "research", run_for: float = 600, poll_interval:
                         continue
                     stamp = orthanc.metadata(Level.STUDY, change.id, "LastUpdate")
                     if stamp:  # None: the study was deleted since
-                        batch.append(study_event(server, change.id, stamp, emitter="changes"))
+                        batch.append(study_event(server, change.id, stamp, emitter="changes",
+                                                 retrieved=_retrieved(orthanc, change.id)))
                 events += post_events(batch)
                 since = page.last
                 if since != saved and time.monotonic() - saved_at >= SAVE_EVERY:

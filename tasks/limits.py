@@ -34,7 +34,7 @@ from prefect.client.schemas.actions import (
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
-from prefect_orthanc.tasks.slots import SlotLimitMissing, SlotWaitExceeded, hold
+from prefect_orthanc.tasks.slots import SlotLimitMissing, SlotWaitExceeded, hold, hold_shared
 
 __all__ = [
     "ModalityLimitMissing",
@@ -82,13 +82,13 @@ def modality_slot(modality: str, *, timeout: float | None = None) -> Iterator[No
 
     The slot is a short Prefect lease renewed while held, published in this process's holder
     record, and reclaimed by waiters once this process is dead (``tasks.slots``;
-    docs/concurrency.md gives the bounds). ``timeout`` bounds the wait for a slot (default
-    ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS``, 1 h): then ``SlotWaitExceeded`` naming the limit and
-    the wait. ``ModalityLimitMissing`` when the limit does not exist.
-
-    Talks to the Prefect API with its synchronous client directly: Prefect 3.8's
-    ``concurrency()`` context manager takes ~2 s per acquisition when several tasks acquire at
-    once (sync-to-async bridging), which would dominate short C-MOVEs.
+    docs/concurrency.md gives the bounds). It is shared within the process
+    (``tasks.slots.hold_shared``): given back, it stays with the process for
+    ``PREFECT_ORTHANC_SLOT_LINGER_SECONDS`` (2 s) for the next C-FIND or C-MOVE of the same
+    run, so a run asks the server for a slot only when it has one more operation in flight,
+    not once per study. ``timeout`` bounds the wait for a slot (default
+    ``PREFECT_ORTHANC_SLOT_WAIT_SECONDS``, 1 h): then ``SlotWaitExceeded`` naming the limit
+    and the wait. ``ModalityLimitMissing`` when the limit does not exist.
 
     Example:
         ```python
@@ -98,7 +98,7 @@ def modality_slot(modality: str, *, timeout: float | None = None) -> Iterator[No
     """
     name = limit_name(modality)
     try:
-        slot = hold(name, wait=timeout)
+        slot = hold_shared(name, wait=timeout)
         slot.__enter__()
     except SlotLimitMissing:
         raise ModalityLimitMissing(name) from None

@@ -37,7 +37,7 @@ from prefect.variables import Variable
 
 from prefect_orthanc.orthanc_client import Level, Orthanc
 from prefect_orthanc.tasks.policy import uid_key
-from prefect_orthanc.tasks.variables import put_variable
+from prefect_orthanc.tasks.variables import delete_variable, put_variable
 
 __all__ = [
     "COPY_METADATA",
@@ -82,7 +82,7 @@ def register_retrieval(study_uid: str, modality: str) -> None:
 
 def end_retrieval(study_uid: str) -> None:
     """Drop the in-flight record (once the study is marked, or nothing arrived)."""
-    Variable.unset(retrieval_variable(study_uid))
+    delete_variable(retrieval_variable(study_uid))
 
 
 def end_retrievals_left_behind(keys: Iterable[str]) -> int:
@@ -106,7 +106,7 @@ def end_retrievals_left_behind(keys: Iterable[str]) -> int:
                 break
             offset += 200
     for name in names:
-        Variable.unset(name)
+        delete_variable(name)
     return len(names)
 
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
-from prefect import Flow, Task, task
+from prefect import Flow, State, Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import file_hash
@@ -170,7 +170,24 @@ def orthanc_task(*, name: str, run_name: Callable[[dict[str, Any]], str] | None 
     return decorate
 
 
-def orthanc_flow(*, name: str, **options: Any) -> Callable[[Callable[P, R]], Flow[P, R]]:
+T = TypeVar("T")
+
+
+class FlowDecorator(Protocol):
+    """What ``orthanc_flow(...)`` returns. A flow function that ends by returning a
+    ``State[T]`` (to set its final state: ``flows.states.fail_run``, ``Completed(data=...)``)
+    gives a ``Flow[P, T]``: calling the flow returns the state's data, as Prefect does."""
+
+    @overload
+    def __call__(self, fn: Callable[P, State[T]]) -> Flow[P, T]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Flow[P, R]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Flow[P, Any]: ...
+
+
+def orthanc_flow(*, name: str, **options: Any) -> FlowDecorator:
     """``prefect.flow`` with this project's error policy (``shown_error``) on the code the flow
     runs itself: a failed flow run shows a ``SafeMessageError``'s message, or only the type
     of any other exception. ``options`` are ``prefect.flow``'s.
@@ -183,7 +200,7 @@ def orthanc_flow(*, name: str, **options: Any) -> Callable[[Callable[P, R]], Flo
         ```
     """
 
-    def decorate(fn: Callable[P, R]) -> Flow[P, R]:
+    def decorate(fn: Callable[P, Any]) -> Flow[P, Any]:
         run = _sanitized(fn, name)
         # Prefect resolves string annotations (``from __future__ import annotations``) in the
         # module of the function it is given, here this one: hand it the flow's own, resolved

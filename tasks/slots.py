@@ -13,11 +13,17 @@ ends. Bounds (``SlotSettings``, from ``PREFECT_ORTHANC_SLOT_*``):
   when two observations ``settle_seconds`` apart agree;
 - nobody waits more than ``wait_seconds`` (3600): then ``SlotWaitExceeded``.
 
+``hold_shared(name)`` holds one slot the same way but shares the process's slots: a slot given
+back stays leased to the process for ``linger_seconds`` (2) and the next holder in the
+process takes it without asking the server; one thread at a time asks the server for more.
+The PACS slots (``tasks.limits.modality_slot``) are held this way.
+
 docs/concurrency.md gives the argument and the measured recovery times.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -37,6 +43,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
+from prefect_orthanc.tasks.server_writes import write
 from prefect_orthanc.tasks.slot_holders import (
     HOLDER_PREFIX,
     HolderEntry,
@@ -53,7 +60,9 @@ __all__ = [
     "SlotSettings",
     "SlotWaitExceeded",
     "hold",
+    "hold_shared",
     "reclaim",
+    "release_idle",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +98,9 @@ class SlotSettings(BaseSettings):
                                        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS.")
     mutex_seconds: float = Field(60.0, gt=0, description="A reclaim mutex older than this "
                                  "belongs to a dead reclaimer and is taken over.")
+    linger_seconds: float = Field(2.0, ge=0, description="A shared slot given back is kept "
+                                  "this long for the next user in the same process before it "
+                                  "is released to the server (hold_shared).")
 
     @model_validator(mode="after")
     def _consistent(self) -> SlotSettings:
@@ -179,6 +191,12 @@ def _server_now(response: httpx.Response) -> datetime:
 def _parse_time(value: str) -> datetime:
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _release(client: Any, lease_id: str) -> None:
+    """Release a lease (``decrement-with-lease``), a write conflict asked again at once."""
+    write(client, "POST", "/v2/concurrency_limits/decrement-with-lease",
+          json={"lease_id": str(lease_id)})
 
 
 def _current_flow_run() -> str | None:
@@ -289,23 +307,23 @@ class _Registry:
         for name, value in wanted.items():
             if name in self._shards:
                 try:
-                    client.request("PATCH", "/variables/name/{name}",
+                    write(client, "PATCH", "/variables/name/{name}",
                                    path_params={"name": name}, json={"value": value})
                     continue
                 except httpx.HTTPStatusError as error:
                     if _status(error) != 404:  # 404: a reclaimer took us for dead
                         raise
             try:
-                client.request("POST", "/variables/", json={"name": name, "value": value})
+                write(client, "POST", "/variables/", json={"name": name, "value": value})
             except httpx.HTTPStatusError as error:
                 if _status(error) != 409:
                     raise
-                client.request("PATCH", "/variables/name/{name}",
+                write(client, "PATCH", "/variables/name/{name}",
                                path_params={"name": name}, json={"value": value})
             self._shards.add(name)
         for name in sorted(self._shards - set(wanted)):
             try:
-                client.request("DELETE", "/variables/name/{name}", path_params={"name": name})
+                write(client, "DELETE", "/variables/name/{name}", path_params={"name": name})
             except httpx.HTTPStatusError as error:
                 if _status(error) != 404:
                     raise
@@ -575,8 +593,20 @@ def _label(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
 
 
+def _increment(client: Any, names: list[str], settings: SlotSettings, holder: Any) -> Any:
+    """One ``increment-with-lease`` (the body of Prefect's client method), a write conflict
+    asked again at once (``tasks.server_writes``) rather than after the client's 2 s."""
+    body: dict[str, Any] = {"names": names, "slots": 1, "mode": "concurrency",
+                            "lease_duration": settings.lease_seconds}
+    if holder is not None:
+        body["holder"] = holder.model_dump(mode="json")
+    return write(client, "POST", "/v2/concurrency_limits/increment-with-lease", json=body)
+
+
 def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
-             poll: float, registry: _Registry) -> str:
+             poll: float, registry: _Registry, local: _Pool | None = None) -> str:
+    """A new lease of one slot of each of ``names``, published; with ``local``, a slot that
+    another thread of this process gives back meanwhile is taken instead."""
     from prefect.types._concurrency import ConcurrencyLeaseHolder
 
     flow_run = _current_flow_run()
@@ -587,9 +617,7 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
     last_check: float | None = None
     while True:
         try:
-            response = client.increment_concurrency_slots_with_lease(
-                names=names, slots=1, mode="concurrency",
-                lease_duration=settings.lease_seconds, holder=holder)
+            response = _increment(client, names, settings, holder)
         except Exception as error:
             status = _status(error)
             now = time.monotonic()
@@ -624,7 +652,11 @@ def _acquire(client: Any, names: list[str], settings: SlotSettings, wait: float,
                 except Exception as error:
                     log.warning("could not reclaim slots of %s (%s)", _label(names),
                                 type(error).__name__)
-            time.sleep(max(0.0, min(retry, poll, wait - (time.monotonic() - started))))
+            pause = max(0.0, min(retry, poll, wait - (time.monotonic() - started)))
+            if local is None:
+                time.sleep(pause)
+            elif (lease_id := local.wait_idle(pause)) is not None:
+                return lease_id  # a slot of this process came free meanwhile
             continue
         body = response.json()
         lease_id = str(body["lease_id"])
@@ -672,6 +704,191 @@ def hold(names: str | Sequence[str], *, wait: float | None = None,
             try:
                 if not registry.is_lost(lease_id):  # a lost lease may have been
                     # repossessed and its slot given to another: never decrement blindly
-                    client.release_concurrency_slots_with_lease(UUID(lease_id))
+                    _release(client, lease_id)
             finally:
                 registry.remove(lease_id, client)
+
+
+# ------------------------------------------------------------------ sharing slots in a process
+
+
+class _Pool:
+    """The slots of one limit that this process holds between uses (``hold_shared``).
+
+    A slot given back stays leased, renewed and published like any other, idle, for
+    ``linger_seconds``: the next user in this process takes it without a call to the server
+    (LIFO, so that the older idle ones expire first when demand falls). Past the linger it
+    is released to the server, so other runs get it as this process's queue drains. Only one
+    thread at a time asks the server for a new slot; the others wait for it, or for a slot
+    given back, whichever comes first (no burst of concurrent increments: on SQLite every
+    concurrent write may be refused with a 503)."""
+
+    def __init__(self, name: str, registry: _Registry) -> None:
+        self.name, self.registry = name, registry
+        self.cond = threading.Condition()
+        self.idle: list[tuple[str, float]] = []  # (lease ID, monotonic time given back)
+        self.asking = False
+        self._reaper: threading.Thread | None = None
+        #: the linger asked by the latest holder (``SlotSettings.linger_seconds``)
+        self.linger = registry.settings.linger_seconds
+
+    def _pop(self, lost: list[str]) -> str | None:
+        """The most recently given back live lease (under ``cond``); lost ones go to
+        ``lost`` (their holder record is dropped by the caller, nothing is decremented)."""
+        while self.idle:
+            lease_id, _ = self.idle.pop()
+            if self.registry.is_lost(lease_id):
+                lost.append(lease_id)
+                continue
+            return lease_id
+        return None
+
+    def _drop(self, lost: list[str]) -> None:
+        for lease_id in lost:
+            self.registry.remove(lease_id)
+
+    def wait_idle(self, seconds: float) -> str | None:
+        """For the thread asking the server: a slot given back within ``seconds``, if any."""
+        lost: list[str] = []
+        try:
+            with self.cond:
+                lease_id = self._pop(lost)
+                if lease_id is None and seconds > 0:
+                    self.cond.wait(seconds)
+                    lease_id = self._pop(lost)
+                return lease_id
+        finally:
+            self._drop(lost)
+
+    def take(self, settings: SlotSettings, wait: float, poll: float) -> str:
+        started = time.monotonic()
+        lost: list[str] = []
+        try:
+            with self.cond:
+                while True:
+                    lease_id = self._pop(lost)
+                    if lease_id is not None:
+                        return lease_id
+                    if not self.asking:
+                        self.asking = True
+                        break
+                    waited = time.monotonic() - started
+                    if waited >= wait:
+                        raise SlotWaitExceeded(self.name, waited,
+                                               "PREFECT_ORTHANC_SLOT_WAIT_SECONDS")
+                    self.cond.wait(min(poll, wait - waited))
+        finally:
+            self._drop(lost)
+        try:
+            with _client() as client:
+                return _acquire(client, [self.name], settings,
+                                max(0.0, wait - (time.monotonic() - started)), poll,
+                                self.registry, local=self)
+        finally:
+            with self.cond:
+                self.asking = False
+                self.cond.notify_all()
+
+    def give(self, lease_id: str) -> None:
+        with self.cond:
+            self.idle.append((lease_id, time.monotonic()))
+            self.cond.notify_all()
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(target=self._reap, daemon=True,
+                                                name=f"slot-linger-{self.name}")
+                self._reaper.start()
+
+    def _reap(self) -> None:
+        """Release idle slots past their linger; ends when nothing is idle."""
+        while True:
+            with self.cond:
+                if not self.idle:
+                    self._reaper = None
+                    return
+                linger = self.linger
+                now = time.monotonic()
+                expired = [lease for lease, since in self.idle if now - since >= linger]
+                if not expired:
+                    self.cond.wait(min(since + linger for _, since in self.idle) - now)
+                    continue
+                self.idle = [(lease, since) for lease, since in self.idle
+                             if lease not in expired]
+            self.release(expired)
+
+    def drain(self) -> None:
+        """Release every idle slot now."""
+        with self.cond:
+            leases = [lease for lease, _ in self.idle]
+            self.idle.clear()
+        self.release(leases)
+
+    def release(self, leases: Sequence[str]) -> None:
+        if not leases:
+            return
+        try:
+            with self.registry._connect() as client:
+                for lease_id in leases:
+                    try:
+                        if not self.registry.is_lost(lease_id):
+                            _release(client, lease_id)
+                    finally:
+                        self.registry.remove(lease_id, client)
+        except Exception as error:  # the records no longer hold them: the lease expires
+            log.warning("could not release %d idle slot(s) of %s (%s); the server frees them "
+                        "when their lease expires", len(leases), self.name,
+                        type(error).__name__)
+            for lease_id in leases:
+                self.registry.remove(lease_id)
+
+
+_POOLS: dict[tuple[int, str], _Pool] = {}
+
+
+def _pool(name: str, settings: SlotSettings) -> _Pool:
+    registry = _registry(settings)
+    with _REGISTRIES_GUARD:
+        pool = _POOLS.get((id(registry), name))
+        if pool is None:
+            if not _POOLS:
+                atexit.register(release_idle)
+            pool = _POOLS[(id(registry), name)] = _Pool(name, registry)
+        return pool
+
+
+def release_idle() -> None:
+    """Release every slot this process holds idle (the end of a run's retrievals, and at
+    exit), instead of waiting ``linger_seconds``."""
+    with _REGISTRIES_GUARD:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.drain()
+
+
+@contextlib.contextmanager
+def hold_shared(name: str, *, wait: float | None = None, poll: float | None = None,
+                settings: SlotSettings | None = None) -> Iterator[str]:
+    """Hold one slot of the limit ``name`` for the block, sharing slots within this process.
+
+    Like ``hold`` (the same bounds, records and reclaiming) except that the slot is given back
+    to this process's pool of idle slots for ``linger_seconds`` instead of being released at
+    once: a run that moves study after study holds as many slots as it has operations in
+    flight (at most its concurrency) and asks the server for a slot only when it needs one
+    more, instead of once per operation. Idle slots are released after the linger, at
+    ``release_idle()`` and at exit. Yields the lease ID. Raises ``SlotWaitExceeded`` or
+    ``SlotLimitMissing`` like ``hold``.
+
+    Example:
+        ```python
+        with hold_shared("orthanc-modality-pacs"):
+            ...  # one C-MOVE
+        ```
+    """
+    settings = settings or SlotSettings()
+    pool = _pool(name, settings)
+    pool.linger = settings.linger_seconds
+    lease_id = pool.take(settings, settings.wait_seconds if wait is None else wait,
+                         min(poll or settings.poll_seconds, settings.poll_seconds))
+    try:
+        yield lease_id
+    finally:
+        pool.give(lease_id)

@@ -5,17 +5,21 @@ missing: two runs creating the same variable at once both read "missing", and th
 create fails with ``ObjectAlreadyExists`` (HTTP 409). That happens here whenever two flow runs
 share a cursor (two watcher deployments of one server, a scheduled and an ad-hoc run) or two
 retrievals of one study start together. ``put_variable`` is the one way this package writes a
-Variable: an upsert that treats "someone else just created it" as "now update it".
+Variable: an upsert that treats "someone else just created it" as "now update it", in one
+request when the variable is new (create) or two when it exists (create refused, update),
+never Prefect's read first. ``delete_variable`` removes one. Both ask again at once after a
+write conflict on a SQLite-backed server (``tasks.server_writes``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect.exceptions import ObjectAlreadyExists
-from prefect.variables import Variable
+import httpx
 
-__all__ = ["put_variable"]
+from prefect_orthanc.tasks.server_writes import write
+
+__all__ = ["delete_variable", "put_variable"]
 
 
 def put_variable(name: str, value: Any, *, tags: list[str] | None = None) -> None:
@@ -26,7 +30,35 @@ def put_variable(name: str, value: Any, *, tags: list[str] | None = None) -> Non
         put_variable("orthanc_changes_events_research", 1234)
         ```
     """
-    try:
-        Variable.set(name, value, tags=tags, overwrite=True)
-    except ObjectAlreadyExists:  # a concurrent writer created it between our read and create
-        Variable.set(name, value, tags=tags, overwrite=True)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            write(client, "POST", "/variables/",
+                  json={"name": name, "value": value, "tags": tags or []})
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code != 409:  # 409: it exists: update it
+                raise
+            update: dict[str, Any] = {"value": value}
+            if tags is not None:
+                update["tags"] = tags
+            write(client, "PATCH", "/variables/name/{name}", path_params={"name": name},
+                  json=update)
+
+
+def delete_variable(name: str) -> None:
+    """Delete the Prefect Variable ``name``; nothing when it does not exist.
+
+    Example:
+        ```python
+        delete_variable("orthanc_retrieving_0123456789ab")
+        ```
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            write(client, "DELETE", "/variables/name/{name}", path_params={"name": name})
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code != 404:
+                raise

@@ -38,6 +38,16 @@ local function event_id(study_id, stamp)
                        raw:sub(17, 20), raw:sub(21, 32))
 end
 
+-- A study this package retrieved (its "PrefectOrthancSource" metadata names the modality it
+-- came from, see tasks/origin.py) is not a new study: it is reported as
+-- "orthanc.study.stable.retrieved", which the new-study trigger does not expect. The same rule
+-- as flows/events.py's retrieved_by_us; anything unreadable makes an ordinary event.
+local function retrieved(studyId)
+  local ok, source = pcall(RestApiGet, "/studies/" .. studyId .. "/metadata/PrefectOrthancSource")
+  return ok and type(source) == "string" and #source <= 64
+    and source:match("^[%w%._%-]+$") ~= nil
+end
+
 function OnStableStudy(studyId, tags, metadata)
   local config = settings()
   if config == nil then
@@ -51,7 +61,7 @@ function OnStableStudy(studyId, tags, metadata)
   local event = {
     id = event_id(studyId, stamp),
     occurred = iso(stamp),
-    event = "orthanc.study.stable",
+    event = retrieved(studyId) and "orthanc.study.stable.retrieved" or "orthanc.study.stable",
     resource = {
       ["prefect.resource.id"] = "orthanc." .. server .. ".study." .. studyId,
       ["prefect.resource.name"] = "study " .. studyId:sub(1, 8),

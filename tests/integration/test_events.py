@@ -160,17 +160,39 @@ def test_lua_emitter_starts_exactly_one_run(served, events_lab, events_research,
     assert len(new_study_runs(study_id)) == 1
 
 
-def test_collected_studies_start_runs_that_do_nothing(served, events_lab, events_research,
-                                                     monkeypatch, tmp_path):
-    """Studies the collection flow C-MOVEs in become stable and fire the event like any study;
-    the new-study runs skip them (no rule acts), and ``include_retrieved`` (a partial
-    parameter override of the deployment) routes one on request."""
+def _events_of(study_id: str, deadline: float) -> list[str]:
+    """The names of the events Prefect received for one study of research (waits for one)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    while True:
+        answer = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={
+            "filter": {"resource": {"id": [f"orthanc.research.study.{study_id}"]},
+                       "occurred": {"since": (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+                                              ).isoformat()}}, "limit": 50}, timeout=10)
+        answer.raise_for_status()
+        names = [event["event"] for event in answer.json()["events"]]
+        if names:
+            return names
+        if time.monotonic() > deadline:
+            pytest.fail(f"no event for study {study_id[:8]} in time")
+        time.sleep(0.3)
+
+
+def test_collected_studies_start_no_run(served, events_lab, events_research, monkeypatch,
+                                        tmp_path):
+    """Studies the collection flow C-MOVEs in become stable like any study, but the Lua
+    emitter reports them as ``orthanc.study.stable.retrieved`` (they carry the retrieval's
+    mark): the new-study trigger starts no run for them (before: one run per study, each
+    skipping it). ``include_retrieved`` (a partial parameter override of the deployment)
+    still routes one on request."""
     import csv
 
     from prefect.deployments import run_deployment
 
     from prefect_orthanc.deployments.lab.synthetic import make_cohort, zip_bytes
     from prefect_orthanc.flows.collection import collect_cohort
+    from prefect_orthanc.flows.events import RETRIEVED_EVENT
     from prefect_orthanc.tasks.labels import labels_of
 
     cohort = make_cohort(tmp_path / "collected", patients=1, studies_per_patient=2,
@@ -190,11 +212,10 @@ def test_collected_studies_start_runs_that_do_nothing(served, events_lab, events
            for i in events_research.find("Study", {"StudyInstanceUID": s.study_uid})]
     assert len(ids) == 2
     for study_id in ids:
-        run = _wait_for_run(study_id, collected_at + STABLE_AGE + 20)
-        final = _wait_final(run["id"])
-        assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
-        assert "not a new study: skipped" in final["state"]["message"]
-        print(f"skipping run: {final['total_run_time']:.2f} s of run time")
+        assert _events_of(study_id, collected_at + STABLE_AGE + 20) == [RETRIEVED_EVENT]
+    _barrier()  # every event posted before has been evaluated by the trigger
+    for study_id in ids:
+        assert new_study_runs(study_id) == []
         assert labels_of(events_research, Level.STUDY, study_id) == {"events"}  # the project
         assert events_research.metadata(Level.STUDY, study_id, ROUTED_METADATA) is None
 

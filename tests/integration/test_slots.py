@@ -214,3 +214,43 @@ def test_server_restart_with_memory_leases_frees_the_dead_holders_slot_only(
         assert "Traceback" not in log, log[-3000:]
     finally:
         server.stop()
+
+
+def test_shared_slots_are_reused_in_the_process_then_released_for_other_runs(
+        prefect_server, modality_limit, holders, tmp_path):
+    """Limit 1. Operations of this process one after the other reuse one lease (no call to
+    the server); another process waiting for the slot gets it once this process's linger
+    has passed; while it holds it, this process waits (the cap across processes) until its
+    wait bound; ``release_idle`` gives an idle slot back at once."""
+    from prefect_orthanc.tasks.limits import limit_name
+    from prefect_orthanc.tasks.slots import (
+        SlotSettings,
+        SlotWaitExceeded,
+        hold_shared,
+        release_idle,
+    )
+
+    asyncio.run(modality_limit("slot-shared", 1))
+    name, api = limit_name("slot-shared"), prefect_server.api_url
+    settings = SlotSettings(**SHORT, linger_seconds=2)
+    with hold_shared(name, settings=settings) as first:
+        assert _active(api, name) == 1
+    for _ in range(3):
+        with hold_shared(name, settings=settings) as again:
+            assert again == first  # the same lease, given back and taken again
+    assert _active(api, name) == 1  # idle, lingering: still this process's
+    other = Holder(api, name, tmp_path, "other", wait=60)
+    holders.append(other)
+    other.expect("acquired", 30)  # after the linger
+    assert _active(api, name) == 1
+    with pytest.raises(SlotWaitExceeded), hold_shared(name, settings=settings, wait=3):
+        pass
+    other.stop()
+    other.expect("released", 30)
+    with hold_shared(name, settings=settings) as last:
+        assert last != first
+    assert _active(api, name) == 1
+    release_idle()
+    assert _active(api, name) == 0
+    assert not [r for r in _records(api) if r["value"]["pid"] == os.getpid()
+                and r["value"]["leases"]]

@@ -69,3 +69,21 @@ def test_lua_script_builds_the_same_fields():
     for needle in ('"orthanc.study.stable"', '"orthanc." .. server .. ".study." .. studyId',
                    "study_id = studyId", "last_update = stamp", 'emitter = "lua"'):
         assert needle in lua
+
+
+@pytest.mark.parametrize("source,retrieved", [
+    ("pacs", True), ("PACS_2.main-site", True),  # a modality name (tasks.origin.mark_retrieved)
+    (None, False), ("", False),  # received: no mark
+    ("copy:deidentified", False),  # a copy this package made: the new-study flow decides
+    ('{"HttpStatus": 404}', False), ("x" * 65, False),  # anything else is not a mark
+])
+def test_a_study_this_package_retrieved_is_reported_under_its_own_name(source, retrieved):
+    from prefect_orthanc.flows.events import RETRIEVED_EVENT, retrieved_by_us
+
+    assert retrieved_by_us(source) is retrieved
+    event = study_event("research", STUDY, "20261123T105659", emitter="changes",
+                        retrieved=retrieved_by_us(source))
+    assert event["event"] == (RETRIEVED_EVENT if retrieved else EVENT)
+    # same ID and resource either way: both emitters' reports of one study stay one event
+    assert event["id"] == str(study_event_id(STUDY, "20261123T105659"))
+    assert event["resource"]["prefect.resource.id"] == study_resource_id("research", STUDY)
