@@ -3,10 +3,23 @@
 A cohort file is made by a person, usually in a spreadsheet: a header row, then one row per
 requested study or patient, with any of the columns ``accession_number``, ``patient_id``,
 ``study_instance_uid`` (at least one filled per row) and optionally ``study_date``
-(YYYYMMDD) to narrow a patient's studies. Column names ignore case, spaces, ``_`` and ``-``,
-so ``Accession Number``, ``AccessionNumber`` (the DICOM keyword) and ``accession_number``
-name one column. Values are read as text, so leading zeros survive; surrounding spaces are
-ignored. Other columns are carried along untouched.
+(YYYYMMDD) to narrow a patient's studies. Column names ignore case and punctuation
+(spaces, ``_``, ``-``, ``.``, ``#``), and the names hospital exports use are accepted
+(``COLUMN_ALIASES``, the one table): ``Accession``, ``Accession No``, ``Acc#``,
+``AccessionNumber`` (the DICOM keyword) all name ``accession_number``; ``MRN``,
+``Patient ID``, ``Medical Record Number`` name ``patient_id``; ``Study UID``,
+``StudyInstanceUID`` name ``study_instance_uid``; ``Study Date``, ``Exam Date`` name
+``study_date``. Values are read as text, so leading zeros survive; surrounding spaces are
+ignored.
+
+Other columns are carried along untouched and unread (``CohortFile.extra_columns``; the flows
+log their names), unless a name *looks like an identifier* (``looks_like_identifier``: a word
+``id``, ``no``, ``nr``, ``num``, ``number``, ``acc``, ``key``, ``date``, ``dob``, ``pat``, ``pid``,
+``exam`` or ``mrn``, or the text ``accession``, ``patient``, ``study``, ``uid``, ``mrn`` or
+``record`` anywhere, as in ``Order ID``, ``PatientName``, ``Study Description``): an
+identifier column silently unread would widen the query (a patient's every study instead of
+one accession), so the file is refused, naming the column and the accepted names. A column
+whose name starts with ``note`` or ``comment`` (``Note: old MRN``) is always an unread extra.
 
 What spreadsheets and exports produce is read as the person sees it:
 
@@ -48,12 +61,27 @@ from pydicom.uid import RE_VALID_UID
 
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
-__all__ = ["KEY_COLUMNS", "CohortError", "CohortFile", "CohortRow", "is_study_date", "read_cohort",
-           "study_date"]
+__all__ = ["COLUMN_ALIASES", "KEY_COLUMNS", "CohortError", "CohortFile", "CohortRow",
+           "is_study_date", "looks_like_identifier", "read_cohort", "study_date"]
 
 KEY_COLUMNS = ("accession_number", "patient_id", "study_instance_uid")
 _COLUMNS = (*KEY_COLUMNS, "study_date")
-_CANONICAL = {name.replace("_", ""): name for name in _COLUMNS}
+#: every accepted header name of each column, compared with case and punctuation removed
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "accession_number": ("accession_number", "Accession", "Accession No", "Accession Nr",
+                         "Accession Num", "Accession #", "Acc", "Acc No", "Acc Nr", "Acc Num",
+                         "Acc Number", "Acc#", "Accession ID"),
+    "patient_id": ("patient_id", "MRN", "Patient MRN", "Patient No", "Patient Number",
+                   "Medical Record Number", "Medical Record No", "MR Number", "MR No"),
+    "study_instance_uid": ("study_instance_uid", "Study UID", "Study IUID", "Study Instance UID"),
+    "study_date": ("study_date", "Exam Date", "Date of Study", "Study Date (YYYYMMDD)"),
+}
+#: words (whole, or camelCase parts) that make a column name look like an identifier
+_SUSPECT_WORDS = frozenset({"id", "ids", "no", "nr", "num", "number", "acc", "key", "date",
+                            "dob", "pat", "pid", "exam", "mrn"})
+#: texts that do anywhere in the name (glued names: "patientname", "accessionnumber")
+_SUSPECT_TEXT = ("accession", "patient", "study", "studie", "uid", "mrn", "record")
+_NOTE_PREFIXES = ("note", "comment")
 _DELIMITERS = (",", ";", "\t", "|")
 _DATE = re.compile(r"^\d{8}$")
 #: lines before the header (titles, notes) looked through for it
@@ -108,6 +136,12 @@ class CohortFile:
     line_terminator: str
     records: tuple[Record, ...]
     rows: tuple[CohortRow, ...]
+
+    @property
+    def extra_columns(self) -> tuple[str, ...]:
+        """The names of the header's columns that are carried along unread (names only)."""
+        header = next(r for r in self.records if r.kind == "header")
+        return tuple(cell.strip() for cell in header.cells if cell.strip() and not _name(cell))
 
     @classmethod
     def read(cls, path: str | Path) -> CohortFile:
@@ -221,8 +255,38 @@ def _cells(line: str, delimiter: str) -> tuple[str, ...]:
     return tuple(next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter), []))
 
 
+def _squash(name: str) -> str:
+    return re.sub(r"[\W_]", "", name).lower()
+
+
+_CANONICAL = {_squash(alias): column for column, aliases in COLUMN_ALIASES.items()
+              for alias in aliases}
+
+
 def _name(cell: str) -> str:
-    return _CANONICAL.get(re.sub(r"[\s_\-]", "", cell).lower(), "")
+    return _CANONICAL.get(_squash(cell), "")
+
+
+def looks_like_identifier(name: str) -> bool:
+    """Whether a column ``name`` we do not read looks like it names an identifier or a date
+    (so reading the file without it would widen the query). Names starting with ``note`` or
+    ``comment`` never do.
+
+    Example:
+        ```python
+        looks_like_identifier("Order ID"), looks_like_identifier("site")  # True, False
+        ```
+    """
+    squashed = _squash(name)
+    if not squashed or squashed.startswith(_NOTE_PREFIXES):
+        return False
+    words = {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)}
+    return bool(words & _SUSPECT_WORDS) or any(text in squashed for text in _SUSPECT_TEXT)
+
+
+def _accepted() -> str:
+    return "; ".join(f"{column}: {', '.join(aliases[1:])}"
+                     for column, aliases in COLUMN_ALIASES.items())
 
 
 def _known(cells: Sequence[str]) -> int:
@@ -258,7 +322,8 @@ def _header(lines: Sequence[str]) -> tuple[str, int]:
         if looked >= _PREAMBLE_LINES:
             break
     raise ValueError("no header row with any of the columns " + ", ".join(KEY_COLUMNS)
-                     + " (names ignore case, spaces, '_' and '-')")
+                     + " (names ignore case and punctuation; also accepted: " + _accepted()
+                     + ")")
 
 
 def _records(filename: str, text: str) -> tuple[str, str, int, list[Record]]:
@@ -307,8 +372,16 @@ def _records(filename: str, text: str) -> tuple[str, str, int, list[Record]]:
 
 def _column_names(filename: str, header: Record) -> list[str]:
     """The known column of each header cell ("" for the others); ``CohortError`` when a
-    known column is named twice."""
+    known column is named twice, or another column looks like an identifier."""
     columns = [_name(cell) for cell in header.cells]
+    suspect = [cell.strip() for cell, column in zip(header.cells, columns, strict=True)
+               if not column and looks_like_identifier(cell)]
+    if suspect:  # column names are not PHI; unread, they would widen the query
+        raise CohortError(
+            f"{filename}: the header (line {header.line}) has column(s) "
+            f"{', '.join(repr(c) for c in suspect)} that look like identifiers but are not "
+            f"read: rename each to an accepted name ({', '.join(_COLUMNS)}; also {_accepted()}),"
+            f" remove it, or start its name with 'note' to keep it unread")
     twice = sorted({c for c in columns if c and columns.count(c) > 1})
     if twice:
         raise CohortError(f"{filename}: the header (line {header.line}) names "

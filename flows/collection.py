@@ -331,6 +331,9 @@ def collect_cohort(
         get_run_logger().info("cohort %s: %d rows; not read: %d line(s) before the header, "
                               "%d blank, %d comment (#)", cohort.path.name, len(cohort.rows),
                               kinds["preamble"], kinds["blank"], kinds["comment"])
+        if cohort.extra_columns:  # header names only, never cells
+            get_run_logger().info("cohort %s: columns carried along unread: %s",
+                                  cohort.path.name, ", ".join(cohort.extra_columns))
     return _collect(request, cohort, credentials_block)
 
 

@@ -202,3 +202,67 @@ def test_files_exported_by_a_spreadsheet_program(tmp_path, fixture):
         "result_status"] + ["collected"] * 3
     assert ";;;" in (DATA / fixture).read_bytes().decode(cohort.encoding) or \
         cohort.delimiter != ";"  # Calc's blank row, copied as it is
+
+
+# Headers as hospital exports (RIS, PACS worklists, EHR reports, spreadsheets) name them.
+ALIASES = {
+    "accession_number": ["Accession", "Accession No", "Accession No.", "Acc#", "ACC_NUM",
+                         "AccessionNumber", "accession number", "Acc. No.", "Accession #"],
+    "patient_id": ["MRN", "Patient ID", "PatientID", "patient-id", "Medical Record Number",
+                   "Patient MRN", "MR Number"],
+    "study_instance_uid": ["Study UID", "StudyInstanceUID", "Study Instance UID"],
+    "study_date": ["Study Date", "StudyDate", "Exam Date"],
+}
+
+
+@pytest.mark.parametrize(("column", "name"), [(c, n) for c, names in ALIASES.items()
+                                              for n in names])
+def test_export_names_read_as_their_column(tmp_path: Path, column: str, name: str) -> None:
+    value = {"accession_number": "ONLY-THIS-ONE", "patient_id": "0047",
+             "study_instance_uid": "1.2.3.4", "study_date": "20240105"}[column]
+    key = "" if column != "study_date" else "patient_id,"
+    cells = "" if column != "study_date" else "P1;"
+    text = f"{key.replace(',', ';')}{name}\n{cells}{value}\n"
+    cohort = CohortFile.read(_write(tmp_path, "c.csv", text.encode()))
+    assert getattr(cohort.rows[0], column) == value
+    assert cohort.extra_columns == ()
+
+
+def test_tester_file_narrows_to_the_accession(tmp_path: Path) -> None:
+    """Found by a tester: 'Accession' was ignored, so the query was the whole patient."""
+    path = _write(tmp_path, "acc3.csv", b"Patient ID;Accession\ncookie-47;ONLY-THIS-ONE\n")
+    (row,) = CohortFile.read(path).rows
+    assert row.query() == {"AccessionNumber": "ONLY-THIS-ONE", "PatientID": "cookie-47"}
+
+
+@pytest.mark.parametrize("name", [
+    "Order ID", "OrderID", "Visit ID", "Pat ID", "PID", "Exam No", "ExamNumber", "Case No",
+    "Encounter Number", "Patient Name", "PatientName", "Study Description", "study_id",
+    "SeriesInstanceUID", "UID", "Record", "Date", "DOB", "Date of birth", "Acc Nbr", "Key"])
+def test_unread_identifier_like_column_refused_by_name(tmp_path: Path, name: str) -> None:
+    path = _write(tmp_path, "c.csv", f"patient_id,{name}\nP-SECRET,V-SECRET\n".encode())
+    with pytest.raises(CohortError) as caught:
+        CohortFile.read(path)
+    message = str(caught.value)
+    assert repr(name) in message and "accession_number" in message and "MRN" in message
+    assert "SECRET" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", [
+    "notes", "Note", "comment", "Comments", "site", "Site", "Modality", "Reason", "Priority",
+    "Sex", "Age", "Requested by", "Referring Physician", "Body Part", "Description", "Ward",
+    "Department", "Status", "Protocol", "Series", "Account", "covid", "Valid", "Radiologist",
+    "Note: old MRN", "comment (study)"])
+def test_other_columns_carried_along_and_named(tmp_path: Path, name: str) -> None:
+    path = _write(tmp_path, "c.csv", f"MRN,{name}\nP1,x\n".encode())
+    cohort = CohortFile.read(path)
+    assert cohort.rows[0].patient_id == "P1"
+    assert cohort.extra_columns == (name,)
+    report = cohort.write_report(tmp_path / "r.csv", ["result"], {2: ["ok"]})
+    assert report.read_text().splitlines()[0] == f"MRN,{name},result"
+
+
+def test_identifier_only_under_an_unknown_name_says_the_accepted_names(tmp_path: Path) -> None:
+    path = _write(tmp_path, "c.csv", b"Requisition\nR1\n")
+    with pytest.raises(CohortError, match=r"no header row.*Acc#.*MRN"):
+        CohortFile.read(path)
