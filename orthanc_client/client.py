@@ -35,7 +35,11 @@ def _settings(settings: OrthancConnection | None, overrides: dict[str, Any]
         return OrthancSettings(**given)
     # model_copy(update=...) skips validation: a plain-str password would stay a str (shown
     # by repr, and breaking auth()) and an overriding URL would go unchecked. Re-validate.
-    return type(settings).model_validate({**dict(settings), **given}) if given else settings
+    if not given:
+        return settings
+    checked = type(settings).model_validate({**dict(settings), **given})
+    checked._credentials_source = settings.credentials_source
+    return checked
 
 
 def _client_options(settings: OrthancConnection, transport: Any) -> dict[str, Any]:

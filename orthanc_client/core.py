@@ -133,7 +133,9 @@ def _orthanc_body(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def http_error(call: Call, response: httpx.Response) -> OrthancHTTPError:
+def http_error(call: Call, response: httpx.Response,
+               credentials: str = "the ORTHANC_USERNAME / ORTHANC_PASSWORD environment "
+                                  "variables") -> OrthancHTTPError:
     """Build the error for an HTTP error answer, from Orthanc's JSON body when present."""
     body = _orthanc_body(response)
     status = response.status_code
@@ -158,7 +160,7 @@ def http_error(call: Call, response: httpx.Response) -> OrthancHTTPError:
         if fields["dimse_status"]:
             message += f", DIMSE status {fields['dimse_status']}"
     if cls is OrthancUnauthorized:
-        message += ": check the username and password (ORTHANC_USERNAME / ORTHANC_PASSWORD)"
+        message += f": check the username and password of {credentials}"
     elif cls is OrthancNotFound and call.route.startswith(("/modalities/{name}", "/peers/{name}")):
         kind = "modality" if call.route.startswith("/modalities") else "peer"
         message += f": Orthanc has no {kind} of that name in its configuration"
@@ -254,7 +256,7 @@ def _give_up(error: OrthancError, retried: bool) -> OrthancError:
     return error
 
 
-def request(call: Call, policy: RetryPolicy, base_url: str) -> Steps[Any]:
+def request(call: Call, policy: RetryPolicy, base_url: str, credentials: str = "") -> Steps[Any]:
     """Send ``call``; retry it on the failures ``retried_here`` owns; translate errors; decode.
 
     Errors raised after this layer's retries carry ``retry_later = False``, so a Prefect task
@@ -263,7 +265,7 @@ def request(call: Call, policy: RetryPolicy, base_url: str) -> Steps[Any]:
     delays = policy.delays()
     while True:
         outcome = yield Send(call)
-        error = _failure(call, outcome, base_url)
+        error = _failure(call, outcome, base_url, credentials)
         if error is None:
             return decode(call, outcome)
         owned = retried_here(call, error)
@@ -273,16 +275,17 @@ def request(call: Call, policy: RetryPolicy, base_url: str) -> Steps[Any]:
         yield Sleep(delay)
 
 
-def _failure(call: Call, outcome: Any, base_url: str) -> OrthancError | None:
+def _failure(call: Call, outcome: Any, base_url: str, credentials: str) -> OrthancError | None:
     if isinstance(outcome, httpx.RequestError):  # transport, decoding, redirect loops
         return transport_error(call, outcome, base_url)
     assert isinstance(outcome, httpx.Response)
     if outcome.is_error:
-        return http_error(call, outcome)
+        return http_error(call, outcome, *([credentials] if credentials else []))
     return None
 
 
-def download(call: Call, dest: Path, policy: RetryPolicy, base_url: str) -> Steps[ArchiveResult]:
+def download(call: Call, dest: Path, policy: RetryPolicy, base_url: str,
+             credentials: str = "") -> Steps[ArchiveResult]:
     """Stream ``call``'s body to ``dest`` atomically, with byte count and SHA-256.
 
     The body goes to a temporary file beside ``dest`` and is renamed only when complete, so a
@@ -298,7 +301,7 @@ def download(call: Call, dest: Path, policy: RetryPolicy, base_url: str) -> Step
         if outcome is None:
             return sink.commit()
         sink.abort()
-        error = _failure(call, outcome, base_url)
+        error = _failure(call, outcome, base_url, credentials)
         if error is None:  # a 2xx answer with no body streamed cannot happen; be explicit
             raise OrthancArchiveError(f"{call.method} {call.route}: download ended without data")
         owned = retried_here(call, error)

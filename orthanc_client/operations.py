@@ -156,7 +156,8 @@ class Operations:
         if gate is not None and call.method == "POST" and call.route.startswith(
                 core._DICOM_ROUTES):
             gate(call.route)  # the one place every DICOM exchange passes
-        return core.request(call, self._policy(), self.settings.safe_url)
+        return core.request(call, self._policy(), self.settings.safe_url,
+                            self.settings.credentials_source)
 
     def _get(self, path: str, route: str, params: Mapping[str, str] | None = None,
              expect: core.Expect = "json") -> Steps[Any]:
@@ -596,7 +597,8 @@ class Operations:
     # ------------------------------------------------------------ archives
 
     def _download(self, call: Call, dest: Path) -> Steps[ArchiveResult]:
-        return core.download(call, Path(dest), self._policy(), self.settings.safe_url)
+        return core.download(call, Path(dest), self._policy(), self.settings.safe_url,
+                             self.settings.credentials_source)
 
     @operation
     def download_resource_archive(self, level: Level | str, resource_id: str,

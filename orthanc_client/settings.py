@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["OrthancConnection", "OrthancSettings"]
@@ -55,6 +55,18 @@ class OrthancConnection(BaseModel):
         "only layer that retries them."))
     backoff: float = Field(
         0.5, ge=0, description="First retry delay in seconds (doubles, jittered).")
+    #: where the username and password came from, set by whoever knows better (a block)
+    _credentials_source: str = PrivateAttr("")
+
+    @property
+    def credentials_source(self) -> str:
+        """Where the username and password came from, to name in an unauthorized error
+        (never the values): e.g. "the ORTHANC_USERNAME / ORTHANC_PASSWORD environment
+        variables" or "the OrthancCredentials block 'research'"."""
+        return self._credentials_source or self._default_credentials_source()
+
+    def _default_credentials_source(self) -> str:
+        return "the username and password given to the client"
 
     @field_validator("url")
     @classmethod
@@ -70,7 +82,9 @@ class OrthancConnection(BaseModel):
     def connection(self) -> OrthancConnection:
         """Just the connection fields, as a plain (frozen) ``OrthancConnection``."""
         values = {name: getattr(self, name) for name in OrthancConnection.model_fields}
-        return _FrozenConnection.model_validate(values)
+        frozen = _FrozenConnection.model_validate(values)
+        frozen._credentials_source = self.credentials_source
+        return frozen
 
     @property
     def safe_url(self) -> str:
@@ -109,3 +123,6 @@ class OrthancSettings(BaseSettings, OrthancConnection):
 
     model_config = SettingsConfigDict(env_prefix="ORTHANC_", extra="ignore", frozen=True,
                                       hide_input_in_errors=True)
+
+    def _default_credentials_source(self) -> str:
+        return "the ORTHANC_USERNAME / ORTHANC_PASSWORD environment variables"

@@ -27,8 +27,14 @@ from prefect_orthanc.orthanc_client import (
     OrthancConnection,
     OrthancSettings,
 )
+from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
-__all__ = ["OrthancCredentials", "load_credentials"]
+__all__ = ["CredentialsBlockMissing", "OrthancCredentials", "load_credentials"]
+
+
+class CredentialsBlockMissing(SafeMessageError, ValueError):
+    """No ``OrthancCredentials`` block is saved under the name given (a block name is not
+    PHI: the message names it, and how to create it)."""
 
 
 class OrthancCredentials(Block, OrthancConnection):
@@ -58,7 +64,14 @@ class OrthancCredentials(Block, OrthancConnection):
     @classmethod
     def from_settings(cls, settings: OrthancConnection) -> OrthancCredentials:
         """The block holding ``settings``' values (e.g. ``OrthancSettings()``: the environment)."""
-        return cls.model_validate(settings.connection().model_dump())
+        block = cls.model_validate(settings.connection().model_dump())
+        block._credentials_source = settings.credentials_source
+        return block
+
+    def _default_credentials_source(self) -> str:
+        name = getattr(self, "_block_document_name", None)
+        return (f"the OrthancCredentials block {name!r}" if name
+                else "an OrthancCredentials block not saved")
 
     @classmethod
     def from_env(cls) -> OrthancCredentials:
@@ -83,7 +96,8 @@ def load_credentials(block: str | None) -> OrthancCredentials:
     read from the ``ORTHANC_*`` environment variables (``OrthancCredentials.from_env``): what
     the ``credentials_block`` parameter of every flow of this package means.
 
-    Raises ``ValueError`` when no block of that name is saved.
+    Raises ``CredentialsBlockMissing`` (a ``ValueError``) when no block of that name is
+    saved: its message names the block and how to create one.
 
     Example:
         ```python
@@ -95,4 +109,14 @@ def load_credentials(block: str | None) -> OrthancCredentials:
         return OrthancCredentials.from_env()
     # _sync: a blocking load even when called from an async flow (Prefect's async_dispatch
     # would hand back a coroutine there)
-    return cast(OrthancCredentials, OrthancCredentials.load(block, _sync=True))  # type: ignore[call-arg]
+    try:
+        loaded = OrthancCredentials.load(block, _sync=True)  # type: ignore[call-arg]
+    except ValueError as error:
+        if "Unable to find block document" not in str(error):
+            raise
+        raise CredentialsBlockMissing(
+            f"no OrthancCredentials block named {block!r} on the Prefect server: create it "
+            f"with `python -m prefect_orthanc.deployments setup` (ORTHANC_* variables set), "
+            f"or `OrthancCredentials(url=..., username=..., password=...).save({block!r})`, "
+            f"or in the UI (Blocks); or pass the name of an existing one") from None
+    return cast(OrthancCredentials, loaded)

@@ -216,3 +216,19 @@ def test_unsafe_error_in_a_flow_and_its_subflow_is_withheld(lab):
     # the child's TaskFailure is itself PHI-free: the parent shows it as it is
     assert flow_message == ("Flow run encountered an exception: TaskFailure: unsafe-child "
                             f"failed with HTTPStatusError; {WITHHELD}")
+
+
+def test_missing_credentials_block_named_with_how_to_create_it(tmp_path):
+    """Found by a tester: a misspelt credentials_block ended "ValueError; details withheld".
+    A block name is not PHI: the run's state names it and how to create one."""
+    from prefect_orthanc.flows.collection import collect_cohort
+
+    cohort = tmp_path / "c.csv"
+    cohort.write_text("accession_number\nA-SECRET-1\n")
+    message, _, logs = _seen(lambda **kw: collect_cohort(
+        cohort_file=str(cohort), report_dir=str(tmp_path), credentials_block="nosuchblock",
+        dry_run=True, **kw))
+    assert "no OrthancCredentials block named 'nosuchblock'" in message
+    assert "python -m prefect_orthanc.deployments setup" in message
+    assert ".save('nosuchblock')" in message
+    assert WITHHELD not in message and "A-SECRET-1" not in message + logs

@@ -108,3 +108,32 @@ def test_the_password_never_shows(caplog):
     again = pickle.loads(pickle.dumps(block))
     assert again.password.get_secret_value() == PASSWORD
     assert "password" in OrthancCredentials.model_json_schema()["secret_fields"]
+
+
+@pytest.mark.parametrize("origin", ["block", "environment", "arguments"])
+def test_unauthorized_names_where_the_credentials_came_from(router, transport, monkeypatch,
+                                                             origin):
+    """Found by a tester: a block's wrong password was blamed on ORTHANC_USERNAME/PASSWORD."""
+    from prefect_orthanc.orthanc_client import Orthanc, OrthancUnauthorized
+
+    router.get("/system").mock(return_value=httpx.Response(401))
+    if origin == "block":
+        block = OrthancCredentials(url=BASE, username="svc", password=PASSWORD)
+        block._block_document_name = "badpw"  # what Block.load("badpw") sets
+        settings: OrthancConnection = block.settings()
+        expected = "the OrthancCredentials block 'badpw'"
+    elif origin == "environment":
+        monkeypatch.setenv("ORTHANC_URL", BASE)
+        monkeypatch.setenv("ORTHANC_USERNAME", "svc")
+        monkeypatch.setenv("ORTHANC_PASSWORD", PASSWORD)
+        settings = OrthancCredentials.from_env().settings()  # load_credentials(None)
+        expected = "the ORTHANC_USERNAME / ORTHANC_PASSWORD environment variables"
+    else:
+        settings = OrthancConnection(url=BASE, username="svc", password=PASSWORD)
+        expected = "the username and password given to the client"
+    with Orthanc(settings, transport=transport, retries=0) as orthanc:
+        with pytest.raises(OrthancUnauthorized) as caught:
+            orthanc.system()
+    assert str(caught.value).endswith(f"check the username and password of {expected}")
+    assert PASSWORD not in str(caught.value)
+    assert PASSWORD not in repr(pickle.loads(pickle.dumps(caught.value)).__dict__)
