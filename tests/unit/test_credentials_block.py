@@ -131,9 +131,9 @@ def test_unauthorized_names_where_the_credentials_came_from(router, transport, m
     else:
         settings = OrthancConnection(url=BASE, username="svc", password=PASSWORD)
         expected = "the username and password given to the client"
-    with Orthanc(settings, transport=transport, retries=0) as orthanc:
-        with pytest.raises(OrthancUnauthorized) as caught:
-            orthanc.system()
+    with Orthanc(settings, transport=transport, retries=0) as orthanc, \
+            pytest.raises(OrthancUnauthorized) as caught:
+        orthanc.system()
     assert str(caught.value).endswith(f"check the username and password of {expected}")
     assert PASSWORD not in str(caught.value)
     assert PASSWORD not in repr(pickle.loads(pickle.dumps(caught.value)).__dict__)
