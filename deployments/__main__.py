@@ -17,6 +17,16 @@ from prefect_orthanc.orthanc_client import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input is answered in one line, exit status 1 (``answer``)."""
+    from prefect_orthanc.tasks.command_line import answer
+
+    if argv is None:
+        argv = sys.argv[1:]
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    return answer(command or "prefect_orthanc.deployments", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefect_orthanc.deployments",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
                              help="a prefect.yaml of your own (default: the shipped one)")
     commands.add_parser("stack", add_help=False, help="a production-shaped stack on this "
                         "machine: `stack up|status|down --help`")
-    if argv is None:
-        argv = sys.argv[1:]
     if argv[:1] == ["stack"]:
         try:
             from prefect_orthanc.deployments.multihost.cli import main as stack
@@ -61,13 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     if args.command == "init":
-        from prefect_orthanc.deployments.files import TemplateExists, copy_templates
+        from prefect_orthanc.deployments.files import copy_templates
 
-        try:
-            written = copy_templates(args.directory)
-        except TemplateExists as error:
-            print(f"init: {error}", file=sys.stderr)
-            return 1
+        written = copy_templates(args.directory)
         for path in written:
             print(f"wrote {path}")
         print("next: edit prefect.yaml (schedules, parameters; add your own flows), then "
@@ -88,14 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.full_name}: {when}; {len(spec.triggers)} trigger(s)")
         return 0
     if args.command == "setup":
-        from prefect_orthanc.deployments.setup import SetupError, setup
-        from prefect_orthanc.flows.site import SiteError
+        from prefect_orthanc.deployments.setup import setup
 
-        try:
-            done = setup(rotate_secret=args.rotate_secret)
-        except (SiteError, SetupError) as error:
-            print(f"setup: {error}", file=sys.stderr)
-            return 1
+        done = setup(rotate_secret=args.rotate_secret)
         for what, outcome in done.items():
             print(f"{what}: {outcome}")
         return 0

@@ -40,6 +40,9 @@ def copy_templates(directory: str | Path = ".") -> list[Path]:
     """Write ``prefect.yaml`` and ``orthanc/study_events.lua`` into ``directory``; returns the
     paths written. Raises ``TemplateExists`` (writing nothing) if either exists already."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise TemplateExists(f"{directory} is a file, not a directory: give your Prefect "
+                             f"project's directory (nothing was written)")
     targets = {directory / name: source for name, source in TEMPLATES.items()}
     existing = [str(path) for path in targets if path.exists()]
     if existing:

@@ -71,9 +71,11 @@ def setup(settings: DeploymentSettings | None = None, *, rotate_secret: bool = F
           ) -> dict[str, str]:
     """Create or update what the deployments need; returns what was done, by object.
 
-    Checks before it saves anything: the data directory (``SiteError``), the research
-    Orthanc's URL and credentials (a ``GET /system`` with them) and the de-identification
-    secret (``SetupError``: too short, or different from the saved one without
+    Checks before it saves anything: that ``PREFECT_API_URL`` names a Prefect server
+    (``SetupError`` otherwise: Prefect would start a temporary server for this process, and
+    everything setup made would vanish when it exits), the data directory (``SiteError``),
+    the research Orthanc's URL and credentials (a ``GET /system`` with them) and the
+    de-identification secret (``SetupError``: too short, or different from the saved one without
     ``rotate_secret``)."""
     from prefect.blocks.system import Secret
 
@@ -82,6 +84,7 @@ def setup(settings: DeploymentSettings | None = None, *, rotate_secret: bool = F
     from prefect_orthanc.orthanc_client import OrthancError
     from prefect_orthanc.tasks import OrthancCredentials, ensure_limits
 
+    _require_api_url()
     settings = settings or DeploymentSettings()
     site = SiteSettings.load()  # SiteError before anything is created: outside the checkout
     credentials = OrthancCredentials.from_env()
@@ -109,6 +112,17 @@ def setup(settings: DeploymentSettings | None = None, *, rotate_secret: bool = F
     else:
         done[f"block secret/{settings.secret_block}"] = f"skipped: {SECRET_ENV} is not set"
     return done
+
+
+def _require_api_url() -> None:
+    """``SetupError`` unless a Prefect server is named (environment or Prefect profile)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise SetupError("PREFECT_API_URL is not set, so setup would configure a temporary "
+                         "Prefect server that vanishes when it exits: start `prefect server "
+                         "start` and set PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect "
+                         "config set PREFECT_API_URL=...`), then run setup again")
 
 
 def _server_for_crashes(settings: DeploymentSettings) -> dict[str, str]:

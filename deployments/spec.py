@@ -212,7 +212,8 @@ def load(path: str | Path | Traversable = PREFECT_YAML) -> list[DeploymentSpec]:
     every problem found. File entrypoints (``flows/mine.py:my_flow``) are relative to the
     file's directory."""
     source = Path(path) if isinstance(path, str | os.PathLike) else path
-    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    with source.open(encoding="utf-8") as stream:  # a YAML error then names the file
+        raw = yaml.safe_load(stream)
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: not a mapping")

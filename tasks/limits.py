@@ -201,6 +201,13 @@ async def list_limits() -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``prefect-orthanc-limits`` command; bad input answered in one line (``answer``)."""
+    from prefect_orthanc.tasks.command_line import answer
+
+    return answer("prefect-orthanc-limits", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="prefect-orthanc-limits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("limits", nargs="*", metavar="MODALITY=N",
