@@ -34,8 +34,8 @@ from prefect_orthanc.orthanc_client.errors import SafeMessageError
 __all__ = ["answer", "one_line"]
 
 
-def _settings_classes(base: type = BaseSettings) -> list[type]:
-    found = []
+def _settings_classes(base: type[BaseSettings] = BaseSettings) -> list[type[BaseSettings]]:
+    found: list[type[BaseSettings]] = []
     for sub in base.__subclasses__():
         found += [sub, *_settings_classes(sub)]
     return found
