@@ -5,6 +5,9 @@
     python -m prefect_orthanc.deployments setup          # work pool, PACS limits, blocks
     python -m prefect_orthanc.deployments serve [--only NAME] [--replace] [--file PATH]
     python -m prefect_orthanc.deployments stack up|status|down ...  # from a checkout only
+
+check and serve read --file, else ./prefect.yaml when the current directory has one, else the
+shipped template; they say which.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from prefect_orthanc.orthanc_client import __version__
 
@@ -51,7 +55,8 @@ def _main(argv: list[str]) -> int:
                        help="delete same-named deployments made by `prefect deploy` first")
     for command in (check, serve):
         command.add_argument("--file", metavar="PATH", default=None,
-                             help="a prefect.yaml of your own (default: the shipped one)")
+                             help="a prefect.yaml of your own (default: ./prefect.yaml if "
+                                  "there is one, else the shipped template)")
     commands.add_parser("stack", add_help=False, help="a production-shaped stack on this "
                         "machine: `stack up|status|down --help`")
     if argv[:1] == ["stack"]:
@@ -80,8 +85,9 @@ def _main(argv: list[str]) -> int:
     if args.command == "check":
         from prefect_orthanc.deployments.spec import SpecError, load
 
+        own = _prefect_yaml(args.file)
         try:
-            specs = load(args.file) if args.file else load()
+            specs = load(own) if own else load()
         except SpecError as error:
             print("prefect.yaml: INVALID\n  " + str(error).replace("; ", "\n  "),
                   file=sys.stderr)
@@ -100,8 +106,23 @@ def _main(argv: list[str]) -> int:
         return 0
     from prefect_orthanc.deployments.serve import serve as serve_all
 
-    serve_all(set(args.only) if args.only else None, replace=args.replace, path=args.file)
+    own = _prefect_yaml(args.file)
+    serve_all(set(args.only) if args.only else None, replace=args.replace, path=own)
     return 0
+
+
+def _prefect_yaml(given: str | None) -> Path | None:
+    """The prefect.yaml to read: ``--file``, else ./prefect.yaml if there is one, else None
+    (the shipped template); said on stdout."""
+    from prefect_orthanc.deployments.files import PREFECT_YAML
+
+    path = Path(given) if given else Path("prefect.yaml")
+    if given or path.is_file():
+        print(f"reading {path}", flush=True)
+        return path
+    print(f"reading the shipped template {PREFECT_YAML} (no ./prefect.yaml here; --file "
+          f"names another)", flush=True)
+    return None
 
 
 if __name__ == "__main__":

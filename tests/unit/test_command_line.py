@@ -94,3 +94,19 @@ def test_init_on_a_file_writes_nothing(tmp_path):
     line = _one_line(_run(["init", "somefile"], tmp_path))
     assert line.startswith("init: somefile is a file, not a directory")
     assert (tmp_path / "somefile").read_text() == "mine"
+
+
+def test_check_reads_the_projects_own_prefect_yaml(tmp_path):
+    """Found by a tester: without --file, check and serve read the shipped template even in a
+    project with its own prefect.yaml."""
+    (tmp_path / "prefect.yaml").write_text("deployments: []\nschedule_typo: 1\n")
+    done = _run(["check"], tmp_path)
+    assert done.stdout.startswith("reading prefect.yaml\n")
+    assert done.returncode == 1 and "unknown keys ['schedule_typo']" in done.stderr
+
+
+def test_check_without_a_prefect_yaml_reads_the_shipped_template(tmp_path):
+    done = _run(["check"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("reading the shipped template ")
+    assert "collect-research-cohort/" in done.stdout
