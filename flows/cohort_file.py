@@ -59,10 +59,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.uid import RE_VALID_UID
 
+from prefect_orthanc.flows.site import DATA_DIR_ENV, SiteSettings
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
 
 __all__ = ["COLUMN_ALIASES", "KEY_COLUMNS", "CohortError", "CohortFile", "CohortRow",
-           "is_study_date", "looks_like_identifier", "read_cohort", "study_date"]
+           "is_study_date", "looks_like_identifier", "read_cohort", "resolve_cohort_file",
+           "study_date"]
 
 KEY_COLUMNS = ("accession_number", "patient_id", "study_instance_uid")
 _COLUMNS = (*KEY_COLUMNS, "study_date")
@@ -149,7 +151,9 @@ class CohortFile:
         and column (never a cell's value)."""
         path = Path(path)
         if not path.is_file():
-            raise CohortError(f"cohort file not found: {path}")
+            where = "" if path.is_absolute() else f" (relative to the working directory " \
+                                                  f"{Path.cwd()})"
+            raise CohortError(f"cohort file not found: {path}{where}")
         encoding, text = _decode(path)
         delimiter, terminator, header_at, records = _records(path.name, text)
         header = records[header_at]
@@ -213,16 +217,42 @@ class CohortFile:
         return target
 
 
+def resolve_cohort_file(value: str | Path, given_as: str = "the cohort_file parameter"
+                        ) -> Path:
+    """The cohort file ``value`` names, as the flows find it: a relative path under
+    ``PREFECT_ORTHANC_DATA_DIR`` (``flows.site``), never the working directory; an absolute
+    one as given.
+
+    Raises:
+        CohortError: No file there; names the path looked at, and what it was relative to.
+        SiteError: The data directory or the path is unusable (inside the code).
+    """
+    site = SiteSettings.load()
+    path = site.path(value, "cohort_file")
+    if not path.is_file():
+        where = ("" if Path(value).expanduser().is_absolute() else
+                 f" (relative to {DATA_DIR_ENV}={site.data_dir})")
+        raise CohortError(f"cohort file not found: {path}: put the cohort there or set "
+                          f"{given_as}{where}")
+    return path
+
+
 def read_cohort(path: str | Path) -> list[CohortRow]:
-    """The checked rows of a cohort file (``CohortFile.read``); ``CohortError`` otherwise.
+    """The checked rows of a cohort file; a relative ``path`` is under
+    ``PREFECT_ORTHANC_DATA_DIR``, as the flows' ``cohort_file`` (``resolve_cohort_file``).
+
+    Raises:
+        CohortError: No such file (naming where it looked), or a malformed one
+            (``CohortFile.read``: every bad line and column named, never a cell).
+        SiteError: The data directory is unusable.
 
     Example:
         ```python
-        rows = read_cohort("cohorts/lung.csv")
+        rows = read_cohort("cohorts/lung.csv")  # $PREFECT_ORTHANC_DATA_DIR/cohorts/lung.csv
         rows[0].index, rows[0].query()  # its line number, its C-FIND keys
         ```
     """
-    return list(CohortFile.read(path).rows)
+    return list(CohortFile.read(resolve_cohort_file(path, "another path")).rows)
 
 
 def _decode(path: Path) -> tuple[str, str]:

@@ -10,7 +10,8 @@ Example:
     ```python
     from prefect_orthanc.flows.collection import collect_cohort
 
-    collect_cohort(cohort_file="cohorts/lung.csv", project="lung-2026")  # under the data dir
+    collect_cohort(cohort_file="cohorts/lung.csv", project="lung-2026",  # under the data dir
+                   credentials_block="research")  # the block `setup` saved (None: ORTHANC_*)
     ```
 """
 
@@ -37,10 +38,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
 from prefect_orthanc.flows.cohort import CollectionRequest, Criteria, TimeWindow
-from prefect_orthanc.flows.cohort_file import CohortError, CohortFile, CohortRow
+from prefect_orthanc.flows.cohort_file import (
+    CohortFile,
+    CohortRow,
+    resolve_cohort_file,
+)
 from prefect_orthanc.flows.parameters import described_by, request_from
 from prefect_orthanc.flows.planning import PlanRow, RowStatus, plan_criteria, plan_rows
-from prefect_orthanc.flows.site import DATA_DIR_ENV, SiteError, SiteSettings
+from prefect_orthanc.flows.site import SiteError, SiteSettings
 from prefect_orthanc.flows.states import cancel_run, fail_run, stop_run
 from prefect_orthanc.flows.window import OutsideWindow, admit, window_gate
 from prefect_orthanc.orthanc_client import (
@@ -264,12 +269,7 @@ def _checked_request(values: dict[str, Any]) -> tuple[CollectionRequest, CohortF
     updates = {"report_dir": str(site.path(request.report_dir, "report_dir"))}
     cohort = None
     if request.cohort_file:
-        path = site.path(request.cohort_file, "cohort_file")
-        if not path.is_file():
-            where = ("" if Path(request.cohort_file).expanduser().is_absolute() else
-                     f" (relative to {DATA_DIR_ENV}={site.data_dir})")
-            raise CohortError(f"cohort file not found: {path}: put the cohort there or set "
-                              f"the cohort_file parameter{where}")
+        path = resolve_cohort_file(request.cohort_file)
         updates["cohort_file"] = str(path)
         cohort = CohortFile.read(path)  # a malformed file: every bad line and column named
     return request.model_copy(update=updates), cohort
@@ -309,13 +309,15 @@ def collect_cohort(
         slot wait past its bound) end the run Failed with a one-line message, not an exception.
 
     Raises:
-        ValueError: ``credentials_block`` names no saved ``OrthancCredentials`` block.
+        CredentialsBlockMissing: ``credentials_block`` names no saved ``OrthancCredentials``
+            block (the message names it and how to create one).
         OrthancError: The research Orthanc did not answer, or refused the credentials, when the
             run started.
 
     Example:
         ```python
         collect_cohort(cohort_file="cohorts/lung.csv", project="lung-2026", concurrency=4,
+                       credentials_block="research",  # the block `setup` saved
                        time_window=TimeWindow(start="19:00", end="07:00",
                                               timezone="Europe/Brussels"))
         ```

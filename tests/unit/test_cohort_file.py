@@ -266,3 +266,27 @@ def test_identifier_only_under_an_unknown_name_says_the_accepted_names(tmp_path:
     path = _write(tmp_path, "c.csv", b"Requisition\nR1\n")
     with pytest.raises(CohortError, match=r"no header row.*Acc#.*MRN"):
         CohortFile.read(path)
+
+
+def test_read_cohort_reads_relative_paths_under_the_data_directory(tmp_path, monkeypatch):
+    """As the flows' cohort_file: a task a user writes finds the same file, wherever it runs."""
+    from prefect_orthanc.flows.cohort_file import read_cohort
+
+    data = tmp_path / "data"
+    (data / "cohorts").mkdir(parents=True)
+    (data / "cohorts" / "lung.csv").write_text("Accession\nA1\n")
+    monkeypatch.setenv("PREFECT_ORTHANC_DATA_DIR", str(data))
+    monkeypatch.chdir(tmp_path)
+    assert [row.accession_number for row in read_cohort("cohorts/lung.csv")] == ["A1"]
+    with pytest.raises(CohortError) as caught:
+        read_cohort("cohorts/absent.csv")
+    assert str(caught.value) == (
+        f"cohort file not found: {data / 'cohorts' / 'absent.csv'}: put the cohort there or "
+        f"set another path (relative to PREFECT_ORTHANC_DATA_DIR={data})")
+
+
+def test_cohort_file_read_says_what_a_relative_path_was_relative_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CohortError, match=rf"^cohort file not found: c\.csv \(relative to the "
+                                          rf"working directory {tmp_path}\)$"):
+        CohortFile.read("c.csv")
