@@ -24,7 +24,10 @@ __all__ = ["serve"]
 
 async def _worker_deployments(names: list[str], delete: bool) -> list[str]:
     """Which of these deployments exist on a work pool (made by ``prefect deploy``); with
-    ``delete``, remove them so ``serve`` can own the names."""
+    ``delete``, remove them so ``serve`` can own the names, and the automations their
+    triggers made (``prefect deploy`` creates each as ``<deployment>__automation_<n>``, owned
+    by the resource ``prefect.deployment.<id>``; deleting the deployment leaves them, each
+    event then failing a run-deployment action on a deployment that is gone)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -38,6 +41,8 @@ async def _worker_deployments(names: list[str], delete: bool) -> list[str]:
             if deployment.work_pool_name:
                 found.append(f"{name} (work pool {deployment.work_pool_name})")
                 if delete:
+                    await client.delete_resource_owned_automations(
+                        f"prefect.deployment.{deployment.id}")
                     await client.delete_deployment(deployment.id)
     return found
 
