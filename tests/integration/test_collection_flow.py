@@ -413,3 +413,39 @@ def test_a_row_the_pacs_answers_unreadably_fails_alone(research_env, research, p
     assert rows[0].status == "query_failed", rows  # dcmqrscp answers in ISO 2022 IR 87
     assert rows[0].note.startswith("query_failed: ")
     assert state.is_failed() and "1 row(s) could not be queried" in state.message
+
+
+def test_export_column_names_narrow_the_query_and_unread_ones_are_refused(
+        research_env, research, pacs_peer, cohort, tmp_path):
+    """Found by a tester: 'Patient ID;Accession' read only the patient ID, so a dry run matched
+    every study of the patient. The export's names are read; a column that looks like an
+    identifier but is not read fails the run before the PACS, naming the column only."""
+    from prefect.logging.handlers import APILogHandler
+
+    first, second = (s for s in cohort.studies if s.patient_id == cohort.studies[0].patient_id)
+    path = tmp_path / "acc3.csv"
+    path.write_text(f"Patient ID;Accession;Site\n{first.patient_id};{second.accession};x\n")
+    state = collect_cohort(cohort_file=str(path), project="acc3",
+                           source_modality=pacs_peer.modality, dry_run=True, return_state=True)
+    report = state.result()
+    assert report.studies_found == 1, state.message  # the accession's study, not the patient's 2
+    APILogHandler().flush()
+    flow_run_id = state.state_details.flow_run_id
+
+    async def logs() -> str:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        async with get_client() as client:
+            found = await client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        return "\n".join(log.message for log in found)
+
+    assert "cohort acc3.csv: columns carried along unread: Site" in asyncio.run(logs())
+
+    path.write_text(f"Patient ID;Order No\n{first.patient_id};{second.accession}\n")
+    state = collect_cohort(cohort_file=str(path), project="acc3",
+                           source_modality=pacs_peer.modality, dry_run=True, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("collection not started: acc3.csv: the header (line 1) has "
+                                    "column(s) 'Order No' that look like identifiers")
+    assert second.accession not in state.message and first.patient_id not in state.message
