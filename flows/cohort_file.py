@@ -371,6 +371,12 @@ def _records(filename: str, text: str) -> tuple[str, str, int, list[Record]]:
                       _kind(line, delimiter), line.rstrip("\r\n"))
                for i, line in enumerate(lines[:header_index])]
     header = lines[header_index]
+    try:  # strictly, as the rows: an unclosed quote is not repaired into a column name
+        next(csv.reader([header.rstrip("\r\n")], delimiter=delimiter, strict=True))
+    except csv.Error:
+        raise CohortError(f"{filename}: line {header_index + 1} (the header): a quote opened "
+                          f"there is never closed, or text follows a closing quote (quote "
+                          f"whole names, or none)") from None
     records.append(Record(header_index + 1, "header", header.rstrip("\r\n"),
                           _cells(header, delimiter)))
     position = header_index + 1

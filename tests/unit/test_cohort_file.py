@@ -290,3 +290,14 @@ def test_cohort_file_read_says_what_a_relative_path_was_relative_to(tmp_path, mo
     with pytest.raises(CohortError, match=rf"^cohort file not found: c\.csv \(relative to the "
                                           rf"working directory {tmp_path}\)$"):
         CohortFile.read("c.csv")
+
+
+@pytest.mark.parametrize("header", ['patient_id,"accession', 'patient_id,"accession"x',
+                                    '"Patient ID";"Accession', 'MRN\t"Acc#'])
+def test_a_broken_quote_in_the_header_is_refused_not_repaired(tmp_path, header):
+    """Found by a tester: 'patient_id,"accession' was read as two columns and the report's
+    header rewritten."""
+    delimiter = ";" if ";" in header else "\t" if "\t" in header else ","
+    path = _write(tmp_path, "c.csv", f"{header}\nP1{delimiter}A1\n".encode())
+    with pytest.raises(CohortError, match=r"^c\.csv: line 1 \(the header\): a quote opened "):
+        CohortFile.read(path)
