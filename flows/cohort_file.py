@@ -86,6 +86,8 @@ _SUSPECT_TEXT = ("accession", "patient", "study", "studie", "uid", "mrn", "recor
 _NOTE_PREFIXES = ("note", "comment")
 _DELIMITERS = (",", ";", "\t", "|")
 _DATE = re.compile(r"^\d{8}$")
+#: how spreadsheets show a long number they took an identifier for: 8.00E+15, 1,23E+12
+_SPREADSHEET_NUMBER = re.compile(r"^\d+([.,]\d+)?E\+\d+$", re.IGNORECASE)
 #: lines before the header (titles, notes) looked through for it
 _PREAMBLE_LINES = 20
 _SHOWN_PROBLEMS = 20
@@ -439,6 +441,10 @@ def _check_row(values: Mapping[str, str]) -> str:
         problems.append("study_date is not YYYYMMDD")
     if any(ch in v for v in values.values() for ch in "*?\\"):
         problems.append("wildcards and backslashes are not allowed")
+    rewritten = [c for c in KEY_COLUMNS if _SPREADSHEET_NUMBER.match(values.get(c, ""))]
+    if rewritten:  # 8001234567890123 shown as 8.00E+15: the identifier is lost
+        problems.append(f"{', '.join(rewritten)} is a number a spreadsheet rewrote (like "
+                        f"8.00E+15): format the column as Text and export again")
     return ", ".join(problems)
 
 

@@ -436,6 +436,10 @@ def _run_plan(credentials: OrthancCredentials, request: CollectionRequest,
     if counts[RowStatus.QUERY_FAILED]:
         summary += (f"; {counts[RowStatus.QUERY_FAILED]} row(s) could not be queried (see "
                     f"the report)")
+    if plan and not found and not counts[RowStatus.QUERY_FAILED]:
+        summary = (f"nothing found: no row matched a study on {request.source_modality} "
+                   f"(check the cohort's identifiers and source_modality); {summary}")
+        logger.warning(summary)
     # the outcome in one line, at a level that reaches the run's logs whatever the site's
     # PREFECT_LOGGING_LEVEL (Prefect's own "Finished in state" line is INFO)
     if request.dry_run:

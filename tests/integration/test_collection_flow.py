@@ -449,3 +449,15 @@ def test_export_column_names_narrow_the_query_and_unread_ones_are_refused(
     assert state.message.startswith("collection not started: acc3.csv: the header (line 1) has "
                                     "column(s) 'Order No' that look like identifiers")
     assert second.accession not in state.message and first.patient_id not in state.message
+
+
+def test_a_run_that_finds_nothing_says_so(research_env, research, pacs_peer, tmp_path):
+    """Found by a tester: "0/0 studies complete ... not found 2" ended Completed, silently."""
+    path = _write(tmp_path / "none.csv", ["accession_number"], [["ACC00000000"], ["ACC00000001"]])
+    state = collect_cohort(cohort_file=str(path), project="none",
+                           source_modality=pacs_peer.modality, return_state=True)
+    assert state.is_completed()
+    assert state.message.startswith(f"nothing found: no row matched a study on "
+                                    f"{pacs_peer.modality} (check the cohort's identifiers "
+                                    f"and source_modality); 0/0 studies complete")
+    assert "ACC0000000" not in state.message

@@ -301,3 +301,19 @@ def test_a_broken_quote_in_the_header_is_refused_not_repaired(tmp_path, header):
     path = _write(tmp_path, "c.csv", f"{header}\nP1{delimiter}A1\n".encode())
     with pytest.raises(CohortError, match=r"^c\.csv: line 1 \(the header\): a quote opened "):
         CohortFile.read(path)
+
+
+@pytest.mark.parametrize("cell", ["8.00E+15", "8,00E+15", "1.23457e+11", "8E+15"])
+def test_identifiers_a_spreadsheet_turned_into_numbers_are_refused(tmp_path, cell):
+    """Found by a tester: an accession Excel showed as 8.00E+15 was merely 'not found'."""
+    path = _write(tmp_path, "c.csv", f'accession_number;patient_id\n"{cell}";P1\n'.encode())
+    with pytest.raises(CohortError, match=r"line 2: accession_number is a number a spreadsheet "
+                                          r"rewrote \(like 8\.00E\+15\): format the column as "
+                                          r"Text"):
+        CohortFile.read(path)
+
+
+@pytest.mark.parametrize("cell", ["ACC8E+15", "8.00E-15X", "E+15", "12345678"])
+def test_identifiers_that_only_resemble_numbers_pass(tmp_path, cell):
+    path = _write(tmp_path, "c.csv", f"accession_number\n{cell}\n".encode())
+    assert CohortFile.read(path).rows[0].accession_number == cell
