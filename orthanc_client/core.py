@@ -161,6 +161,9 @@ def http_error(call: Call, response: httpx.Response,
             message += f", DIMSE status {fields['dimse_status']}"
     if cls is OrthancUnauthorized:
         message += f": check the username and password of {credentials}"
+    elif cls is OrthancNotFound and call.route == "/system":  # every Orthanc has /system
+        message += (": no Orthanc REST API at this URL: check its host, port and path prefix "
+                    "(a reverse proxy's, e.g. https://host/orthanc)")
     elif cls is OrthancNotFound and call.route.startswith(("/modalities/{name}", "/peers/{name}")):
         kind = "modality" if call.route.startswith("/modalities") else "peer"
         message += f": Orthanc has no {kind} of that name in its configuration"

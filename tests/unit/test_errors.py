@@ -469,3 +469,13 @@ def test_store_job_network_failure_is_transient():
     other = OrthancJobFailed("job j failed", job_id="j", job_type="x", error_code=1,
                              error_description="x", error_details=None)
     assert not store_failure(other).transient
+
+
+def test_not_found_on_system_hints_at_the_url(router, orthanc):
+    """Found by a tester: ORTHANC_URL pointing at another web server gave a bare 404."""
+    router.get("/system").mock(return_value=httpx.Response(404, text="<html>Not Found</html>"))
+    with pytest.raises(OrthancNotFound) as caught:
+        orthanc.system()
+    assert str(caught.value) == ("GET /system failed: HTTP 404 (Not Found): no Orthanc REST API "
+                                 "at this URL: check its host, port and path prefix (a reverse "
+                                 "proxy's, e.g. https://host/orthanc)")
