@@ -66,7 +66,8 @@ def _prefect_api_url() -> str:
     url = PREFECT_API_URL.value() or ""
     parts = urlsplit(url)
     if parts.password or parts.username:  # never echo credentials
-        url = urlunsplit(parts._replace(netloc=parts.hostname or ""))
+        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        url = urlunsplit(parts._replace(netloc=host))
     return url
 
 
