@@ -2,7 +2,7 @@
 
 Each instance is pydicom's ``CT_small.dcm`` (a real scanner's header from the pydicom wheel's
 test files: private tags, sequences, dates, a patient identity) with its own UIDs, patient,
-instance number and slice position, and 512×512 16-bit pixels instead of 128×128: a body
+instance number and slice position, and 512x512 16-bit pixels instead of 128x128: a body
 phantom (air outside, noisy tissue inside) shifted from slice to slice, so an image compresses
 about as a CT slice does, not as zeros or as pure noise. Only the pixels are made up; the
 header is real, so the de-identification works on what a scanner writes.

@@ -141,7 +141,7 @@ def main() -> int:
                 timers.restore()
     totals, counts = timers.totals(), timers.counts()
     n = len(ids)
-    print(f"\n{n} {args.kind} studies × {instances} instances; cold run {cold:.2f} s, "
+    print(f"\n{n} {args.kind} studies x {instances} instances; cold run {cold:.2f} s, "
           f"timed warm run {warm:.2f} s wall ({warm / n:.3f} s per study)")
     print("| category | thread-s per study | calls per study |")
     print("|---|---|---|")

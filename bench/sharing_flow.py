@@ -9,8 +9,8 @@ a fresh process (so its peak RSS is its own), ``--concurrency`` studies at a tim
 * flow: ``share_studies`` to a directory, twice in the process: ``cold`` is the process's first
   flow run (Prefect's client, workers and imports warming up), ``warm`` the second
 
-Two cohorts (``--kind``): ``tiny`` (the lab's synthetic CT/MR studies, 16×16 pixels) and ``ct``
-(``bench.ct_studies``: a real CT header from pydicom's test files, 512×512 16-bit pixels).
+Two cohorts (``--kind``): ``tiny`` (the lab's synthetic CT/MR studies, 16x16 pixels) and ``ct``
+(``bench.ct_studies``: a real CT header from pydicom's test files, 512x512 16-bit pixels).
 
     .venv/bin/python bench/sharing_flow.py --kind ct --studies 10 --instances 100 --rounds 3
 
@@ -182,7 +182,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {median:.2f} | {median / n:.3f} | "
                      f"{', '.join(f'{v:.2f}' for v in values)} | "
                      f"{max(r['peak_mb'] for r in result['runs'][mode]):.0f} |")
-    lines.append(f"warm flow / raw: {result['warm_ratio']:.2f}× (per round: "
+    lines.append(f"warm flow / raw: {result['warm_ratio']:.2f}x (per round: "
                  f"{', '.join(f'{r:.2f}' for r in result['warm_ratios'])}); cold start adds "
                  f"{result['cold_extra_s']:.2f} s")
     return "\n".join(lines)
