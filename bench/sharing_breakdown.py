@@ -55,7 +55,9 @@ PYTHON_STEPS = [
     ("prefect_orthanc.flows.sharing.delivery:remove_staged", "ours: staging clean-up"),
     ("prefect_orthanc.flows.sharing.flow:remove_staged", "ours: staging clean-up"),
     ("prefect_orthanc.flows.sharing.deidentify:remove_staged", "ours: staging clean-up"),
-    ("prefect_orthanc.flows.sharing.pool:run_in_pool", "ours: waiting for the process pool"),
+    ("prefect_orthanc.flows.sharing.deidentify:package_files", "ours: write the package"),
+    ("prefect_orthanc.flows.sharing.deidentify:run_in_pool",
+     "ours: scan + identifiers (process pool: the wait)"),
 ]
 #: Prefect's UUIDs and Orthanc's IDs in paths, grouped
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

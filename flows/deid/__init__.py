@@ -41,6 +41,7 @@ from prefect_orthanc.flows.deid.scan import (
     ScanReport,
     identifiers_from,
     scan_dataset,
+    scan_package,
     scan_zip,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "pseudonym",
     "risk_reason",
     "scan_dataset",
+    "scan_package",
     "scan_zip",
     "shift_da",
     "shift_date",

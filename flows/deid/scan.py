@@ -54,6 +54,7 @@ __all__ = [
     "identifiers_from",
     "normalize",
     "scan_dataset",
+    "scan_package",
     "scan_zip",
 ]
 
@@ -722,3 +723,10 @@ def scan_zip(path: str | os.PathLike[str], identifiers: Identifiers, *,
                 instances += 1
     return ScanReport(members=members, instances=instances, findings=tuple(findings),
                       total_findings=total, clean=total == 0)
+
+
+def scan_package(path: str | os.PathLike[str], source_headers: list[bytes]) -> ScanReport:
+    """``scan_zip`` of the package at ``path`` against ``identifiers_from(source_headers)``
+    (the source files, e.g. cut before their pixel data). Takes and returns only bytes, paths
+    and a ``ScanReport``, so it can run in another process: the identifiers never leave it."""
+    return scan_zip(path, identifiers_from(source_headers))

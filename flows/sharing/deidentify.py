@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -11,18 +12,19 @@ from collections import Counter
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from prefect_orthanc.flows.deid import (
     Rewriter,
     build_request,
-    identifiers_from,
     risk_reason,
-    scan_zip,
+    scan_package,
 )
 from prefect_orthanc.flows.sharing.files import package_files
 from prefect_orthanc.flows.sharing.ledger import content_version
 from prefect_orthanc.flows.sharing.linkage import pending_linkage
 from prefect_orthanc.flows.sharing.models import SharedStudy, SharingOptions
+from prefect_orthanc.flows.sharing.pool import run_in_pool
 from prefect_orthanc.flows.sharing.staging import remove_staged, work_dir
 from prefect_orthanc.orthanc_client import Level
 from prefect_orthanc.tasks import OrthancCredentials, orthanc_task
@@ -65,9 +67,13 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
     with credentials.get_client() as orthanc:
         instance_ids = orthanc.instances(Level.STUDY, source_id)
         version = content_version(instance_ids)
-        sources = {i: dcmread(io.BytesIO(orthanc.instance_file(i)), stop_before_pixels=True,
-                              force=True) for i in instance_ids}  # headers only in memory
-        identifiers = identifiers_from(list(sources.values()))
+        sources: dict[str, Dataset] = {}
+        headers: list[bytes] = []  # each source file cut before its pixel data
+        for instance in instance_ids:  # headers only in memory
+            data = orthanc.instance_file(instance)
+            stream = io.BytesIO(data)
+            sources[instance] = dcmread(stream, stop_before_pixels=True, force=True)
+            headers.append(data[:stream.tell()])
         body, linkage = build_request(profile, secret, sources[instance_ids[0]])
         base = {"source_id": source_id, "content_version": version,
                 "instances_in": len(instance_ids), "pseudo_patient": linkage.patient_id,
@@ -96,7 +102,7 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         try:
             rewriter = Rewriter(profile, secret, linkage)
             parents: set[str] = set()
-            written: list[tuple[str, str, int, Path]] = []
+            written: list[tuple[str, str, str, int, Path]] = []
             for index, instance in enumerate(kept):
                 data = orthanc.request("POST", f"/instances/{instance}/anonymize", json=body,
                                        expect="bytes", long=True)
@@ -116,7 +122,8 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                 path = work / f"{index}.dcm"
                 path.write_bytes(data)
                 written.append((str(out.get("SeriesInstanceUID", "")),
-                                str(out.get("SOPInstanceUID", "")), len(data), path))
+                                str(out.get("SOPInstanceUID", "")),
+                                hashlib.sha256(data).hexdigest(), len(data), path))
             if not parents:
                 return SharedStudy(**base, outcome="quarantined", excluded=len(instance_ids)
                                    - len(kept), excluded_reasons=excluded,
@@ -127,12 +134,14 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
             stored = orthanc.request("GET", f"/studies/{new_id}/statistics")
             out_count = int(stored.get("CountInstances", 0))
             stored_size = stored.get("DicomUncompressedSize")
-            if stored_size is not None and int(stored_size) != sum(w[2] for w in written):
+            if stored_size is not None and int(stored_size) != sum(w[3] for w in written):
                 findings.append("the copy stored in Orthanc differs in size from the package")
             size, sha256 = package_files(_member_names(written), staged)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    report = scan_zip(staged, identifiers)
+    # the source identifiers and the scan, in a worker process (``pool``): pure Python that
+    # would otherwise hold the GIL the other studies' HTTP calls need
+    report = run_in_pool(scan_package, str(staged), headers)
     findings = [*(str(f) for f in report.findings), *findings]
     counts_ok = out_count == len(kept) and report.instances == out_count
     if not counts_ok:
@@ -156,11 +165,12 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                        verified=verified, findings=tuple(findings))
 
 
-def _member_names(written: list[tuple[str, str, int, Path]]) -> dict[str, Path]:
+def _member_names(written: list[tuple[str, str, str, int, Path]]) -> dict[str, Path]:
     """Package names that hold no value of the study: series and instances numbered in the
-    order of their (keyed, pseudonymous) UIDs, so the same study gets the same names."""
+    order of their (keyed, pseudonymous) UIDs, then of their content, so the same instances
+    get the same names whatever order they were made in."""
     series = {uid: number for number, uid in enumerate(sorted({w[0] for w in written}),
                                                        start=1)}
-    ordered = sorted(written, key=lambda w: (series[w[0]], w[1], str(w[3])))
-    return {f"SERIES{series[w[0]]:03d}/IM{index:05d}.dcm": w[3]
+    ordered = sorted(written, key=lambda w: (series[w[0]], w[1], w[2]))
+    return {f"SERIES{series[w[0]]:03d}/IM{index:05d}.dcm": w[4]
             for index, w in enumerate(ordered, start=1)}
