@@ -350,7 +350,7 @@ class _Collector:
             self.value(None, "MediaStorageSOPInstanceUID", "UI",
                        meta.MediaStorageSOPInstanceUID, "")
         if 0x00080005 in ds:  # the bytes below are read in this character set
-            charset = getattr(ds.get_item(0x00080005), "value", None)
+            charset = repr(getattr(ds.get_item(0x00080005), "value", None))
         for tag in ds.keys():
             raw = ds.get_item(tag)
             if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):

@@ -3,18 +3,22 @@
 A sharing run works on several studies at once, in threads, next to the two Orthanc servers
 on the same cores; the package scan and the source identifiers are pure Python and would
 hold the GIL that the threads' HTTP calls need. They run in worker processes instead: a
-``forkserver`` pool (workers fork from a clean single-threaded server process, never from
-the flow's threads), one worker per core, made on first use and kept for the process's later
-runs. What crosses to a worker is bytes and paths; what comes back is a PHI-free
-``ScanReport``. A pool that cannot start, or breaks (a worker killed), is dropped and the
-call runs in the calling thread: the same function, the same result.
+``spawn`` pool (fresh interpreters, never a fork of the flow's threads), one worker per
+core, made on first use and kept for the process's later runs. What crosses to a worker is
+bytes and paths; what comes back is a PHI-free ``ScanReport``. Workers die with the run's
+process (a killed run leaves none behind). A pool that cannot start, or breaks (a worker
+killed), is dropped and the call runs in the calling thread: the same function, the same
+result.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -24,12 +28,22 @@ from typing import Any, TypeVar
 __all__ = ["run_in_pool", "start_pool"]
 
 R = TypeVar("R")
-#: the module the workers load before their first task (its imports are the cost)
-PRELOAD = "prefect_orthanc.flows.deid.scan"
-
 _lock = threading.Lock()
 _pool: Executor | None = None
 _logger = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """In a worker: be killed when its parent (the run's process) dies, so a killed run
+    leaves no worker behind holding its pipes."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(
+            1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker ends with its queue instead
+        return
+    if os.getppid() != parent:  # the parent died before the request: follow it
+        os._exit(1)
 
 
 def _workers() -> int:
@@ -43,9 +57,9 @@ def start_pool() -> Executor | None:
     with _lock:
         if _pool is None:
             try:
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload([PRELOAD])
-                _pool = ProcessPoolExecutor(_workers(), mp_context=context)
+                context = multiprocessing.get_context("spawn")
+                _pool = ProcessPoolExecutor(_workers(), mp_context=context,
+                                            initializer=_die_with_parent)
                 _pool.submit(int).result(timeout=60)  # started and answering
             except Exception as error:  # no processes here: the callers' threads do it
                 _logger.warning("no process pool for the package scans (%s): scanning in "

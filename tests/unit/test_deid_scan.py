@@ -431,3 +431,21 @@ def test_the_prefilter_reads_what_follows_the_pixel_data(cohort, identifiers, tm
     assert not report.clean
     assert {f.kind for f in report.findings} == {"PatientID"}
     assert get_testdata_file("CT_small.dcm")  # the wheel's files are there (used above)
+
+
+def test_identifiers_of_many_instances_are_those_of_each_in_any_character_set():
+    """identifiers_from skips header bytes already seen in the same place and character set:
+    the result is the union of each instance's own identifiers, for the wheel's files in
+    multi-valued character sets (read as bytes, or already decoded) too."""
+    from pydicom.data import get_charset_files, get_testdata_file
+
+    files = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm"),
+             *get_charset_files("chrH3*.dcm"), *get_charset_files("chrX*.dcm")]
+    datasets = [dcmread(f) for f in files]
+    for ds in datasets[::2]:  # some already decoded: a multi-valued charset is a list
+        _ = ds.get("SpecificCharacterSet"), ds.get("PatientName")
+    together = identifiers_from(datasets + [dcmread(f) for f in files])
+    alone = [identifiers_from(dcmread(f)) for f in files]
+    texts = set().union(*(ids._terms for ids in alone))
+    uids = set().union(*(ids._uids for ids in alone))
+    assert set(together._terms) == texts and set(together._uids) == uids
