@@ -13,13 +13,11 @@ result.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
-import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,16 +32,17 @@ _logger = logging.getLogger(__name__)
 
 
 def _die_with_parent() -> None:
-    """In a worker: be killed when its parent (the run's process) dies, so a killed run
-    leaves no worker behind holding its pipes."""
+    """In a worker: exit as soon as the run's process is gone (the worker is then adopted
+    by another process), so a killed run leaves no worker behind holding its pipes. Polled:
+    ``PR_SET_PDEATHSIG`` would fire when the *thread* that started the worker ends."""
     parent = os.getppid()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(
-            1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the worker ends with its queue instead
-        return
-    if os.getppid() != parent:  # the parent died before the request: follow it
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
         os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _workers() -> int:
