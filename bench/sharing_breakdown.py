@@ -56,8 +56,7 @@ PYTHON_STEPS = [
     ("prefect_orthanc.flows.sharing.flow:remove_staged", "ours: staging clean-up"),
     ("prefect_orthanc.flows.sharing.deidentify:remove_staged", "ours: staging clean-up"),
     ("prefect_orthanc.flows.sharing.deidentify:package_files", "ours: write the package"),
-    ("prefect_orthanc.flows.sharing.deidentify:run_in_pool",
-     "ours: scan + identifiers (process pool: the wait)"),
+    ("prefect_orthanc.flows.sharing.deidentify:scan_package", "ours: source identifiers"),
 ]
 #: Prefect's UUIDs and Orthanc's IDs in paths, grouped
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

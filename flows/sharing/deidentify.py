@@ -24,7 +24,6 @@ from prefect_orthanc.flows.sharing.files import package_files
 from prefect_orthanc.flows.sharing.ledger import content_version
 from prefect_orthanc.flows.sharing.linkage import pending_linkage
 from prefect_orthanc.flows.sharing.models import SharedStudy, SharingOptions
-from prefect_orthanc.flows.sharing.pool import run_in_pool
 from prefect_orthanc.flows.sharing.staging import remove_staged, work_dir
 from prefect_orthanc.orthanc_client import Level
 from prefect_orthanc.tasks import OrthancCredentials, orthanc_task
@@ -139,9 +138,7 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
             size, sha256 = package_files(_member_names(written), staged)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    # the source identifiers and the scan, in a worker process (``pool``): pure Python that
-    # would otherwise hold the GIL the other studies' HTTP calls need
-    report = run_in_pool(scan_package, str(staged), headers)
+    report = scan_package(staged, headers)  # bytes and a path in, a ScanReport out
     findings = [*(str(f) for f in report.findings), *findings]
     counts_ok = out_count == len(kept) and report.instances == out_count
     if not counts_ok:

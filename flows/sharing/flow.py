@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from prefect_orthanc.flows.sharing.models import (
     SharingOptions,
     SharingRequest,
 )
-from prefect_orthanc.flows.sharing.pool import start_pool
 from prefect_orthanc.flows.sharing.secret import project_secret
 from prefect_orthanc.flows.sharing.staging import remove_staged
 from prefect_orthanc.flows.site import SiteError, SiteSettings
@@ -183,8 +181,6 @@ def share_studies(
 def _share(request: SharingRequest, credentials_block: str | None
            ) -> State[list[SharedStudy]]:
     logger = get_run_logger()
-    # the scans' process pool starts (once per process) while the run selects and locks
-    threading.Thread(target=start_pool, name="sharing-pool-start", daemon=True).start()
     secret = project_secret(request.secret_block)
     credentials = load_credentials(credentials_block)
     if request.destination.kind == "modality":  # a typo is reported as one, before any work
