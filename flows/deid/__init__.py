@@ -35,6 +35,7 @@ from prefect_orthanc.flows.deid.scan import (
     ScanReport,
     identifiers_from,
     scan_dataset,
+    scan_package,
     scan_zip,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "pseudonym",
     "risk_reason",
     "scan_dataset",
+    "scan_package",
     "scan_zip",
     "shift_da",
     "shift_date",

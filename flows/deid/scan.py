@@ -40,6 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
@@ -54,6 +55,7 @@ __all__ = [
     "identifiers_from",
     "normalize",
     "scan_dataset",
+    "scan_package",
     "scan_zip",
 ]
 
@@ -299,6 +301,7 @@ class _Collector:
         self.ids = identifiers
         self.dates = dates
         self.equipment: set[str] = set()
+        self.seen: set[tuple[Any, ...]] = set()
 
     def prune(self) -> None:
         """Drop institution terms that are also words of the equipment's vendor or model."""
@@ -340,20 +343,29 @@ class _Collector:
             for item in values:
                 self.ids.add_id(kind, item, rank)
 
-    def dataset(self, ds: Dataset, parent: str = "") -> None:
+    def dataset(self, ds: Dataset, parent: str = "", charset: Any = None) -> None:
         meta = getattr(ds, "file_meta", None)
         if meta is not None and "MediaStorageSOPInstanceUID" in meta:
             self.value(None, "MediaStorageSOPInstanceUID", "UI",
                        meta.MediaStorageSOPInstanceUID, "")
+        if 0x00080005 in ds:  # the bytes below are read in this character set
+            charset = repr(getattr(ds.get_item(0x00080005), "value", None))
         for tag in ds.keys():
-            raw = ds.get_item(tag)
+            raw: object = ds.get_item(tag)  # raw (not yet decoded) when read lazily
+            if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+                # the same bytes at the same place in the same character set hold the same
+                # identifiers: the instances of a study repeat most of their header
+                seen = (int(tag), raw.VR, raw.value, parent, charset)
+                if seen in self.seen:
+                    continue
+                self.seen.add(seen)
             try:
                 elem = ds[tag]
             except Exception:  # an element pydicom cannot convert: its raw text below
                 elem = None
             if elem is not None and elem.VR == "SQ":
                 for item in elem.value or ():
-                    self.dataset(item, elem.keyword)
+                    self.dataset(item, elem.keyword, charset)
                 continue
             vr = elem.VR if elem is not None else ""
             keyword = elem.keyword if elem is not None else ""
@@ -581,27 +593,71 @@ def _squeezed_terms(identifiers: Identifiers) -> tuple[str, ...]:
     return tuple(t for t in terms if t)
 
 
-def _count_if_surely_clean(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
-                           squeezed: tuple[str, ...]) -> int | None:
-    """1 (an instance) or 0 when the member is DICOM and holds no identifier at all; None when
-    it needs the full scan (a possible hit, another charset, deflated, large, or unreadable)."""
-    if info.file_size > PREFILTER_LIMIT:
+_IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"})
+_ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
+
+
+def pixel_data_span(data: bytes, offset: int, transfer_syntax: str) -> tuple[int, int] | None:
+    """Where the top-level pixel data element starting at ``offset`` (where pydicom's
+    ``stop_before_pixels`` stopped) ends: ``(offset, end)``, its encapsulated fragments
+    included; None when it is not one this can delimit for sure (big endian, deflated, no
+    pixel data there, a length past the end)."""
+    if data[offset:offset + 2] != b"\xe0\x7f" or transfer_syntax.endswith(".2.2") \
+            or transfer_syntax == "1.2.840.10008.1.2.1.99":
         return None
-    data = archive.read(info)
-    if _DEFLATED_TS in data or _OTHER_CHARSETS.search(data):
+    if transfer_syntax == _IMPLICIT_VR_LE:
+        header = 8
+    elif data[offset + 4:offset + 6] in _LONG_VRS:
+        header = 12
+    else:
         return None
-    for text in (data.decode("latin-1"), data.decode("utf-8", errors="ignore")):
-        flat = _SQUEEZE.sub("", text.casefold())
-        if any(term in flat for term in squeezed):
+    length = int.from_bytes(data[offset + header - 4:offset + header], "little")
+    end = offset + header
+    if length != 0xFFFFFFFF:
+        end += length
+        return (offset, end) if end <= len(data) else None
+    while end + 8 <= len(data):  # encapsulated: items up to the sequence delimiter
+        tag = data[end:end + 4]
+        size = int.from_bytes(data[end + 4:end + 8], "little")
+        end += 8
+        if tag == _SEQUENCE_END:
+            return offset, end
+        if tag != _ITEM or size == 0xFFFFFFFF:
             return None
+        end += size
+    return None
+
+
+def count_if_surely_clean(data: bytes, squeezed: tuple[str, ...]) -> int | None:
+    """1 (an instance) or 0 when the DICOM file ``data`` holds no identifier outside its
+    pixel data (which the full scan never reads either); None when it needs the full scan (a
+    possible hit, another charset, deflated, or unreadable). The pixel data value is left
+    out, so an instance costs its header, not its image."""
+    stream = io.BytesIO(data)
     try:
-        head = dcmread(io.BytesIO(data), stop_before_pixels=True,
-                       specific_tags=["SOPInstanceUID"])
+        head = dcmread(stream, stop_before_pixels=True)
     except Exception:  # not DICOM: the full path reports it
         return None
-    sop_class = str(getattr(getattr(head, "file_meta", None), "MediaStorageSOPClassUID", "")
-                    or "")
+    meta = getattr(head, "file_meta", None)
+    span = pixel_data_span(data, stream.tell(),
+                           str(getattr(meta, "TransferSyntaxUID", "") or ""))
+    text = data if span is None else data[:span[0]] + data[span[1]:]
+    if _DEFLATED_TS in text or _OTHER_CHARSETS.search(text):
+        return None
+    for decoded in (text.decode("latin-1"), text.decode("utf-8", errors="ignore")):
+        flat = _SQUEEZE.sub("", decoded.casefold())
+        if any(term in flat for term in squeezed):
+            return None
+    sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
     return int("SOPInstanceUID" in head and sop_class != MEDIA_STORAGE_DIRECTORY)
+
+
+def _count_if_surely_clean(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
+                           squeezed: tuple[str, ...]) -> int | None:
+    if info.file_size > PREFILTER_LIMIT:
+        return None
+    return count_if_surely_clean(archive.read(info), squeezed)
 
 
 def scan_zip(path: str | os.PathLike[str], identifiers: Identifiers, *,
@@ -666,3 +722,10 @@ def scan_zip(path: str | os.PathLike[str], identifiers: Identifiers, *,
                 instances += 1
     return ScanReport(members=members, instances=instances, findings=tuple(findings),
                       total_findings=total, clean=total == 0)
+
+
+def scan_package(path: str | os.PathLike[str], source_headers: list[bytes]) -> ScanReport:
+    """``scan_zip`` of the package at ``path`` against ``identifiers_from(source_headers)``
+    (the source files, e.g. cut before their pixel data). Takes and returns only bytes, paths
+    and a ``ScanReport``, so it can run in another process: the identifiers never leave it."""
+    return scan_zip(path, identifiers_from(source_headers))

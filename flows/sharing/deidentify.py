@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -12,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from prefect_orthanc.flows.deid import (
     Rewriter,
     build_request,
-    identifiers_from,
     risk_reason,
-    scan_zip,
+    scan_package,
 )
-from prefect_orthanc.flows.sharing.files import deterministic_zip
+from prefect_orthanc.flows.sharing.files import package_files
 from prefect_orthanc.flows.sharing.ledger import content_version
 from prefect_orthanc.flows.sharing.linkage import pending_linkage
 from prefect_orthanc.flows.sharing.models import SharedStudy, SharingOptions
@@ -42,9 +43,11 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
     counted by reason (``flows.deid.risk_reason``); the others go through Orthanc's Basic
     Profile (``POST /instances/{id}/anonymize``, not stored), then ``flows.deid.Rewriter``
     (keyed pseudonyms and UIDs, shifted dates, at every depth) and are stored back as a new
-    study. Its ZIP (downloaded into the study's work folder in staging, then repacked by
-    ``files.deterministic_zip``: the same study makes the same bytes) is scanned against the
-    identifiers of the source files. Returns the
+    study. The very bytes uploaded (Orthanc stores a file as it receives it; the stored
+    copy's instance count and total size are checked against them) are packaged as a ZIP
+    (``files.package_files``, from the study's work folder in staging: the same study makes
+    the same bytes, under names that hold no value of it) and the package is scanned against
+    the identifiers of the source files. Returns the
     outcome (``verified``, ``excluded`` or ``quarantined``) with pseudonyms, counts, checksum
     and the content version it was made from. A verified study's linkage row waits next to
     its ZIP in staging; ``deliver_study`` appends it to the linkage table once delivered.
@@ -81,9 +84,13 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
     with credentials.get_client() as orthanc:
         instance_ids = orthanc.instances(Level.STUDY, source_id)
         version = content_version(instance_ids)
-        sources = {i: dcmread(io.BytesIO(orthanc.instance_file(i)), stop_before_pixels=True,
-                              force=True) for i in instance_ids}  # headers only in memory
-        identifiers = identifiers_from(list(sources.values()))
+        sources: dict[str, Dataset] = {}
+        headers: list[bytes] = []  # each source file cut before its pixel data
+        for instance in instance_ids:  # headers only in memory
+            data = orthanc.instance_file(instance)
+            stream = io.BytesIO(data)
+            sources[instance] = dcmread(stream, stop_before_pixels=True, force=True)
+            headers.append(data[:stream.tell()])
         body, linkage = build_request(profile, secret, sources[instance_ids[0]])
         base: dict[str, Any] = {"source_id": source_id, "content_version": version,
                 "instances_in": len(instance_ids), "pseudo_patient": linkage.patient_id,
@@ -103,30 +110,6 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         if not kept:  # nothing to share: an outcome of its own, not a failure
             return SharedStudy(**base, outcome="excluded", excluded=len(instance_ids),
                                excluded_reasons=excluded)
-        rewriter = Rewriter(profile, secret, linkage)
-        parents: set[str] = set()
-        for index, instance in enumerate(kept):
-            data = orthanc.request("POST", f"/instances/{instance}/anonymize", json=body,
-                                   expect="bytes", long=True)
-            try:
-                out = rewriter.rewrite(dcmread(io.BytesIO(data)), sources[instance])
-                data = Rewriter.to_bytes(out)
-            except Exception as error:  # unwritable: never shared, said without values
-                findings.append(f"instance {index}: could not be rewritten "
-                                f"({type(error).__name__})")
-                continue
-            for parent in {r.parent_study for r in orthanc.upload(data) if r.parent_study}:
-                if parent not in parents:  # first instance: mark before it can be stable
-                    mark_copy(orthanc, parent, "deidentified")
-                    parents.add(parent)
-        if not parents:
-            return SharedStudy(**base, outcome="quarantined", excluded=len(instance_ids)
-                               - len(kept), excluded_reasons=excluded,
-                               findings=tuple(findings))
-        if len(parents) > 1:
-            findings.append(f"the rewritten instances landed in {len(parents)} studies")
-        new_id = sorted(parents)[0]
-        out_count = orthanc.count_instances(Level.STUDY, new_id)
         name = f"{request.package}-{linkage.patient_id}-{linkage.study_id}"
         staged = staging / f"{name}.zip"
         pending = pending_linkage(staged)
@@ -134,11 +117,46 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         work = work_dir(staged)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            download = orthanc.download_resource_archive(Level.STUDY, new_id, work / "orthanc.zip")
-            size, sha256 = deterministic_zip(download.path, staged)
+            rewriter = Rewriter(profile, secret, linkage)
+            parents: set[str] = set()
+            written: list[tuple[str, str, str, int, Path]] = []
+            for index, instance in enumerate(kept):
+                data = orthanc.request("POST", f"/instances/{instance}/anonymize", json=body,
+                                       expect="bytes", long=True)
+                try:
+                    out = rewriter.rewrite(dcmread(io.BytesIO(data)), sources[instance])
+                    data = Rewriter.to_bytes(out)
+                except Exception as error:  # unwritable: never shared, said without values
+                    findings.append(f"instance {index}: could not be rewritten "
+                                    f"({type(error).__name__})")
+                    continue
+                for parent in {r.parent_study for r in orthanc.upload(data) if r.parent_study}:
+                    if parent not in parents:  # first instance: mark before it can be stable
+                        mark_copy(orthanc, parent, "deidentified")
+                        parents.add(parent)
+                # the package holds the very bytes uploaded (Orthanc stores a file as it
+                # receives it): nothing to download and repack
+                path = work / f"{index}.dcm"
+                path.write_bytes(data)
+                written.append((str(out.get("SeriesInstanceUID", "")),
+                                str(out.get("SOPInstanceUID", "")),
+                                hashlib.sha256(data).hexdigest(), len(data), path))
+            if not parents:
+                return SharedStudy(**base, outcome="quarantined", excluded=len(instance_ids)
+                                   - len(kept), excluded_reasons=excluded,
+                                   findings=tuple(findings))
+            if len(parents) > 1:
+                findings.append(f"the rewritten instances landed in {len(parents)} studies")
+            new_id = sorted(parents)[0]
+            stored = orthanc.request("GET", f"/studies/{new_id}/statistics")
+            out_count = int(stored.get("CountInstances", 0))
+            stored_size = stored.get("DicomUncompressedSize")
+            if stored_size is not None and int(stored_size) != sum(w[3] for w in written):
+                findings.append("the copy stored in Orthanc differs in size from the package")
+            size, sha256 = package_files(_member_names(written), staged)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    report = scan_zip(staged, identifiers)
+    report = scan_package(staged, headers)  # bytes and a path in, a ScanReport out
     findings = [*(str(f) for f in report.findings), *findings]
     counts_ok = out_count == len(kept) and report.instances == out_count
     if not counts_ok:
@@ -160,3 +178,14 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                        excluded=len(instance_ids) - len(kept), excluded_reasons=excluded,
                        file=str(path), size=size, sha256=sha256,
                        verified=verified, findings=tuple(findings))
+
+
+def _member_names(written: list[tuple[str, str, str, int, Path]]) -> dict[str, Path]:
+    """Package names that hold no value of the study: series and instances numbered in the
+    order of their (keyed, pseudonymous) UIDs, then of their content, so the same instances
+    get the same names whatever order they were made in."""
+    series = {uid: number for number, uid in enumerate(sorted({w[0] for w in written}),
+                                                       start=1)}
+    ordered = sorted(written, key=lambda w: (series[w[0]], w[1], w[2]))
+    return {f"SERIES{series[w[0]]:03d}/IM{index:05d}.dcm": w[4]
+            for index, w in enumerate(ordered, start=1)}

@@ -1,7 +1,7 @@
 """Durable writes for the records that follow a delivery: an exclusive lock across threads
 and processes, fsynced appends (a line torn by a crash is cut off before the next one),
-fsynced directories, checksums, and ZIPs repacked to bytes that depend only on their
-content (``deterministic_zip``), so a package made again is the same file."""
+fsynced directories, checksums, and packages written as ZIPs whose bytes depend only on
+their content (``package_files``), so a package made again is the same file."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import fcntl
 import hashlib
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
     "ZIP_EPOCH",
     "append_durably",
-    "deterministic_zip",
     "exclusive",
     "fsync_dir",
+    "package_files",
     "remove_unlocked",
     "sha256_of",
 ]
@@ -100,31 +100,35 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def deterministic_zip(source: Path, target: Path) -> tuple[int, str]:
-    """Rewrite the ZIP ``source`` as ``target`` with bytes that depend only on its entries:
-    sorted by name, each dated ``ZIP_EPOCH``, stored with fixed permissions and no extra
-    fields, deflated at a fixed level (the entries' own bytes are unchanged). Written under a
-    temporary name next to ``target``, fsynced, then renamed; returns ``(size, sha256)``.
+#: deflate level of a package: level 1 costs a quarter of level 6's CPU on CT pixel data
+#: for a package about 4 % larger (measured on 512x512 16-bit slices)
+PACKAGE_LEVEL = 1
 
-    Orthanc's ``/archive`` dates its entries with the time of the download, so two downloads
-    of the same study differ; after this they do not, and a package made again after a crash
+
+def package_files(members: Mapping[str, Path], target: Path) -> tuple[int, str]:
+    """Write the files ``members`` (name in the package -> file) as the ZIP ``target``, with
+    bytes that depend only on their names and content: sorted by name, each dated
+    ``ZIP_EPOCH``, stored with fixed permissions and no extra fields, deflated at
+    ``PACKAGE_LEVEL`` (each file's own bytes unchanged). Written under a temporary name next
+    to ``target``, then renamed; returns ``(size, sha256)``.
+
+    No clock and no order of arrival reaches the bytes, so a package made again after a crash
     is recognised byte for byte in the destination."""
     partial = target.with_name(f".{target.name}.partial")
-    with zipfile.ZipFile(source) as zin, partial.open("wb") as raw:
-        with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zout:
-            for name in sorted(zin.namelist()):
-                if name.endswith("/"):
-                    continue
-                info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                info.create_system = 3
-                big = zin.getinfo(name).file_size >= zipfile.ZIP64_LIMIT
-                with zin.open(name) as entry, zout.open(info, "w", force_zip64=big) as out:
-                    for block in iter(lambda: entry.read(1 << 20), b""):
-                        out.write(block)
-        raw.flush()
-        os.fsync(raw.fileno())
+    with partial.open("wb") as raw, \
+            zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, compresslevel=PACKAGE_LEVEL) as zout:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            big = members[name].stat().st_size >= zipfile.ZIP64_LIMIT
+            with members[name].open("rb") as entry, \
+                    zout.open(info, "w", force_zip64=big) as out:
+                for block in iter(lambda: entry.read(1 << 20), b""):
+                    out.write(block)
+    # not fsynced: a package in staging is scratch, made again by the study's next run after
+    # a crash (its record comes only after ``publish``, which fsyncs the delivered copy);
+    # an fsync here also flushed every dirty page of the disk on ext4 (seconds per study)
     partial.replace(target)
-    fsync_dir(target.parent)
     return target.stat().st_size, sha256_of(target)

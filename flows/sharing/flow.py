@@ -54,10 +54,10 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
     acquisition per run instead of one per study): skip it if the ledger
     holds its current content version (removing what a run killed after that record left:
     its staging files and anonymized copy), else ``deidentify_study`` then, when verified,
-    ``deliver_study``; the anonymized copy is then removed whatever happened (unless
-    ``keep_anonymized``). Two runs given the same study (duplicate events) take turns: the
-    second finds it delivered. Returns the study's ``SharedStudy``; raises what the steps
-    raise (PHI-free ``SafeMessageError`` messages, or the type only).
+    ``deliver_study`` (both inside this one task run); the anonymized copy is then removed
+    whatever happened (unless ``keep_anonymized``). Two runs given the same study (duplicate
+    events) take turns: the second finds it delivered. Returns the study's ``SharedStudy``;
+    raises what the steps raise (PHI-free ``SafeMessageError`` messages, or the type only).
 
     Args:
         credentials: The research Orthanc (``OrthancCredentials`` block).
@@ -91,10 +91,12 @@ def share_study(credentials: OrthancCredentials, source_id: str, request: Sharin
             _remove_leftovers(credentials, request, recorded)
             return SharedStudy(source_id=source_id, outcome="delivered_before",
                                content_version=version)
-        study = deidentify_study(credentials, source_id, request, secret)
+        # the steps' own functions, in this task run: a task run each would only add
+        # Prefect's per-run cost (their errors are sanitized by their own wrappers)
+        study = deidentify_study.fn(credentials, source_id, request, secret)
         try:
             if study.outcome == "verified":
-                return deliver_study(credentials, study, request)
+                return deliver_study.fn(credentials, study, request)
             return study
         finally:  # delivered, refused or failed: neither its staged package (made again by
             # the next run) nor the anonymized copy is kept around

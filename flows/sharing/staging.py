@@ -1,5 +1,5 @@
 """One study's files in staging, found by name: its package (``<name>.zip``), the package's
-temporary name while it is repacked, the work folder its Orthanc ZIP is downloaded into, and
+temporary name while it is repacked, the work folder its rewritten instances wait in, and
 its waiting linkage row. A crashed run leaves some of them; the next run of the study (under
 its lock) removes them by name (``remove_staged``)."""
 
@@ -14,7 +14,7 @@ __all__ = ["remove_staged", "work_dir"]
 
 
 def work_dir(staged: Path) -> Path:
-    """Where the study's ZIP is downloaded from Orthanc before it is repacked as ``staged``."""
+    """Where the study's rewritten instances wait to be packaged as ``staged``."""
     return staged.with_name(f".{staged.name}.work")
 
 

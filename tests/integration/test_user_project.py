@@ -161,6 +161,51 @@ def test_the_wheel_holds_only_the_namespace_and_its_data(built_wheel):
         (REPO / "deployments" / "orthanc" / "study_events.lua").read_bytes()
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "prefect_orthanc = prefect_orthanc.tasks" in wheel.read(entry_points).decode()
+    # PEP 561: a user's type checker reads the annotations of every package
+    assert {f"prefect_orthanc/{p}/py.typed" for p in
+            ("orthanc_client", "tasks", "flows", "deployments")} <= set(names)
+
+
+USERS_TYPED_FLOW = """
+from prefect import flow
+
+from prefect_orthanc.flows.collection import CollectionReport, collect_cohort
+from prefect_orthanc.orthanc_client import RetrieveResult
+from prefect_orthanc.tasks import OrthancCredentials, retrieve_study
+
+
+@flow
+def pull(uids: list[str]) -> list[RetrieveResult]:
+    creds = OrthancCredentials.from_env()
+    futures = [retrieve_study.submit(creds, "pacs", uid) for uid in uids]
+    return [future.result() for future in futures]
+
+
+def nightly() -> int:
+    report: CollectionReport = collect_cohort(cohort_file="cohorts/lung.csv",
+                                              credentials_block="research")
+    return report.studies_complete
+
+
+def wrong(creds: OrthancCredentials) -> None:
+    retrieve_study.submit(creds, 42, "1.2.3")  # wrong: the modality is a name
+"""
+
+
+def test_a_users_type_checker_sees_the_packages_types(user_project):
+    """mypy (the suite's) checks a user's module against the installed wheel
+    (``--python-executable``: what the user's own mypy would see): tasks keep their
+    ``Task[P, R]`` signature through ``.submit``, and calling a flow gives its report."""
+    project, bin_dir, env = user_project
+    (project / "typed_use.py").write_text(USERS_TYPED_FLOW)
+    checked = _run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+                    "--python-executable", str(bin_dir / "python"), "typed_use.py"],
+                   project, env)
+    errors = [line for line in checked.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, checked.stdout
+    wrong = USERS_TYPED_FLOW.splitlines().index(
+        '    retrieve_study.submit(creds, 42, "1.2.3")  # wrong: the modality is a name') + 1
+    assert errors[0].startswith(f"typed_use.py:{wrong}:") and "call-overload" in errors[0], errors
 
 
 def test_installed_next_to_the_users_tasks_and_flows(user_project, lab):

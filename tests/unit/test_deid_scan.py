@@ -381,3 +381,71 @@ def _deidentified_like(source: Dataset) -> Dataset:
         if keyword in ds:
             setattr(ds, keyword, "")
     return ds
+
+
+# ------------------------------------------------------------------ the prefilter skips pixels
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm",
+                                  "JPEG2000-embedded-sequence-delimiter.dcm",
+                                  "MR_small_RLE.dcm", "MR_small_implicit.dcm", "rtplan.dcm",
+                                  "ExplVR_BigEnd.dcm", "JPEG-lossy.dcm"])
+def test_pixel_data_span_delimits_real_files_exactly(name):
+    """On the pydicom wheel's real files (native, JPEG 2000 and RLE fragments, no pixel
+    data, big endian, implicit VR): the span is the whole pixel data element, from its tag
+    to the byte after its last fragment, or None where it cannot be delimited for sure."""
+    import io
+
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file(name)).read_bytes()
+    stream = io.BytesIO(data)
+    head = dcmread(stream, stop_before_pixels=True, force=True)
+    syntax = str(head.file_meta.get("TransferSyntaxUID", ""))
+    span = scan_module.pixel_data_span(data, stream.tell(), syntax)
+    full = dcmread(io.BytesIO(data), force=True)
+    if "PixelData" not in full or syntax.endswith(".2.2"):
+        assert span is None
+        return
+    start, end = span
+    assert start == stream.tell()
+    # what is left, read back, is the same dataset without its pixel data
+    rest = dcmread(io.BytesIO(data[:start] + data[end:]), force=True)
+    assert "PixelData" not in rest
+    assert {e.tag for e in rest} == {e.tag for e in full} - {full["PixelData"].tag}
+
+
+def test_the_prefilter_reads_what_follows_the_pixel_data(cohort, identifiers, tmp_path):
+    """An identifier in an element after the pixel data (trailing padding, a private tag at
+    the end) is still found: only the pixel data value itself is skipped, as in the full
+    scan."""
+    from pydicom.data import get_testdata_file
+
+    ds = _deidentified(cohort.files[0])
+    ds.PixelData = b"\x00\x01" * 4096
+    source = dcmread(cohort.files[0])
+    ds.add_new(0x7FE10010, "LO", "TRAILER")
+    ds.add_new(0x7FE11001, "LO", f"x {source.PatientID} y")
+    path = _save(ds, tmp_path / "trailing.dcm")
+    report = scan_zip(_zip(tmp_path / "t.zip", {"a.dcm": path}), identifiers)
+    assert not report.clean
+    assert {f.kind for f in report.findings} == {"PatientID"}
+    assert get_testdata_file("CT_small.dcm")  # the wheel's files are there (used above)
+
+
+def test_identifiers_of_many_instances_are_those_of_each_in_any_character_set():
+    """identifiers_from skips header bytes already seen in the same place and character set:
+    the result is the union of each instance's own identifiers, for the wheel's files in
+    multi-valued character sets (read as bytes, or already decoded) too."""
+    from pydicom.data import get_charset_files, get_testdata_file
+
+    files = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm"),
+             *get_charset_files("chrH3*.dcm"), *get_charset_files("chrX*.dcm")]
+    datasets = [dcmread(f) for f in files]
+    for ds in datasets[::2]:  # some already decoded: a multi-valued charset is a list
+        _ = ds.get("SpecificCharacterSet"), ds.get("PatientName")
+    together = identifiers_from(datasets + [dcmread(f) for f in files])
+    alone = [identifiers_from(dcmread(f)) for f in files]
+    texts = set().union(*(ids._terms for ids in alone))
+    uids = set().union(*(ids._uids for ids in alone))
+    assert set(together._terms) == texts and set(together._uids) == uids

@@ -171,33 +171,34 @@ def test_linkage_row_appended_once_per_package_and_destination(tmp_path):
         ("share-P-S-v2.zip", "directory:/out")]
 
 
-def _orthanc_like_zip(path, stamp) -> None:
-    """A ZIP as Orthanc's /archive writes one: entries dated at download time, folders."""
+def test_a_package_depends_only_on_its_files(tmp_path):
+    """The same files, written at other times and given in another order, make the same
+    package bytes: sorted, dated ZIP_EPOCH, no temporary left."""
+    import os
     import zipfile
 
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
-        out.writestr(zipfile.ZipInfo("PSEUDO/", date_time=stamp), b"")
-        for name, data in [("PSEUDO/CT/IM2.dcm", b"b" * 5000), ("PSEUDO/CT/IM1.dcm", b"a" * 900)]:
-            out.writestr(zipfile.ZipInfo(name, date_time=stamp), data)
+    from prefect_orthanc.flows.sharing.files import ZIP_EPOCH, package_files, sha256_of
 
-
-def test_deterministic_zip_depends_only_on_content(tmp_path):
-    import zipfile
-
-    from prefect_orthanc.flows.sharing.files import ZIP_EPOCH, deterministic_zip, sha256_of
-
-    _orthanc_like_zip(tmp_path / "a.zip", (2026, 11, 29, 10, 0, 0))
-    _orthanc_like_zip(tmp_path / "b.zip", (2026, 11, 29, 10, 0, 42))
-    assert sha256_of(tmp_path / "a.zip") != sha256_of(tmp_path / "b.zip")
-    one = deterministic_zip(tmp_path / "a.zip", tmp_path / "one.zip")
-    two = deterministic_zip(tmp_path / "b.zip", tmp_path / "two.zip")
-    assert one == two and one[1] == sha256_of(tmp_path / "one.zip")
-    with zipfile.ZipFile(tmp_path / "one.zip") as package:
+    made = {}
+    for run, (stamp, order) in enumerate([(1_700_000_000, (0, 1)), (1_800_000_000, (1, 0))]):
+        folder = tmp_path / f"work{run}"
+        folder.mkdir()
+        files = [("PSEUDO/CT/IM1.dcm", b"a" * 900), ("PSEUDO/CT/IM2.dcm", b"b" * 5000)]
+        members = {}
+        for index in order:
+            name, data = files[index]
+            path = folder / f"{index}.dcm"
+            path.write_bytes(data)
+            os.utime(path, (stamp, stamp))
+            members[name] = path
+        made[run] = package_files(members, tmp_path / f"{run}.zip")
+    assert made[0] == made[1] and made[0][1] == sha256_of(tmp_path / "0.zip")
+    with zipfile.ZipFile(tmp_path / "0.zip") as package:
         assert package.namelist() == ["PSEUDO/CT/IM1.dcm", "PSEUDO/CT/IM2.dcm"]
         assert {i.date_time for i in package.infolist()} == {ZIP_EPOCH}
         assert package.read("PSEUDO/CT/IM2.dcm") == b"b" * 5000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "b.zip", "one.zip",
-                                                          "two.zip"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.zip", "1.zip", "work0",
+                                                          "work1"]  # no temporary left
 
 
 def test_publish_recognises_its_own_package_and_removes_a_crashed_partial(tmp_path):
