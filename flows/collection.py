@@ -334,7 +334,7 @@ def collect_cohort(
                               "%d blank, %d comment (#)", cohort.path.name, len(cohort.rows),
                               kinds["preamble"], kinds["blank"], kinds["comment"])
         if cohort.extra_columns:  # header names only, never cells
-            get_run_logger().info("cohort %s: columns carried along unread: %s",
+            get_run_logger().warning("cohort %s: columns carried along unread: %s",
                                   cohort.path.name, ", ".join(cohort.extra_columns))
     return _collect(request, cohort, credentials_block)
 

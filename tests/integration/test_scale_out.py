@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import datetime
 import os
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def remote_worker(lab, built_wheel, tmp_path_factory) -> Iterator[tuple[Path, Pa
     env = {**os.environ, "PREFECT_API_URL": api, "PWD": str(elsewhere),
            "PYTHONPATH": str(site), "PREFECT_ORTHANC_DATA_DIR": str(data),
            "ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": lab.research.username,
-           "ORTHANC_PASSWORD": lab.research.password}
+           "ORTHANC_PASSWORD": lab.research.password,
+           # polls every second (default 10 s): the two runs below are due at one instant
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
     log = tmp / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--limit", "2"],
@@ -122,14 +125,20 @@ def test_two_cohorts_run_at_once_on_a_worker_elsewhere(remote_worker, research, 
     from prefect.deployments import run_deployment
 
     project, data, log = remote_worker
-    cohorts = {"a": cohort.studies[0:2], "b": cohort.studies[2:4]}
+    # three studies each, one at a time: a run lasts a few seconds, longer than the 2 s by
+    # which the second process can start after the first (a retried write at start-up)
+    cohorts = {"a": cohort.studies[0:3], "b": cohort.studies[3:6]}
     for name, studies in cohorts.items():
         for study in studies:
             research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
         _cohort(data / "cohorts" / f"{name}.csv", studies)
-    started = [run_deployment(NAME, timeout=0, parameters={
+    # both due at the same instant, a few seconds ahead: created one after the other and due
+    # at once, a worker poll between the two creations saw only the first, and a collection
+    # of two studies (about 2 s now) ended before the next poll brought the second
+    due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=4)
+    started = [run_deployment(NAME, timeout=0, scheduled_time=due, parameters={
         "cohort_file": f"cohorts/{name}.csv", "project": f"scale-{name}",
-        "time_window": None}) for name in cohorts]
+        "time_window": None, "concurrency": 1}) for name in cohorts]
     runs = _wait_final([r.id for r in started], log)
     assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
     first, second = runs
@@ -139,7 +148,7 @@ def test_two_cohorts_run_at_once_on_a_worker_elsewhere(remote_worker, research, 
         first.start_time, first.end_time, second.start_time, second.end_time)
     for name in cohorts:
         with (data / "cohorts" / f"{name}.report.csv").open() as handle:
-            assert [r["result_status"] for r in csv.DictReader(handle)] == ["collected"] * 2
+            assert [r["result_status"] for r in csv.DictReader(handle)] == ["collected"] * 3
 
     # the code that ran is that install's: a report_dir inside it is refused as "inside the
     # installed package <there>" (the deploy host's checkout would not refuse it)
