@@ -1,7 +1,9 @@
-"""What every benchmark shares: a private Prefect home with no telemetry, and peak memory."""
+"""What every benchmark shares: a private Prefect home with no telemetry, peak memory, and
+the cohort file of a collection bench."""
 
 from __future__ import annotations
 
+import csv
 import os
 import resource
 import tempfile
@@ -22,3 +24,12 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_accession_cohort(path: Path, accessions: list[str]) -> Path:
+    """A cohort CSV of one ``accession_number`` column, one row per accession; returns it."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["accession_number"])
+        writer.writerows([[a] for a in accessions])
+    return path

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import csv
 import dataclasses
 import functools
 import json
@@ -38,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect
+from bench._common import quiet_prefect, write_accession_cohort
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 quiet_prefect()
@@ -337,11 +336,7 @@ def collection(sizes: list[int], instances: int, concurrency: int, rounds: int
                                  seed=size)
             load_into(lab.pacs.url, cohort.files)
             accessions = [s.accession for s in cohort.studies]
-            path = Path(tmp) / "cohort.csv"
-            with path.open("w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["accession_number"])
-                writer.writerows([[a] for a in accessions])
+            path = write_accession_cohort(Path(tmp) / "cohort.csv", accessions)
             auth = (lab.research.username or "", lab.research.password or "")
             os.environ.update({"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": auth[0],
                                "ORTHANC_PASSWORD": auth[1]})

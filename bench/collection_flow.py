@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect
+from bench._common import quiet_prefect, write_accession_cohort
 
 quiet_prefect()
 
@@ -75,11 +74,7 @@ def main() -> int:
                                  seed=size)
             load_into(lab.pacs.url, cohort.files)
             accessions = [s.accession for s in cohort.studies]
-            path = Path(tmp) / "cohort.csv"
-            with path.open("w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["accession_number"])
-                writer.writerows([[a] for a in accessions])
+            path = write_accession_cohort(Path(tmp) / "cohort.csv", accessions)
             auth = lab.research.auth
             assert auth is not None  # the research server asks for a password
             os.environ.update({"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": auth[0],

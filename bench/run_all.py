@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import peak_rss_mb, quiet_prefect
+from bench._common import peak_rss_mb, quiet_prefect, write_accession_cohort
 
 quiet_prefect()
 
@@ -95,11 +94,7 @@ def collection(size: int, rounds: int, concurrency: int, instances: int,
                              seed=size)
         load_into(lab.pacs.url, cohort.files)
         accessions = [s.accession for s in cohort.studies]
-        path = Path(tmp) / "cohort.csv"
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["accession_number"])
-            writer.writerows([[a] for a in accessions])
+        path = write_accession_cohort(Path(tmp) / "cohort.csv", accessions)
         url = lab.research.url
         auth = (lab.research.username or "", lab.research.password or "")
         env = {**os.environ, "ORTHANC_URL": url, "ORTHANC_USERNAME": auth[0],
