@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import datetime
 import os
 import subprocess
 import sys
@@ -122,28 +121,42 @@ def _cohort(path: Path, studies) -> None:
 
 def test_two_cohorts_run_at_once_on_a_worker_elsewhere(remote_worker, research, loaded_pacs,
                                                        cohort):
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    from prefect_orthanc.tasks.limits import limit_name
+    from prefect_orthanc.tasks.slots import hold
+
     project, data, log = remote_worker
-    # three studies each, one at a time: a run lasts a few seconds, longer than the 2 s by
-    # which the second process can start after the first (a retried write at start-up)
     cohorts = {"a": cohort.studies[0:3], "b": cohort.studies[3:6]}
     for name, studies in cohorts.items():
         for study in studies:
             research.delete_many(research.find("Study", {"StudyInstanceUID": study.study_uid}))
         _cohort(data / "cohorts" / f"{name}.csv", studies)
-    # both due at the same instant, a few seconds ahead: created one after the other and due
-    # at once, a worker poll between the two creations saw only the first, and a collection
-    # of two studies (about 2 s now) ended before the next poll brought the second
-    due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=4)
-    started = [run_deployment(NAME, timeout=0, scheduled_time=due, parameters={
-        "cohort_file": f"cohorts/{name}.csv", "project": f"scale-{name}",
-        "time_window": None, "concurrency": 1}) for name in cohorts]
+    # "at once" without a race: this test holds both of the PACS' slots, so each run, once
+    # started, waits at its first C-FIND; the slots are given back only when both runs are
+    # Running together on the worker. A worker (or a deployment limit) letting one run at a
+    # time never gets there: the second stays Scheduled behind a first that cannot end.
+    with contextlib.ExitStack() as slots:
+        for _ in range(2):
+            slots.enter_context(hold(limit_name("pacs"), wait=60))
+        started = [run_deployment(NAME, timeout=0, parameters={
+            "cohort_file": f"cohorts/{name}.csv", "project": f"scale-{name}",
+            "time_window": None, "concurrency": 1}) for name in cohorts]
+        deadline = time.monotonic() + RUN_BOUND
+        while True:
+            with get_client(sync_client=True) as client:
+                states = [client.read_flow_run(r.id).state for r in started]
+            if all(s and s.is_running() for s in states):
+                break
+            assert not any(s and s.is_final() for s in states), states
+            if time.monotonic() > deadline:
+                pytest.fail(f"the two runs were never Running at once in {RUN_BOUND} s: "
+                            f"{states}\n" + log.read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
     runs = _wait_final([r.id for r in started], log)
     assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
     first, second = runs
-    # at the same time: each started before the other ended (the worker's --limit 2 and the
-    # deployment's limit let both run; a limit of 1 queued the second behind the first)
     assert first.start_time < second.end_time and second.start_time < first.end_time, (
         first.start_time, first.end_time, second.start_time, second.end_time)
     for name in cohorts:
