@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -107,12 +108,14 @@ def plan_cohort(credentials: OrthancCredentials, request: CollectionRequest,
     """
     with credentials.get_client() as orthanc:
         require_modality(orthanc, request.source_modality)
-        with modality_slot(request.source_modality):
-            if rows is not None:
-                return plan_rows(orthanc, request.source_modality, rows, request.find_cap)
-            assert request.criteria is not None
-            return plan_criteria(orthanc, request.source_modality, request.criteria,
-                                 request.find_cap)
+        modality = request.source_modality
+        slot = functools.partial(modality_slot, modality)  # shared: kept for the moves
+        if rows is not None:
+            return plan_rows(orthanc, modality, rows, request.find_cap,
+                             concurrency=request.concurrency, slot=slot)
+        assert request.criteria is not None
+        return plan_criteria(orthanc, modality, request.criteria, request.find_cap,
+                             concurrency=request.concurrency, slot=slot)
 
 
 def _mark(orthanc: Orthanc, study_id: str, project: str) -> str:

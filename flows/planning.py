@@ -12,16 +12,27 @@ not match is ``excluded`` and never moved. Each study's expected instance count 
 ``Orthanc.expected_instances`` (study, series or IMAGE-level C-FIND), recorded as
 ``PlannedStudy.count_source``.
 
+Each row's C-FINDs (and each criteria answer's checks) are independent: with ``concurrency``
+above 1 they run that many at a time, each row under a ``slot`` (the caller's PACS slot, so the
+PACS's limit holds), and the rows are then classified in cohort order (duplicates are decided
+there, exactly as one after another would). The first error that is not the row's own (an
+unreachable PACS) stops planning and is raised.
+
 Plain functions over an ``Orthanc`` client, so they can be tested and reused without Prefect.
 UIDs stay in memory (``PlannedStudy.uid`` is out of repr); reports use ``key`` hashes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import datetime as dt
 import enum
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +60,31 @@ __all__ = [
 ]
 
 _RETURN_KEYS = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": ""}
+
+#: What the PACS exchanges of one row (or one criteria answer) run under: a context manager
+#: factory, e.g. ``lambda: modality_slot("pacs")``. The default holds nothing.
+Slot = Callable[[], contextlib.AbstractContextManager[object]]
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def _each(work: Callable[[_In], _Out], items: Sequence[_In], concurrency: int) -> list[_Out]:
+    """``[work(item) for item in items]``, ``concurrency`` at a time, in the items' order; the
+    first error (in that order) is raised once the items under way have ended, and the items
+    not yet started are never started. Each thread runs in a copy of the caller's context (the
+    Prefect run the slots are held for, its logger)."""
+    if concurrency <= 1 or len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(items)),
+                            thread_name_prefix="planning") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, work, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 class RowStatus(str, enum.Enum):
@@ -121,31 +157,66 @@ def _status(studies: list[PlannedStudy], found: RowStatus = RowStatus.FOUND) -> 
     return RowStatus.ALREADY_PRESENT if all(s.present for s in studies) else found
 
 
-def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow], cap: int = 0
-              ) -> list[PlanRow]:
+@dataclasses.dataclass(frozen=True)
+class _RowAnswer:
+    """What the PACS and research said about one row, before it is classified."""
+
+    failed: str = ""  # its C-FIND was refused or unreadable: the query_failed note
+    found: dict[str, dict[str, str]] | None = None  # distinct agreeing answers; None: capped
+    studies: dict[str, PlannedStudy] | None = None  # by UID, when the row could be planned
+    studies_failed: str = ""  # the count or local C-FINDs of its studies failed
+
+
+def _look_up(orthanc: Orthanc, modality: str, row: CohortRow, cap: int, slot: Slot
+             ) -> _RowAnswer:
+    with slot():
+        try:
+            found = _capped_query(orthanc, modality, row.query(), cap)
+        except (OrthancBadRequest, QueryRefused) as error:  # this row's, not the PACS's
+            return _RowAnswer(failed=f"query_failed: {error}")
+        if not found or (len(found) > 1 and (row.accession_number or row.study_instance_uid)):
+            return _RowAnswer(found=found)  # capped, not found or ambiguous: no counts needed
+        try:
+            studies = _studies(orthanc, modality, found.values())
+        except (OrthancBadRequest, QueryRefused) as error:
+            return _RowAnswer(found=found, studies_failed=f"query_failed: {error}")
+        return _RowAnswer(found=found, studies={s.uid: s for s in studies})
+
+
+def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow], cap: int = 0, *,
+              concurrency: int = 1, slot: Slot = contextlib.nullcontext) -> list[PlanRow]:
     """Classify each cohort row: found / not found / ambiguous / already present / duplicate /
-    too many matches.
+    too many matches / query failed.
 
     A row naming an accession number or a study UID must match exactly one study (several is
     ambiguous: nothing is moved for it). A row with only a patient ID (and maybe a date) asks
     for every matching study; when the PACS answers ``cap`` distinct studies or more (or
-    cancels the query) the row is ``too_many_matches``, never silently truncated.
+    cancels the query) the row is ``too_many_matches``, never silently truncated. A row whose
+    studies were all matched by earlier rows is a ``duplicate`` of the first of them.
+
+    The rows' C-FINDs run ``concurrency`` at a time, each row's under ``slot()``; the result is
+    the same as one row after another, in cohort order.
+
+    Raises:
+        OrthancDimseError: The PACS did not answer or refused as a whole (a refusal of one
+            row's own query makes that row ``query_failed`` instead).
+        Whatever ``slot()`` raises (e.g. ``SlotWaitExceeded``).
     """
+    rows = list(rows)
+    answers = _each(lambda row: _look_up(orthanc, modality, row, cap, slot), rows, concurrency)
     plan: list[PlanRow] = []
     seen: dict[str, int] = {}
-    for row in rows:
-        try:
-            found = _capped_query(orthanc, modality, row.query(), cap)
-        except (OrthancBadRequest, QueryRefused) as error:  # this row's, not the PACS's
+    for row, answer in zip(rows, answers, strict=True):
+        if answer.failed:
             plan.append(PlanRow(index=row.index, status=RowStatus.QUERY_FAILED,
-                                note=f"query_failed: {error}"))
+                                note=answer.failed))
             continue
-        if found is None:
+        unique = answer.found
+        if unique is None:
             plan.append(PlanRow(index=row.index, status=RowStatus.TOO_MANY,
                                 note="the PACS answered its cap of matches (find_cap) or "
                                      "cancelled the query: add a study_date to the row"))
             continue
-        unique = found
         if not unique:
             plan.append(PlanRow(index=row.index, status=RowStatus.NOT_FOUND))
             continue
@@ -158,13 +229,11 @@ def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow], cap: i
             plan.append(PlanRow(index=row.index, status=RowStatus.DUPLICATE,
                                 note=f"same study as row {first}"))
             continue
-        try:
-            studies = _studies(orthanc, modality,
-                               (t for uid, t in unique.items() if uid not in seen))
-        except (OrthancBadRequest, QueryRefused) as error:
+        if answer.studies is None:
             plan.append(PlanRow(index=row.index, status=RowStatus.QUERY_FAILED,
-                                note=f"query_failed: {error}"))
+                                note=answer.studies_failed))
             continue
+        studies = [answer.studies[uid] for uid in unique if uid not in seen]
         for study in studies:
             seen[study.uid] = row.index
         plan.append(PlanRow(index=row.index, status=_status(studies), studies=tuple(studies)))
@@ -275,19 +344,32 @@ def mismatch(orthanc: Orthanc, modality: str, criteria: Criteria,
     return None
 
 
-def plan_criteria(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int
-                  ) -> list[PlanRow]:
+def plan_criteria(orthanc: Orthanc, modality: str, criteria: Criteria, cap: int, *,
+                  concurrency: int = 1, slot: Slot = contextlib.nullcontext) -> list[PlanRow]:
     """One plan row per study the PACS answered (numbered in StudyDate order): ``found`` or
     ``already_present`` when it matches every criterion, ``excluded`` (with the criterion it
-    fails in the note, no values) when the PACS ignored a filter."""
-    answers = sorted(find_capped(orthanc, modality, criteria, cap),
-                     key=lambda t: (str(t.get("StudyDate", "")), str(t.get("StudyInstanceUID"))))
-    plan = []
-    for index, tags in enumerate(answers, start=1):
-        why = mismatch(orthanc, modality, criteria, tags)
-        if why:
-            plan.append(PlanRow(index=index, status=RowStatus.EXCLUDED, note=why))
-            continue
-        (study,) = _studies(orthanc, modality, [tags])
-        plan.append(PlanRow(index=index, status=_status([study]), studies=(study,)))
-    return plan
+    fails in the note, no values) when the PACS ignored a filter.
+
+    The criteria's C-FINDs run one after another under one ``slot()`` (a capped range is
+    split); each answer's checks and counts then run ``concurrency`` at a time, each under
+    ``slot()``.
+
+    Raises:
+        CohortTooBroad: A single day's C-FIND is still capped.
+        OrthancDimseError: The PACS did not answer or refused.
+    """
+    with slot():
+        found = find_capped(orthanc, modality, criteria, cap)
+    answers = sorted(found, key=lambda t: (str(t.get("StudyDate", "")),
+                                           str(t.get("StudyInstanceUID"))))
+
+    def classify(item: tuple[int, dict[str, str]]) -> PlanRow:
+        index, tags = item
+        with slot():
+            why = mismatch(orthanc, modality, criteria, tags)
+            if why:
+                return PlanRow(index=index, status=RowStatus.EXCLUDED, note=why)
+            (study,) = _studies(orthanc, modality, [tags])
+        return PlanRow(index=index, status=_status([study]), studies=(study,))
+
+    return _each(classify, list(enumerate(answers, start=1)), concurrency)
