@@ -261,9 +261,10 @@ def _settle(ops: Any, study_uid: str, expected: int | None, settle: Settle) -> S
 
 
 #: the longest pause between two polls of a C-MOVE job: a study's move ends on average half a
-#: pause before the poll that sees it (2 s pauses cost about 0.5 s per study, in a slot that
-#: the next study waits for; docs/performance.md), and a poll is one cheap GET
-MOVE_POLL_SECONDS = 0.5
+#: pause before the poll that sees it, in a slot the next study waits for (0.5 s pauses cost
+#: 0.15-0.25 s per study against a synchronous move; docs/performance.md). A poll is one GET
+#: of about 2 ms: four moves in flight poll about 20 times a second.
+MOVE_POLL_SECONDS = 0.2
 
 
 def _run_move(ops: Any, query_id: str, answer: int | None, target: str,
