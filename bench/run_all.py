@@ -18,6 +18,8 @@ For each database, one Prefect server (``bench._server``) serves every measureme
     .venv/bin/python bench/run_all.py                      # SQLite, sizes 10 50
     .venv/bin/python bench/run_all.py --database both --big
     .venv/bin/python bench/run_all.py --quick              # a smoke run of every part
+    .venv/bin/python bench/run_all.py --parts collection --sizes 1000 --instances 2 \
+        --flow-only --rounds 1                             # growth of the flow alone
 
 The machine's other load shows in the spread: run it on a quiet machine for the closing
 table. Results: ``bench/results/run_all.json``.
@@ -79,7 +81,7 @@ def collect_child(cohort_file: str, concurrency: int) -> dict[str, float]:
 
 
 def collection(size: int, rounds: int, concurrency: int, instances: int,
-               sequential: bool) -> dict[str, Any]:
+               sequential: bool, flow_only: bool = False) -> dict[str, Any]:
     from bench import _raw
     from bench.collection_flow import raw_collect
     from bench.pyorthanc_peer import pyorthanc_collect
@@ -104,6 +106,8 @@ def collection(size: int, rounds: int, concurrency: int, instances: int,
                 ["pyorthanc sequential"] if sequential and round_index == 0 else [])
             if round_index % 2:  # alternate who goes first
                 order[:3] = order[:3][::-1]
+            if flow_only:  # growth only: wall time and peak RSS of the flow's process
+                order = ["flow"]
             for path_name in order:
                 _raw.clear(url, auth)
                 if path_name == "raw":
@@ -134,8 +138,8 @@ def collection(size: int, rounds: int, concurrency: int, instances: int,
     peer = [r["seconds"] for r in runs["pyorthanc"]]
     out: dict[str, Any] = {
         "studies": size, "runs": runs,
-        "flow_vs_raw": [f / r for f, r in zip(flow, raw, strict=True)],
-        "flow_vs_pyorthanc": [f / p for f, p in zip(flow, peer, strict=True)],
+        "flow_vs_raw": [f / r for f, r in zip(flow, raw, strict=True)] if raw else [],
+        "flow_vs_pyorthanc": [f / p for f, p in zip(flow, peer, strict=True)] if peer else [],
         "flow_s_per_study": statistics.median(flow) / size,
         "flow_peak_mb": max(r["peak_mb"] for r in runs["flow"]),
     }
@@ -184,6 +188,8 @@ def table(database: str, results: dict[str, Any]) -> str:
 
     for result in results.get("collection", []):
         n = result["studies"]
+        if not result["flow_vs_raw"]:  # --flow-only: growth only
+            continue
         row(f"collection flow / raw REST, {n} studies", result["flow_vs_raw"],
             TARGETS["collection vs raw"])
         row(f"collection flow / PyOrthanc threaded, {n} studies", result["flow_vs_pyorthanc"],
@@ -210,9 +216,10 @@ def table(database: str, results: dict[str, Any]) -> str:
                  "|---|---|---|---|"]
         for result in results["collection"]:
             n = result["studies"]
-            raw = statistics.median(r["seconds"] for r in result["runs"]["raw"])
+            raw_runs = [r["seconds"] for r in result["runs"]["raw"]]
+            raw = f"{statistics.median(raw_runs) / n:.3f}" if raw_runs else "-"
             rows.append(f"| {n} | {result['flow_s_per_study']:.3f} | "
-                        f"{result['flow_peak_mb']:.0f} | {raw / n:.3f} |")
+                        f"{result['flow_peak_mb']:.0f} | {raw} |")
     return "\n".join(rows)
 
 
@@ -232,8 +239,8 @@ def run_database(database: Literal["sqlite", "postgres"],
         q = args.quick
         if "collection" in args.parts:
             results["collection"] = [
-                collection(size, args.rounds, args.concurrency, 4 if q else 20,
-                           sequential=not args.no_sequential)
+                collection(size, args.rounds, args.concurrency, 4 if q else args.instances,
+                           sequential=not args.no_sequential, flow_only=args.flow_only)
                 for size in ([4] if q else args.sizes + ([200] if args.big else []))]
         if "tasks" in args.parts:
             results["tasks"] = task_layer(4 if q else 20, 1 if q else args.rounds,
@@ -258,6 +265,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--parts", nargs="+", default=["collection", "tasks", "sharing"],
                         choices=("collection", "tasks", "sharing"))
+    parser.add_argument("--instances", type=int, default=20,
+                        help="instances per collected study (2 series; default 20)")
+    parser.add_argument("--flow-only", action="store_true",
+                        help="collection: time only the flow (growth: s/study, peak RSS), "
+                             "e.g. --sizes 1000 --instances 2 --parts collection --flow-only")
     parser.add_argument("--no-sequential", action="store_true",
                         help="skip PyOrthanc's sequential script (slow at 200 studies)")
     parser.add_argument("--quick", action="store_true",
