@@ -74,6 +74,7 @@ def test_a_study_orthanc_stored_in_part_is_quarantined_not_delivered(
     stored = {r.parent_study for data in _copies("CT_small.dcm", 3)
               for r in research.upload(data)}
     (source,) = stored
+    assert source is not None
     before = set(research.find("Study"))
     to_bytes = Rewriter.to_bytes
     made: list[int] = []
