@@ -207,12 +207,11 @@ def test_package_members_are_deflated_at_package_level(tmp_path):
     at that level, on a real file's bytes (pydicom's CT_small.dcm)."""
     import zipfile
     import zlib
+    from pathlib import Path
 
     from pydicom.data import get_testdata_file
 
     from prefect_orthanc.flows.sharing.files import PACKAGE_LEVEL, package_files
-
-    from pathlib import Path
 
     source = Path(str(get_testdata_file("CT_small.dcm")))
     data = source.read_bytes()
