@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,18 @@ from prefect_orthanc.flows.sharing.ledger import content_version
 from prefect_orthanc.flows.sharing.linkage import pending_linkage
 from prefect_orthanc.flows.sharing.models import SharedStudy, SharingOptions
 from prefect_orthanc.flows.sharing.staging import remove_staged, work_dir
-from prefect_orthanc.orthanc_client import Level, Orthanc
+from prefect_orthanc.orthanc_client import (
+    Level,
+    Orthanc,
+    OrthancBadRequest,
+    OrthancNotFound,
+    UploadResult,
+)
 from prefect_orthanc.tasks import OrthancCredentials, orthanc_task
 from prefect_orthanc.tasks.origin import mark_copy
 from prefect_orthanc.tasks.policy import short_id
 
-__all__ = ["deidentify_study", "store_package"]
+__all__ = ["STORE_WHOLE_BYTES", "deidentify_study", "store_package"]
 
 
 @orthanc_task(name="deidentify_study", run_name=lambda p: f"deid-{short_id(p['source_id'])}")
@@ -178,23 +185,45 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                        verified=verified, findings=tuple(findings))
 
 
+#: a package up to this size is stored with one request (held whole in memory by this
+#: process and by Orthanc for that request); a bigger one member by member, so memory does
+#: not grow with the study
+STORE_WHOLE_BYTES = 64 << 20
+
+
 def store_package(orthanc: Orthanc, package: Path, members: int) -> tuple[set[str], list[str]]:
-    """Store the de-identified package (a ZIP of ``members`` DICOM files) in Orthanc with one
-    ``POST /instances`` and mark each study it made as a copy (``tasks.origin.mark_copy``:
-    Orthanc answers once every member is stored, and a study becomes stable ``StableAge``
-    seconds after its last instance, so the mark comes first). Returns the Orthanc IDs of the
-    studies made and the findings, without values: Orthanc 1.10.1 skips a member it cannot
-    read without saying so (its answer lists only what it stored), so fewer answers than
-    members, or any answer other than ``Success`` (``AlreadyStored``: a copy was there
-    already), is a finding.
+    """Store the de-identified package (a ZIP of ``members`` DICOM files) in Orthanc: one
+    ``POST /instances`` of the ZIP, or of each member when the package is larger than
+    ``STORE_WHOLE_BYTES`` (the same bytes either way). Each study the answers name is
+    marked as a copy (``tasks.origin.mark_copy``) as soon as it is named: a study becomes
+    stable ``StableAge`` seconds after its last instance, so the mark comes first. Returns
+    the Orthanc IDs of the studies made and the findings, without values: Orthanc 1.10.1
+    skips a ZIP member it cannot read without saying so (its answer lists only what it
+    stored) and refuses such a file sent alone (HTTP 400, or 404 for a file cut short), so
+    fewer answers than members, or any answer other than ``Success`` (``AlreadyStored``: a
+    copy was there already), is a finding.
 
     Raises:
-        OrthancError: Orthanc refused the package as a whole (e.g. not a ZIP).
+        OrthancError: Orthanc did not answer, or refused the package as a whole.
     """
-    answers = orthanc.upload(package)
-    parents = {a.parent_study for a in answers if a.parent_study}
-    for parent in sorted(parents):
-        mark_copy(orthanc, parent, "deidentified")
+    parents: set[str] = set()
+    answers: list[UploadResult] = []
+
+    def stored(new: list[UploadResult]) -> None:
+        answers.extend(new)
+        for parent in sorted({a.parent_study for a in new if a.parent_study} - parents):
+            mark_copy(orthanc, parent, "deidentified")
+            parents.add(parent)
+
+    if package.stat().st_size <= STORE_WHOLE_BYTES:
+        stored(orthanc.upload(package))
+    else:
+        with zipfile.ZipFile(package) as archive:
+            for info in archive.infolist():
+                try:
+                    stored(orthanc.upload(archive.read(info)))
+                except (OrthancBadRequest, OrthancNotFound):  # this file refused (a file
+                    continue  # cut short gets 404 "Inexistent tag"): counted below
     findings: list[str] = []
     if len(answers) != members:
         findings.append(f"Orthanc stored {len(answers)} of the package's {members} instances")

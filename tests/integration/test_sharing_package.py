@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from prefect_orthanc.flows.deid import Rewriter
-from prefect_orthanc.flows.sharing import Destination, share_studies
+from prefect_orthanc.flows.sharing import Destination, deidentify, share_studies
 from prefect_orthanc.flows.sharing.deidentify import store_package
 from prefect_orthanc.flows.sharing.files import package_files
 from prefect_orthanc.flows.states import report_of
@@ -41,8 +41,13 @@ def _copies(name: str, n: int) -> list[bytes]:
     return files
 
 
-def test_a_member_orthanc_skips_is_a_finding_and_the_copy_is_marked(research: Orthanc,
-                                                                       tmp_path: Path):
+@pytest.mark.parametrize("whole", [True, False], ids=["one-request", "member-by-member"])
+def test_a_member_orthanc_skips_is_a_finding_and_the_copy_is_marked(
+        research: Orthanc, tmp_path: Path, monkeypatch, whole: bool):
+    """The package stored whole (Orthanc skips the unreadable member) or, when larger than
+    ``STORE_WHOLE_BYTES``, member by member (Orthanc refuses it): the same finding."""
+    if not whole:
+        monkeypatch.setattr(deidentify, "STORE_WHOLE_BYTES", 0)
     good = _copies("MR_small.dcm", 2)
     members = {}
     for index, data in enumerate([*good, good[0][:600]]):  # the last one cut short
