@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,18 @@ from prefect_orthanc.flows.sharing.ledger import content_version
 from prefect_orthanc.flows.sharing.linkage import pending_linkage
 from prefect_orthanc.flows.sharing.models import SharedStudy, SharingOptions
 from prefect_orthanc.flows.sharing.staging import remove_staged, work_dir
-from prefect_orthanc.orthanc_client import Level
+from prefect_orthanc.orthanc_client import (
+    Level,
+    Orthanc,
+    OrthancBadRequest,
+    OrthancNotFound,
+    UploadResult,
+)
 from prefect_orthanc.tasks import OrthancCredentials, orthanc_task
 from prefect_orthanc.tasks.origin import mark_copy
 from prefect_orthanc.tasks.policy import short_id
 
-__all__ = ["deidentify_study"]
+__all__ = ["STORE_WHOLE_BYTES", "deidentify_study", "store_package"]
 
 
 @orthanc_task(name="deidentify_study", run_name=lambda p: f"deid-{short_id(p['source_id'])}")
@@ -42,12 +49,13 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
     Each source file is read (``GET /instances/{id}/file``); risky ones are held back and
     counted by reason (``flows.deid.risk_reason``); the others go through Orthanc's Basic
     Profile (``POST /instances/{id}/anonymize``, not stored), then ``flows.deid.Rewriter``
-    (keyed pseudonyms and UIDs, shifted dates, at every depth) and are stored back as a new
-    study. The very bytes uploaded (Orthanc stores a file as it receives it; the stored
-    copy's instance count and total size are checked against them) are packaged as a ZIP
+    (keyed pseudonyms and UIDs, shifted dates, at every depth) and packaged as a ZIP
     (``files.package_files``, from the study's work folder in staging: the same study makes
-    the same bytes, under names that hold no value of it) and the package is scanned against
-    the identifiers of the source files. Returns the
+    the same bytes, under names that hold no value of it). The package itself is stored
+    back in Orthanc as the new study, one request (``store_package``: Orthanc stores each
+    member as it is; its answer and the stored copy's instance count and total size are
+    checked against the package), and scanned against the identifiers of the source files.
+    Returns the
     outcome (``verified``, ``excluded`` or ``quarantined``) with pseudonyms, counts, checksum
     and the content version it was made from. A verified study's linkage row waits next to
     its ZIP in staging; ``deliver_study`` appends it to the linkage table once delivered.
@@ -118,7 +126,6 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
         work.mkdir(parents=True, exist_ok=True)
         try:
             rewriter = Rewriter(profile, secret, linkage)
-            parents: set[str] = set()
             written: list[tuple[str, str, str, int, Path]] = []
             for index, instance in enumerate(kept):
                 data = orthanc.request("POST", f"/instances/{instance}/anonymize", json=body,
@@ -130,32 +137,30 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                     findings.append(f"instance {index}: could not be rewritten "
                                     f"({type(error).__name__})")
                     continue
-                for parent in {r.parent_study for r in orthanc.upload(data) if r.parent_study}:
-                    if parent not in parents:  # first instance: mark before it can be stable
-                        mark_copy(orthanc, parent, "deidentified")
-                        parents.add(parent)
-                # the package holds the very bytes uploaded (Orthanc stores a file as it
-                # receives it): nothing to download and repack
                 path = work / f"{index}.dcm"
                 path.write_bytes(data)
                 written.append((str(out.get("SeriesInstanceUID", "")),
                                 str(out.get("SOPInstanceUID", "")),
                                 hashlib.sha256(data).hexdigest(), len(data), path))
-            if not parents:
+            if not written:
                 return SharedStudy(**base, outcome="quarantined", excluded=len(instance_ids)
                                    - len(kept), excluded_reasons=excluded,
                                    findings=tuple(findings))
-            if len(parents) > 1:
-                findings.append(f"the rewritten instances landed in {len(parents)} studies")
-            new_id = sorted(parents)[0]
+            size, sha256 = package_files(_member_names(written), staged)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        # the package itself is stored in Orthanc (one request; Orthanc stores each member
+        # as it is, so the copy in Orthanc is the very bytes delivered)
+        parents, refused = store_package(orthanc, staged, len(written))
+        findings += refused
+        new_id = min(parents) if parents else None  # none: counted below, quarantined
+        out_count = 0
+        if new_id is not None:
             stored = orthanc.request("GET", f"/studies/{new_id}/statistics")
             out_count = int(stored.get("CountInstances", 0))
             stored_size = stored.get("DicomUncompressedSize")
             if stored_size is not None and int(stored_size) != sum(w[3] for w in written):
                 findings.append("the copy stored in Orthanc differs in size from the package")
-            size, sha256 = package_files(_member_names(written), staged)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     report = scan_package(staged, headers)  # bytes and a path in, a ScanReport out
     findings = [*(str(f) for f in report.findings), *findings]
     counts_ok = out_count == len(kept) and report.instances == out_count
@@ -178,6 +183,57 @@ def deidentify_study(credentials: OrthancCredentials, source_id: str,
                        excluded=len(instance_ids) - len(kept), excluded_reasons=excluded,
                        file=str(path), size=size, sha256=sha256,
                        verified=verified, findings=tuple(findings))
+
+
+#: a package up to this size is stored with one request (held whole in memory by this
+#: process and by Orthanc for that request); a bigger one member by member, so memory does
+#: not grow with the study
+STORE_WHOLE_BYTES = 64 << 20
+
+
+def store_package(orthanc: Orthanc, package: Path, members: int) -> tuple[set[str], list[str]]:
+    """Store the de-identified package (a ZIP of ``members`` DICOM files) in Orthanc: one
+    ``POST /instances`` of the ZIP, or of each member when the package is larger than
+    ``STORE_WHOLE_BYTES`` (the same bytes either way). Each study the answers name is
+    marked as a copy (``tasks.origin.mark_copy``) as soon as it is named: a study becomes
+    stable ``StableAge`` seconds after its last instance, so the mark comes first. Returns
+    the Orthanc IDs of the studies made and the findings, without values: Orthanc 1.10.1
+    skips a ZIP member it cannot read without saying so (its answer lists only what it
+    stored) and refuses such a file sent alone (HTTP 400, or 404 for a file cut short), so
+    fewer answers than members, or any answer other than ``Success`` (``AlreadyStored``: a
+    copy was there already), is a finding.
+
+    Raises:
+        OrthancError: Orthanc did not answer, or refused the package as a whole.
+    """
+    parents: set[str] = set()
+    answers: list[UploadResult] = []
+
+    def stored(new: list[UploadResult]) -> None:
+        answers.extend(new)
+        for parent in sorted({a.parent_study for a in new if a.parent_study} - parents):
+            mark_copy(orthanc, parent, "deidentified")
+            parents.add(parent)
+
+    if package.stat().st_size <= STORE_WHOLE_BYTES:
+        stored(orthanc.upload(package))
+    else:
+        with zipfile.ZipFile(package) as archive:
+            for info in archive.infolist():
+                try:
+                    stored(orthanc.upload(archive.read(info)))
+                except (OrthancBadRequest, OrthancNotFound):  # this file refused (a file
+                    continue  # cut short gets 404 "Inexistent tag"): counted below
+    findings: list[str] = []
+    if len(answers) != members:
+        findings.append(f"Orthanc stored {len(answers)} of the package's {members} instances")
+    statuses = Counter(a.status for a in answers if a.status != "Success")
+    if statuses:
+        findings.append("instances of the package not stored as new: " + ", ".join(
+            f"{count} {status}" for status, count in sorted(statuses.items())))
+    if len(parents) > 1:
+        findings.append(f"the rewritten instances landed in {len(parents)} studies")
+    return parents, findings
 
 
 def _member_names(written: list[tuple[str, str, str, int, Path]]) -> dict[str, Path]:

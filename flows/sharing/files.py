@@ -115,18 +115,15 @@ def package_files(members: Mapping[str, Path], target: Path) -> tuple[int, str]:
     No clock and no order of arrival reaches the bytes, so a package made again after a crash
     is recognised byte for byte in the destination."""
     partial = target.with_name(f".{target.name}.partial")
-    with partial.open("wb") as raw, \
-            zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, compresslevel=PACKAGE_LEVEL) as zout:
+    with partial.open("wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zout:
         for name in sorted(members):
             info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
-            info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             info.create_system = 3
-            big = members[name].stat().st_size >= zipfile.ZIP64_LIMIT
-            with members[name].open("rb") as entry, \
-                    zout.open(info, "w", force_zip64=big) as out:
-                for block in iter(lambda: entry.read(1 << 20), b""):
-                    out.write(block)
+            # ``writestr`` applies the level given here; a hand-made ``ZipInfo`` opened with
+            # ``ZipFile.open`` is deflated at zlib's default (6) whatever the archive's level
+            zout.writestr(info, members[name].read_bytes(), zipfile.ZIP_DEFLATED,
+                          PACKAGE_LEVEL)
     # not fsynced: a package in staging is scratch, made again by the study's next run after
     # a crash (its record comes only after ``publish``, which fsyncs the delivered copy);
     # an fsync here also flushed every dirty page of the disk on ext4 (seconds per study)

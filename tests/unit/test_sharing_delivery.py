@@ -201,6 +201,37 @@ def test_a_package_depends_only_on_its_files(tmp_path):
                                                           "work1"]  # no temporary left
 
 
+def test_package_members_are_deflated_at_package_level(tmp_path):
+    """Each member is deflated at ``PACKAGE_LEVEL`` (a hand-made ZipInfo opened with
+    ``ZipFile.open`` got zlib's default level 6 instead): its compressed bytes are zlib's
+    at that level, on a real file's bytes (pydicom's CT_small.dcm)."""
+    import zipfile
+    import zlib
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+
+    from prefect_orthanc.flows.sharing.files import PACKAGE_LEVEL, package_files
+
+    source = Path(str(get_testdata_file("CT_small.dcm")))
+    data = source.read_bytes()
+    package_files({"SERIES001/IM00001.dcm": source}, tmp_path / "p.zip")
+    levels = {}
+    for level in (PACKAGE_LEVEL, 6):
+        deflate = zlib.compressobj(level, zlib.DEFLATED, -15)
+        levels[level] = deflate.compress(data) + deflate.flush()
+    assert levels[PACKAGE_LEVEL] != levels[6]  # the file tells the levels apart
+    with zipfile.ZipFile(tmp_path / "p.zip") as package:
+        (info,) = package.infolist()
+        assert info.compress_type == zipfile.ZIP_DEFLATED
+        with (tmp_path / "p.zip").open("rb") as raw:
+            raw.seek(info.header_offset + 26)
+            skip = int.from_bytes(raw.read(2), "little") + int.from_bytes(raw.read(2), "little")
+            raw.seek(skip, 1)
+            assert raw.read(info.compress_size) == levels[PACKAGE_LEVEL]
+        assert package.read(info) == data
+
+
 def test_publish_recognises_its_own_package_and_removes_a_crashed_partial(tmp_path):
     """A run killed after publishing, before recording: the re-run finds the final name
     with the package's checksum and takes it as the delivery (nothing written). A partial
