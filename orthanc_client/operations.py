@@ -657,6 +657,14 @@ class Operations:
                 f"are forgotten)", job_id=job_id) from None
 
     @operation
+    def jobs(self) -> Steps[list[JobInfo]]:
+        """Every job Orthanc remembers (``GET /jobs?expand``): those not ended and the last
+        ``JobsHistorySize`` ended ones. Their ``content`` can hold DICOM values (a C-MOVE
+        job's query): keep it in memory, ``JobInfo.redacted()`` before logging anything."""
+        return [JobInfo.model_validate(job)
+                for job in (yield from self._get("/jobs", "/jobs", params={"expand": ""}))]
+
+    @operation
     def wait_for_job(self, job_id: str, *, timeout: float | None = None, interval: float = 0.1,
                      max_interval: float = 2.0) -> Steps[JobInfo]:
         """Poll a job until Success (returned) or Failure (raised), within ``timeout`` seconds.
@@ -717,6 +725,13 @@ class Operations:
     def modalities(self) -> Steps[list[str]]:
         """Names of the DICOM modalities this Orthanc knows."""
         return (yield from self._get("/modalities", "/modalities"))
+
+    @operation
+    def modality_configuration(self, modality: str) -> Steps[dict[str, Any]]:
+        """How this Orthanc reaches ``modality`` (``GET /modalities/{name}/configuration``:
+        ``AET``, ``Host``, ``Port``...)."""
+        return (yield from self._get(f"/modalities/{_seg(modality)}/configuration",
+                                     "/modalities/{name}/configuration"))
 
     @operation
     def echo(self, modality: str, *, timeout: int | None = None) -> Steps[None]:
@@ -809,21 +824,27 @@ class Operations:
     def retrieve_study(self, modality: str, study_uid: str, *,
                        job_timeout: float | None = None, refetch_rounds: int = 2,
                        settle: Settle | None = None, move_attempts: int = 3,
-                       backoff: float = 1.0) -> Steps[RetrieveResult]:
+                       backoff: float = 1.0, adopt_moves: bool = False
+                       ) -> Steps[RetrieveResult]:
         """Retrieve a study from ``modality`` into this Orthanc and verify it is complete.
 
         Counts first (study-level count, else series-level, else IMAGE-level SOP Instance
         UIDs) and moves only what is missing, so calling it again is cheap and moves nothing
         for a complete study. After each C-MOVE, waits for arrivals to settle (``settle``);
         a move that moved nothing is tried again up to ``move_attempts`` times, ``backoff``
-        seconds doubling. See ``retrieval`` for the algorithm.
+        seconds doubling. With ``adopt_moves``, C-MOVE jobs of this study from this modality
+        already under way in Orthanc (a run that died left its job running; another run's)
+        are waited for first, and only what they did not bring is moved (one ``GET /jobs``
+        listing: ask for it when a previous retrieval of the study may not have ended). See
+        ``retrieval`` for the algorithm.
 
         >>> result = orthanc.retrieve_study("pacs", "1.2.840.113619.2.55.3")
         >>> result.outcome, result.expected_instances, result.count_source
         """
         return (yield from retrieve_study(self, modality, study_uid, job_timeout=job_timeout,
                                           refetch_rounds=refetch_rounds, settle=settle,
-                                          move_attempts=move_attempts, backoff=backoff))
+                                          move_attempts=move_attempts, backoff=backoff,
+                                          adopt_moves=adopt_moves))
 
     @operation
     def expected_instances(self, modality: str, study_uid: str,

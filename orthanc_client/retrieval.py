@@ -286,6 +286,41 @@ def _run_move(ops: Any, query_id: str, answer: int | None, target: str,
     return None
 
 
+def _moves_under_way(ops: Any, modality: str, study_uid: str) -> Steps[list[str]]:
+    """This Orthanc's C-MOVE jobs not yet ended that ask ``modality`` for (part of)
+    ``study_uid``: one a run started before it died (its job outlives it, association open),
+    or another run's. Their content holds DICOM values: only their IDs leave."""
+    aet = str((yield from ops.modality_configuration.steps(modality)).get("AET") or "")
+    found = []
+    for job in (yield from ops.jobs.steps()):
+        if job.type != "DicomMoveScu" or job.state.finished:
+            continue
+        if str(job.content.get("RemoteAet") or "") != aet:
+            continue
+        queries = job.content.get("Query") or []
+        if any(isinstance(q, dict) and {str(k).lower(): v for k, v in q.items()}
+               .get("0020,000d") == study_uid for q in queries):
+            found.append(job.id)
+    return found
+
+
+def _adopt_moves(ops: Any, modality: str, study_uid: str, job_timeout: float | None,
+                 jobs: list[str]) -> Steps[int]:
+    """Wait for the moves of this study already under way (``_moves_under_way``) instead of
+    starting another: the study is not moved twice, and the slot this call holds covers the
+    association they keep open. Their failures are not ours: what arrived is counted next.
+    Returns how many were adopted (their IDs join ``jobs``)."""
+    under_way = yield from _moves_under_way(ops, modality, study_uid)
+    for job_id in under_way:
+        jobs.append(job_id)
+        try:
+            yield from ops.wait_for_job.steps(job_id, timeout=job_timeout,
+                                              max_interval=MOVE_POLL_SECONDS)
+        except (OrthancJobFailed, OrthancJobLost):
+            continue
+    return len(under_way)
+
+
 def _reason(error: OrthancError | None, fallback: str) -> tuple[str, str]:
     if error is None:
         return fallback, {"moved_nothing": "the C-MOVE ended without sending any instance",
@@ -296,7 +331,8 @@ def _reason(error: OrthancError | None, fallback: str) -> tuple[str, str]:
 
 def retrieve_study(ops: Any, modality: str, study_uid: str, *, job_timeout: float | None = None,
                    refetch_rounds: int = 2, settle: Settle | None = None,
-                   move_attempts: int = 3, backoff: float = 1.0) -> Steps[RetrieveResult]:
+                   move_attempts: int = 3, backoff: float = 1.0,
+                   adopt_moves: bool = False) -> Steps[RetrieveResult]:
     """Steps of ``Orthanc.retrieve_study``: see the module docstring. ``ops`` is the client."""
     settle = settle or Settle()
     key = uid_key(study_uid)
@@ -324,8 +360,10 @@ def retrieve_study(ops: Any, modality: str, study_uid: str, *, job_timeout: floa
     jobs: list[str] = []
     error: OrthancError | None = None
     attempts = 0
+    if adopt_moves and (yield from _adopt_moves(ops, modality, study_uid, job_timeout, jobs)):
+        local = yield from _settle(ops, study_uid, total, settle)
     # a study partly here already goes straight to the re-fetch of what is missing
-    for attempt in range(max(1, move_attempts) if not before else 0):
+    for attempt in range(max(1, move_attempts) if not local.total else 0):
         attempts += 1
         error = yield from _run_move(ops, found.query_id, answers[0].index, target,
                                      job_timeout, jobs)

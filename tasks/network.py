@@ -201,9 +201,14 @@ def retrieve_study(credentials: OrthancCredentials, modality: str, study_uid: st
     with credentials.get_client() as orthanc:
         require_modality(orthanc, modality)
         with modality_slot(modality, timeout=slot_timeout):
-            register_retrieval(study_uid, modality)  # before the move: see tasks.origin
+            # before the move: see tasks.origin. A record already there is a retrieval of
+            # this study that did not end: its C-MOVE job may still be running in Orthanc
+            # (its run died; the job and its association outlive it), so it is waited for
+            # under this slot rather than the study moved a second time beside it
+            first = register_retrieval(study_uid, modality)
             result = orthanc.retrieve_study(modality, study_uid, job_timeout=job_timeout,
-                                     refetch_rounds=refetch_rounds)
+                                            refetch_rounds=refetch_rounds,
+                                            adopt_moves=not first)
             if result.moved:
                 mark_retrieved(orthanc, result.study_ids, modality)
             end_retrieval(study_uid)

@@ -73,9 +73,11 @@ def retrieval_variable(study_uid: str) -> str:
     return f"{RETRIEVING_PREFIX}{uid_key(study_uid)}"
 
 
-def register_retrieval(study_uid: str, modality: str) -> None:
-    """Record, before moving anything, that ``study_uid`` is being retrieved."""
-    put_variable(retrieval_variable(study_uid),
+def register_retrieval(study_uid: str, modality: str) -> bool:
+    """Record, before moving anything, that ``study_uid`` is being retrieved. False when a
+    record was there already: a retrieval of the study that has not ended (a run that died,
+    whose C-MOVE job may still be running in Orthanc, or another run's)."""
+    return put_variable(retrieval_variable(study_uid),
                  {"modality": modality, "since": dt.datetime.now(dt.UTC).isoformat()},
                  tags=["prefect-orthanc", "retrieving"])
 

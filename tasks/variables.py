@@ -22,8 +22,9 @@ from prefect_orthanc.tasks.server_writes import write
 __all__ = ["delete_variable", "put_variable"]
 
 
-def put_variable(name: str, value: Any, *, tags: list[str] | None = None) -> None:
-    """Create or overwrite the Prefect Variable ``name`` (JSON-serialisable ``value``).
+def put_variable(name: str, value: Any, *, tags: list[str] | None = None) -> bool:
+    """Create or overwrite the Prefect Variable ``name`` (JSON-serialisable ``value``);
+    True when it was created, False when one of that name was there and is overwritten.
 
     Example:
         ```python
@@ -36,6 +37,7 @@ def put_variable(name: str, value: Any, *, tags: list[str] | None = None) -> Non
         try:
             write(client, "POST", "/variables/",
                   json={"name": name, "value": value, "tags": tags or []})
+            return True
         except httpx.HTTPStatusError as error:
             if error.response.status_code != 409:  # 409: it exists: update it
                 raise
@@ -44,6 +46,7 @@ def put_variable(name: str, value: Any, *, tags: list[str] | None = None) -> Non
                 update["tags"] = tags
             write(client, "PATCH", "/variables/name/{name}", path_params={"name": name},
                   json=update)
+            return False
 
 
 def delete_variable(name: str) -> None:

@@ -12,7 +12,10 @@ a filter). Quirks, each seen in the field:
 * ``reject_moves``: the next N associations proposing C-MOVE are rejected (transient, "local
   limit exceeded"), as a PACS out of free associations does (Orthanc 1.10.1 proposes C-MOVE
   on its C-ECHO and C-FIND associations too, so these are rejected as well);
-* ``busy_moves``: the next N C-MOVEs fail with 0xA702 (out of resources), nothing sent.
+* ``busy_moves``: the next N C-MOVEs fail with 0xA702 (out of resources), nothing sent;
+* ``slow_store``: seconds before each C-STORE of a C-MOVE (a slow link: a move lasts long
+  enough to outlive the run that asked for it). ``peak_moving`` is the most C-MOVEs it was
+  serving at once.
 
 A destination AET not in ``destinations`` is answered 0xA801. ``moves`` counts C-MOVE requests
 received, ``finds`` C-FIND requests.
@@ -77,7 +80,7 @@ class QuirkySCP:
                  aet: str = "QUIRKY", answers_per_instance: bool = False,
                  find_cap: int | None = None, async_store: bool = False,
                  store_interval: float = 0.05, reject_moves: int = 0,
-                 busy_moves: int = 0) -> None:
+                 busy_moves: int = 0, slow_store: float = 0.0) -> None:
         self.aet = aet
         self.destinations = dict(destinations)
         self.answers_per_instance = answers_per_instance
@@ -86,6 +89,8 @@ class QuirkySCP:
         self.store_interval = store_interval
         self.reject_moves = reject_moves
         self.busy_moves = busy_moves
+        self.slow_store = slow_store
+        self.moving = self.peak_moving = 0
         self.moves = 0
         self.finds = 0
         self.rejected = 0
@@ -227,11 +232,19 @@ class QuirkySCP:
             return
         yield "127.0.0.1", port
         yield len(found)
-        for instance in found:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield 0xFF00, instance
+        with self._lock:
+            self.moving += 1
+            self.peak_moving = max(self.peak_moving, self.moving)
+        try:
+            for instance in found:
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                time.sleep(self.slow_store)
+                yield 0xFF00, instance
+        finally:
+            with self._lock:
+                self.moving -= 1
 
     def _store_later(self, destination: str, port: int, instances: list[Dataset]) -> None:
         ae = AE(ae_title=self.aet)

@@ -114,6 +114,48 @@ def test_rejected_associations_are_retried(quirky, quirk_cohort, lab):
     assert result.outcome is RetrieveOutcome.COMPLETE and scp.rejected == 2
 
 
+def test_a_move_outliving_its_killed_run_is_waited_for_not_repeated(
+        quirky, quirk_cohort, research, research_env, tmp_path):
+    """A run is killed (SIGKILL) while its C-MOVE job runs: the job goes on in Orthanc with
+    its association open. The re-run waits for that job under its own slot instead of moving
+    the study a second time beside it: one C-MOVE reaches the PACS, never two at once, and
+    the study ends complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import prefect.settings
+
+    scp = quirky(slow_store=0.5)  # 8 instances: a 4 s move
+    study = quirk_cohort.studies[5]
+    path = _cohort_file(tmp_path, "study_instance_uid", [study.study_uid])
+    env = {**os.environ, **research_env,
+           "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
+    code = ("from prefect_orthanc.flows.collection import collect_cohort\n"
+            f"collect_cohort(cohort_file={path!r}, source_modality='quirky', project='kill')\n")
+    child = subprocess.Popen([sys.executable, "-c", code], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 60
+    try:
+        while scp.moving == 0:  # its C-MOVE is under way: kill the run now
+            assert child.poll() is None and time.monotonic() < deadline, "no move started"
+            time.sleep(0.05)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert scp.moving == 1  # the dead run's job goes on
+
+    report = collect_cohort(cohort_file=path, source_modality="quirky", project="kill",
+                            report_dir=str(tmp_path))
+    assert report.studies_complete == 1, report.rows
+    assert scp.moves == 1 and scp.peak_moving == 1
+    (study_id,) = research.find("Study", {"StudyInstanceUID": study.study_uid})
+    assert research.count_instances("Study", study_id) == len(study.files)
+
+
 def test_unknown_destination_on_quirky(quirky, quirk_cohort, research):
     scp = quirky()
     scp.destinations.clear()

@@ -98,6 +98,30 @@ class FakePacs:
                           "CreationTime": "", "EffectiveRuntime": 0, "Priority": 0}
         return httpx.Response(200, json={"ID": job, "Path": f"/jobs/{job}"})
 
+    def orphan(self, *, study: str = STUDY, aet: str = "PACS", polls: int = 3,
+               state: str = "Running", failure: bool = False) -> str:
+        """A C-MOVE job already under way in Orthanc (its run died): it ends after ``polls``
+        polls, having brought the study (or, with ``failure``, half of it)."""
+        job = f"orphan{len(self.jobs)}"
+        self.jobs[job] = {"ID": job, "Type": "DicomMoveScu", "State": state, "Progress": 40,
+                          "ErrorCode": 0, "ErrorDescription": "Success", "ErrorDetails": "",
+                          "Content": {"LocalAet": "RESEARCH", "RemoteAet": aet, "Query": [
+                              {"0008,0052": "STUDY", "0020,000D": study}]},
+                          "CreationTime": "", "EffectiveRuntime": 0, "Priority": 0,
+                          "_polls": polls, "_failure": failure}
+        return job
+
+    def job(self, request: httpx.Request, job: str) -> httpx.Response:
+        info = self.jobs[job]
+        if info.get("_polls"):
+            info["_polls"] -= 1
+            if not info["_polls"]:  # it ends now, its C-STOREs done
+                every = [(s, sop) for s, sops in SERIES.items() for sop in sops]
+                self._send(every[:3] if info["_failure"] else every)
+                info.update(State="Failure" if info["_failure"] else "Success", Progress=100)
+        return httpx.Response(200, json={k: v for k, v in info.items()
+                                         if not k.startswith("_")})
+
     def move(self, request: httpx.Request) -> httpx.Response:
         for resource in json.loads(request.content)["Resources"]:
             self._move("Instance", resource)
@@ -135,8 +159,11 @@ class FakePacs:
         router.delete(path__regex=r"^/queries/[^/]+$").mock(return_value=httpx.Response(200))
         router.post(url__regex=r"/queries/(?P<qid>[^/]+)/answers/(?P<index>\d+)/retrieve").mock(
             side_effect=self.retrieve)
-        router.get(path__regex=r"^/jobs/(?P<job>[^/]+)$").mock(
-            side_effect=lambda request, job: httpx.Response(200, json=self.jobs[job]))
+        router.get(path__regex=r"^/jobs/(?P<job>[^/]+)$").mock(side_effect=self.job)
+        router.get("/jobs").mock(side_effect=lambda request: httpx.Response(
+            200, json=list(self.jobs.values())))
+        router.get("/modalities/pacs/configuration").mock(return_value=httpx.Response(
+            200, json={"AET": "PACS", "Host": "127.0.0.1", "Port": 104}))
         router.post("/modalities/pacs/move").mock(side_effect=self.move)
         router.post("/tools/find").mock(side_effect=self.find)
         router.get("/studies/study-a/series").mock(side_effect=self.study_series)
@@ -241,3 +268,42 @@ def test_a_partial_move_is_not_repeated_blindly(orthanc, pacs):
     result = orthanc.retrieve_study("pacs", STUDY, settle=FAST)
     assert result.outcome is RetrieveOutcome.COMPLETE and result.move_attempts == 1
     assert [level for level, _ in fake.moves].count("Study") == 1
+
+
+# ------------------------------------------------------------------ moves already under way
+
+def test_a_move_under_way_is_waited_for_not_repeated(orthanc, pacs):
+    """A run died while its C-MOVE job went on: the next retrieval of the study waits for
+    that job (its association is still open) instead of moving the study beside it."""
+    fake = pacs(study_count=True)
+    orphan = fake.orphan(polls=3)
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, adopt_moves=True)
+    assert result.outcome is RetrieveOutcome.COMPLETE and result.received_instances == 6
+    assert fake.moves == [] and result.job_ids == (orphan,) and result.moved
+    assert fake.jobs[orphan]["State"] == "Success"
+
+
+def test_only_what_a_failed_move_under_way_left_is_moved(orthanc, pacs):
+    fake = pacs()  # no counts (dcmqrscp): the missing SOP instances are asked for by UID
+    orphan = fake.orphan(polls=2, failure=True)
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, adopt_moves=True)
+    assert result.outcome is RetrieveOutcome.COMPLETE and result.job_ids[0] == orphan
+    assert [level for level, _ in fake.moves] == ["Instance"] * 3  # the 3 still missing
+
+
+@pytest.mark.parametrize("other", [dict(study="9.9.9"), dict(aet="OTHERPACS"),
+                                   dict(state="Success", polls=0)])
+def test_other_jobs_are_not_adopted(orthanc, pacs, other):
+    """Another study's move, a move from another modality, a move that has ended."""
+    fake = pacs(study_count=True)
+    fake.orphan(**other)
+    result = orthanc.retrieve_study("pacs", STUDY, settle=FAST, adopt_moves=True)
+    assert result.outcome is RetrieveOutcome.COMPLETE and len(fake.moves) == 1
+    assert len(result.job_ids) == 1 and not result.job_ids[0].startswith("orphan")
+
+
+def test_moves_under_way_are_looked_for_only_when_asked(orthanc, pacs, router):
+    fake = pacs(study_count=True)
+    orthanc.retrieve_study("pacs", STUDY, settle=FAST)
+    assert not any(call.request.url.path == "/jobs" for call in router.calls)
+    assert len(fake.moves) == 1
