@@ -57,7 +57,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import RE_VALID_UID
+from pydicom.valuerep import MAX_VALUE_LEN
 
 from prefect_orthanc.flows.site import DATA_DIR_ENV, SiteSettings
 from prefect_orthanc.orthanc_client.errors import SafeMessageError
@@ -427,6 +429,10 @@ def _column_names(filename: str, header: Record) -> list[str]:
     return columns
 
 
+#: identifier columns whose values are bounded by their DICOM attribute's VR
+_KEYWORDS = {"accession_number": "AccessionNumber", "patient_id": "PatientID"}
+
+
 def _check_row(values: Mapping[str, str]) -> str:
     """What is wrong with a row's values (never the values themselves), or ""."""
     if not any(values.get(c) for c in KEY_COLUMNS):
@@ -436,6 +442,14 @@ def _check_row(values: Mapping[str, str]) -> str:
     # pydicom's rule, not UID(uid).is_valid: that warns and logs the value
     if uid and not (len(uid) <= 64 and RE_VALID_UID.match(uid)):
         problems.append("study_instance_uid is not a DICOM UID")
+    for column, keyword in _KEYWORDS.items():  # SH 16, LO 64 (pydicom's dictionary)
+        vr = dictionary_VR(keyword)
+        value = values.get(column, "")
+        if len(value) > MAX_VALUE_LEN[vr]:
+            problems.append(f"{column} is longer than a DICOM {keyword} can be "
+                            f"({vr}: {MAX_VALUE_LEN[vr]} characters)")
+        if any(ord(ch) < 32 and ch != "\x1b" for ch in value):
+            problems.append(f"{column} holds control characters")
     date = values.get("study_date", "")
     if date and not is_study_date(date):
         problems.append("study_date is not YYYYMMDD")

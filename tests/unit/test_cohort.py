@@ -45,6 +45,13 @@ def test_semicolon_and_bom_are_accepted(tmp_path):
     ("patient_id,study_date\nP1,2024-01-05\n", "line 2: study_date is not YYYYMMDD"),
     ("patient_id,study_date\nP1,20240231\n", "line 2: study_date is not YYYYMMDD"),
     ("accession_number\nAC*\n", "line 2: wildcards"),
+    # an accession is SH (16 characters), a patient ID LO (64): a longer value was asked of
+    # the PACS and reported not_found, as if the study did not exist
+    ("accession_number\nACC-2024-000123456789\n",
+     "line 2: accession_number is longer than a DICOM AccessionNumber can be (SH: 16"),
+    ("patient_id\n" + "P" * 65 + "\n",
+     "line 2: patient_id is longer than a DICOM PatientID can be (LO: 64"),
+    ("patient_id\nP1\x07\n", "line 2: patient_id holds control characters"),
     ("accession_number,AccessionNumber\nA,B\n", "names accession_number more than once"),
 ])
 def test_malformed_files_name_the_line(tmp_path, text, message):
