@@ -22,13 +22,15 @@ For each database, one Prefect server (``bench._server``) serves every measureme
         --flow-only --rounds 1                             # growth of the flow alone
 
 The machine's other load shows in the spread: run it on a quiet machine for the closing
-table. Results: ``bench/results/run_all.json``.
+table. Results: ``bench/results/run_all.json`` (``run_all.quick.json`` for ``--quick``).
+PyOrthanc (the peer) is in the ``bench`` extra: ``.venv/bin/pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import statistics
@@ -281,17 +283,26 @@ def main() -> int:
         return 0
     if args.quick:
         args.rounds = 1
+    needs_peer = "collection" in args.parts and not args.flow_only
+    if needs_peer and importlib.util.find_spec("pyorthanc") is None:
+        parser.error("the PyOrthanc peer is not installed: .venv/bin/pip install -e '.[bench]' "
+                     "(or --flow-only, or --parts tasks sharing)")
     started = time.perf_counter()
     databases: list[Literal["sqlite", "postgres"]] = (
         ["sqlite", "postgres"] if args.database == "both" else [args.database])
     everything = {database: run_database(database, args) for database in databases}
+    if args.quick:
+        print("\n**--quick: a smoke run** (4 studies, one round): the ratios below say the "
+              "parts run, not whether the targets are met")
     for database, results in everything.items():
         print(table(database, results))
     print(f"\n(run_all: {time.perf_counter() - started:.0f} s; spread = min-max of the "
           f"rounds; the machine's other load widens it)")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "run_all.json").write_text(json.dumps(everything, indent=2))
+    # a smoke run never overwrites a full run's figures
+    name = "run_all.quick.json" if args.quick else "run_all.json"
+    (out / name).write_text(json.dumps({"arguments": sys.argv[1:], **everything}, indent=2))
     return 0
 
 
