@@ -200,7 +200,8 @@ def plan_rows(orthanc: Orthanc, modality: str, rows: Iterable[CohortRow], cap: i
     Raises:
         OrthancDimseError: The PACS did not answer or refused as a whole (a refusal of one
             row's own query makes that row ``query_failed`` instead).
-        Whatever ``slot()`` raises (e.g. ``SlotWaitExceeded``).
+        SlotWaitExceeded: Raised by ``slot()`` (as anything else it raises) when no PACS
+            slot became free in time.
     """
     rows = list(rows)
     answers = _each(lambda row: _look_up(orthanc, modality, row, cap, slot), rows, concurrency)
