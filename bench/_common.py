@@ -1,13 +1,16 @@
-"""What every benchmark shares: a private Prefect home with no telemetry, peak memory, and
-the cohort file of a collection bench."""
+"""What every benchmark shares: a private Prefect home with no telemetry, peak memory, the
+lab loaded with a collection bench's studies, and its cohort file."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import resource
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def quiet_prefect() -> None:
@@ -33,3 +36,22 @@ def write_accession_cohort(path: Path, accessions: list[str]) -> Path:
         writer.writerow(["accession_number"])
         writer.writerows([[a] for a in accessions])
     return path
+
+
+@contextlib.contextmanager
+def loaded_lab(studies: int, instances: int, seed: int
+               ) -> Iterator[tuple[Any, Any, tuple[str, str], Path]]:
+    """The lab (``OrthancLab``) whose PACS holds ``studies`` synthetic studies, one patient
+    each, of ``instances`` instances in 2 series; yields ``(lab, cohort, research's
+    (username, password), a scratch folder)``, all gone at the end."""
+    from prefect_orthanc.deployments.lab.servers import OrthancLab
+    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
+
+    with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
+        cohort = make_cohort(Path(tmp) / "dicom", patients=studies, studies_per_patient=1,
+                             series_per_study=2, instances_per_series=max(1, instances // 2),
+                             seed=seed)
+        load_into(lab.pacs.url, cohort.files)
+        auth = lab.research.auth
+        assert auth is not None  # the lab's research server asks for a password
+        yield lab, cohort, auth, Path(tmp)

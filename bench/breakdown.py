@@ -28,7 +28,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect, write_accession_cohort
+from bench._common import loaded_lab, quiet_prefect, write_accession_cohort
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 quiet_prefect()
@@ -322,22 +321,15 @@ def empty_flow() -> None:
 
 def collection(sizes: list[int], instances: int, concurrency: int, rounds: int
                ) -> list[dict[str, Any]]:
-    from prefect_orthanc.deployments.lab.servers import OrthancLab
-    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
     from prefect_orthanc.flows.collection import collect_cohort
     from prefect_orthanc.tasks.limits import ensure_limits
 
     asyncio.run(ensure_limits({"pacs": concurrency}))
     out = []
     for size in sizes:
-        with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
-            cohort = make_cohort(Path(tmp) / "dicom", patients=size, studies_per_patient=1,
-                                 series_per_study=2, instances_per_series=instances // 2,
-                                 seed=size)
-            load_into(lab.pacs.url, cohort.files)
+        with loaded_lab(size, instances, seed=size) as (lab, cohort, auth, tmp):
             accessions = [s.accession for s in cohort.studies]
-            path = write_accession_cohort(Path(tmp) / "cohort.csv", accessions)
-            auth = (lab.research.username or "", lab.research.password or "")
+            path = write_accession_cohort(tmp / "cohort.csv", accessions)
             os.environ.update({"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": auth[0],
                                "ORTHANC_PASSWORD": auth[1]})
             from bench.collection_flow import raw_collect
@@ -403,20 +395,14 @@ def _flows(creds: Any, uids: list[str], concurrency: int) -> tuple[Any, Any]:
 
 def tasks(sizes: list[int], instances: int, concurrency: int, rounds: int
           ) -> list[dict[str, Any]]:
-    from prefect_orthanc.deployments.lab.servers import OrthancLab
-    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
     from prefect_orthanc.tasks import OrthancCredentials
     from prefect_orthanc.tasks.limits import ensure_limits
 
     asyncio.run(ensure_limits({"pacs": concurrency}))
     out = []
     for size in sizes:
-        with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
-            cohort = make_cohort(tmp, patients=size, studies_per_patient=1, series_per_study=2,
-                                 instances_per_series=instances // 2, seed=5)
-            load_into(lab.pacs.url, cohort.files)
+        with loaded_lab(size, instances, seed=5) as (lab, cohort, auth, _):
             uids = [s.study_uid for s in cohort.studies]
-            auth = (lab.research.username or "", lab.research.password or "")
             creds = OrthancCredentials(url=lab.research.url, username=auth[0],
                                        password=auth[1])
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect, write_accession_cohort
+from bench._common import loaded_lab, quiet_prefect, write_accession_cohort
 
 quiet_prefect()
 
@@ -60,23 +59,15 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
 
-    from prefect_orthanc.deployments.lab.servers import OrthancLab
-    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
     from prefect_orthanc.flows.collection import collect_cohort
     from prefect_orthanc.tasks.limits import ensure_limits
 
     asyncio.run(ensure_limits({"pacs": args.concurrency}))
     rows = []
     for size in args.sizes:
-        with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
-            cohort = make_cohort(Path(tmp) / "dicom", patients=size, studies_per_patient=1,
-                                 series_per_study=2, instances_per_series=args.instances // 2,
-                                 seed=size)
-            load_into(lab.pacs.url, cohort.files)
+        with loaded_lab(size, args.instances, seed=size) as (lab, cohort, auth, tmp):
             accessions = [s.accession for s in cohort.studies]
-            path = write_accession_cohort(Path(tmp) / "cohort.csv", accessions)
-            auth = lab.research.auth
-            assert auth is not None  # the research server asks for a password
+            path = write_accession_cohort(tmp / "cohort.csv", accessions)
             os.environ.update({"ORTHANC_URL": lab.research.url, "ORTHANC_USERNAME": auth[0],
                                "ORTHANC_PASSWORD": auth[1]})
             raw = raw_collect(lab.research.url, auth, accessions, args.concurrency)

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import peak_rss_mb, quiet_prefect, write_accession_cohort
+from bench._common import loaded_lab, peak_rss_mb, quiet_prefect, write_accession_cohort
 
 quiet_prefect()
 
@@ -87,20 +87,13 @@ def collection(size: int, rounds: int, concurrency: int, instances: int,
     from bench import _raw
     from bench.collection_flow import raw_collect
     from bench.pyorthanc_peer import pyorthanc_collect
-    from prefect_orthanc.deployments.lab.servers import OrthancLab
-    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
 
     runs: dict[str, list[dict[str, float]]] = {"raw": [], "flow": [], "pyorthanc": [],
                                                "pyorthanc sequential": []}
-    with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
-        cohort = make_cohort(Path(tmp) / "dicom", patients=size, studies_per_patient=1,
-                             series_per_study=2, instances_per_series=max(1, instances // 2),
-                             seed=size)
-        load_into(lab.pacs.url, cohort.files)
+    with loaded_lab(size, instances, seed=size) as (lab, cohort, auth, tmp):
         accessions = [s.accession for s in cohort.studies]
-        path = write_accession_cohort(Path(tmp) / "cohort.csv", accessions)
+        path = write_accession_cohort(tmp / "cohort.csv", accessions)
         url = lab.research.url
-        auth = (lab.research.username or "", lab.research.password or "")
         env = {**os.environ, "ORTHANC_URL": url, "ORTHANC_USERNAME": auth[0],
                "ORTHANC_PASSWORD": auth[1]}
         for round_index in range(rounds):

@@ -14,13 +14,12 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import quiet_prefect
+from bench._common import loaded_lab, quiet_prefect
 
 quiet_prefect()
 
@@ -39,19 +38,11 @@ def main() -> int:
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from prefect_orthanc.deployments.lab.servers import OrthancLab
-    from prefect_orthanc.deployments.lab.synthetic import load_into, make_cohort
     from prefect_orthanc.tasks import OrthancCredentials, retrieve_study
     from prefect_orthanc.tasks.limits import ensure_limits
 
-    with OrthancLab.start() as lab, tempfile.TemporaryDirectory() as tmp:
-        cohort = make_cohort(tmp, patients=args.studies, studies_per_patient=1,
-                             series_per_study=2, instances_per_series=args.instances // 2,
-                             seed=5)
-        load_into(lab.pacs.url, cohort.files)
+    with loaded_lab(args.studies, args.instances, seed=5) as (lab, cohort, auth, _):
         uids = [s.study_uid for s in cohort.studies]
-        auth = lab.research.auth
-        assert auth is not None  # the research server asks for a password
         creds = OrthancCredentials(url=lab.research.url, username=auth[0], password=auth[1])
         asyncio.run(ensure_limits({"pacs": args.concurrency}))
 
