@@ -25,6 +25,15 @@ _RECORD_START = re.compile(r"^(?=\d\d:\d\d:\d\d\.\d+ \| )", re.MULTILINE)
 #: worker's heartbeat) on a busy 2-core machine; the next write succeeds. Must stay rare.
 _SQLITE_CONTENTION = "(sqlite3.OperationalError) database is locked"
 MAX_CONTENTION_RECORDS = 5
+#: a race inside Prefect 3.9.1's server, not a broken service: ``evaluate_proactive_triggers``
+#: (prefect/server/events/triggers.py) loops over a snapshot of the loaded triggers and awaits
+#: between them; an automation with a proactive trigger (``setup``'s zombie-run automation)
+#: deleted or replaced meanwhile (the suite's ``setup``, ``serve --replace`` and deployment
+#: teardowns do that) is garbage collected, and the loop's next ``trigger.automation`` (a
+#: weak reference) asserts. The loop runs again 5 s later on the current triggers. Seen once
+#: in about ten suite runs; must stay rare.
+_PROACTIVE_TRIGGER_RACE = "AssertionError: Trigger._automation has been garbage collected"
+MAX_TRIGGER_RACE_RECORDS = 2
 
 
 def _final_exception(segment: str) -> str:
@@ -35,13 +44,16 @@ def _final_exception(segment: str) -> str:
 
 def server_log_problems(log_path: Path) -> str | None:
     """What is wrong with a Prefect server's log, or None: a missing banner, an error record
-    with a traceback (other than rare SQLite contention), or the 3.8.8 ``bulk_dml`` failure."""
+    with a traceback (other than rare SQLite contention and rare occurrences of Prefect's
+    proactive-trigger race), or the 3.8.8 ``bulk_dml`` failure."""
     text = log_path.read_text(errors="replace")
     if "View the API reference documentation" not in text:
         return f"the server log {log_path} lacks its banner"
     failing = [r for r in _RECORD_START.split(text) if "Traceback (most recent call last)" in r]
     contention = [r for r in failing if _SQLITE_CONTENTION in _final_exception(r)]
-    broken = [r for r in failing if r not in contention]
+    race = [r for r in failing if "evaluate_proactive_triggers" in r
+            and _final_exception(r) == _PROACTIVE_TRIGGER_RACE]
+    broken = [r for r in failing if r not in contention and r not in race]
     if broken:
         excerpts = "\n---\n".join(r[:2500] for r in broken[:3])
         return f"{len(broken)} error record(s) with a traceback in {log_path}:\n{excerpts}"
@@ -49,6 +61,9 @@ def server_log_problems(log_path: Path) -> str | None:
         return (f"{len(contention)} SQLite contention records in {log_path} (at most "
                 f"{MAX_CONTENTION_RECORDS} expected): "
                 + "; ".join(r.splitlines()[0][:140] for r in contention))
+    if len(race) > MAX_TRIGGER_RACE_RECORDS:
+        return (f"{len(race)} records of Prefect's proactive-trigger race in {log_path} (at "
+                f"most {MAX_TRIGGER_RACE_RECORDS} expected)")
     if "bulk_dml" in text:
         return f"the scheduler's bulk_dml failure is in {log_path}"
     return None
